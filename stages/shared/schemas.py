@@ -1,0 +1,134 @@
+"""Message contracts and feature names shared by every stage, training and the skew check.
+
+Values on every topic are JSON objects; the Kafka message timestamp is the event time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import orjson
+
+# --- Feast names -----------------------------------------------------------------------------
+CUSTOMER_VIEW: Final = "customer_spending"
+TERMINAL_VIEW: Final = "terminal_risk"
+WINDOWS_DAYS: Final = (1, 7, 30)
+# Labels become known this long after the transaction (SIMULATOR.md).
+LABEL_DELAY_DAYS: Final = 7
+
+CUSTOMER_FEATURES: Final = tuple(
+    name for n in WINDOWS_DAYS for name in (f"customer_nb_tx_{n}d", f"customer_avg_amount_{n}d")
+)
+TERMINAL_FEATURES: Final = tuple(
+    name for n in WINDOWS_DAYS for name in (f"terminal_nb_tx_{n}d", f"terminal_risk_{n}d")
+)
+# Computed from the event itself, not stored in Feast.
+REQUEST_FEATURES: Final = ("amount", "is_weekend", "is_night")
+# The model's input order. Changing it means a new feature service version.
+MODEL_FEATURES: Final = (*REQUEST_FEATURES, *CUSTOMER_FEATURES, *TERMINAL_FEATURES)
+
+DAY_MS: Final = 86_400_000
+
+Decision = Literal["action", "review", "approved"]
+
+
+class InvalidMessage(ValueError):
+    """A message that cannot be processed; ``reason`` is a machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """A payment event as produced to the ``transactions`` topic."""
+
+    transaction_id: int
+    customer_id: int
+    terminal_id: int
+    amount: float
+    event_ms: int
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "transaction_id": self.transaction_id,
+                "customer_id": self.customer_id,
+                "terminal_id": self.terminal_id,
+                "amount": self.amount,
+            }
+        )
+
+
+# Amounts above this are rejected as absurd rather than scored (the simulator's largest
+# inflated amounts are around 2,500).
+MAX_AMOUNT: Final = 1_000_000.0
+MAX_ID: Final = 2**53
+
+
+def _int_field(obj: dict[str, Any], name: str) -> int:
+    if name not in obj:
+        raise InvalidMessage("missing_field", name)
+    value = obj[name]
+    # bool is an int subclass; a JSON true is not an id.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidMessage("wrong_type", f"{name} must be an integer, got {type(value).__name__}")
+    if not 0 <= value < MAX_ID:
+        raise InvalidMessage("out_of_range", f"{name}={value}")
+    return value
+
+
+def parse_transaction(raw: bytes | None, event_ms: int, max_bytes: int) -> Transaction:
+    """Validate a raw ``transactions`` value.
+
+    Args:
+        raw: the message value as received.
+        event_ms: the Kafka message timestamp (event time, ms since the epoch).
+        max_bytes: values larger than this are rejected.
+
+    Raises:
+        InvalidMessage: with a reason code naming what is wrong.
+    """
+    if raw is None:
+        raise InvalidMessage("empty", "message has no value")
+    if len(raw) > max_bytes:
+        raise InvalidMessage("too_large", f"{len(raw)} bytes > {max_bytes}")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage("not_json", str(exc)) from None
+    if not isinstance(obj, dict):
+        raise InvalidMessage("not_object", f"expected a JSON object, got {type(obj).__name__}")
+    if event_ms <= 0:
+        raise InvalidMessage("no_timestamp", f"event time {event_ms}")
+    amount = obj.get("amount")
+    if amount is None:
+        raise InvalidMessage("missing_field", "amount")
+    if isinstance(amount, bool) or not isinstance(amount, int | float):
+        raise InvalidMessage("wrong_type", f"amount must be a number, got {type(amount).__name__}")
+    amount = float(amount)
+    if not math.isfinite(amount) or amount < 0 or amount > MAX_AMOUNT:
+        raise InvalidMessage("out_of_range", f"amount={amount}")
+    return Transaction(
+        transaction_id=_int_field(obj, "transaction_id"),
+        customer_id=_int_field(obj, "customer_id"),
+        terminal_id=_int_field(obj, "terminal_id"),
+        amount=amount,
+        event_ms=event_ms,
+    )
+
+
+def is_weekend(event_ms: int) -> int:
+    """1 if the (UTC) day of ``event_ms`` is a Saturday or Sunday."""
+    # 1970-01-01 was a Thursday (weekday 3 with Monday = 0).
+    weekday = (event_ms // DAY_MS + 3) % 7
+    return int(weekday >= 5)
+
+
+def is_night(event_ms: int) -> int:
+    """1 if the (UTC) hour of ``event_ms`` is 6 or earlier."""
+    return int((event_ms % DAY_MS) // 3_600_000 <= 6)

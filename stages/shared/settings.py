@@ -1,0 +1,222 @@
+"""One frozen settings object per process, read from ``RTPIPE_*`` environment variables.
+
+Nested groups use ``__`` as the delimiter, e.g. ``RTPIPE_KAFKA__BOOTSTRAP_SERVERS`` or
+``RTPIPE_PREDICTION__MAX_BATCH``. Build it once in ``main()`` and pass it down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+StageName = Literal["enrichment", "prediction", "routing", "evaluation"]
+STAGES: tuple[StageName, ...] = ("enrichment", "prediction", "routing", "evaluation")
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(BaseModel):
+    """How every Kafka client (producer, consumer, admin, quixstreams) connects."""
+
+    model_config = _FROZEN
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: Path | None = None
+    ssl_certificate_location: Path | None = None
+    ssl_key_location: Path | None = None
+    ssl_key_password: SecretStr | None = None
+
+    def client_config(self) -> dict[str, str]:
+        """librdkafka connection properties shared by every client."""
+        conf: dict[str, str] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username:
+            conf["sasl.username"] = self.sasl_username
+        if self.sasl_password:
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_ca_location:
+            conf["ssl.ca.location"] = str(self.ssl_ca_location)
+        if self.ssl_certificate_location:
+            conf["ssl.certificate.location"] = str(self.ssl_certificate_location)
+        if self.ssl_key_location:
+            conf["ssl.key.location"] = str(self.ssl_key_location)
+        if self.ssl_key_password:
+            conf["ssl.key.password"] = self.ssl_key_password.get_secret_value()
+        return conf
+
+
+class RedisSettings(BaseModel):
+    """The Redis server behind Feast's online store."""
+
+    model_config = _FROZEN
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    password: SecretStr | None = None
+    ssl: bool = False
+
+    def feast_connection_string(self) -> str:
+        """Connection string in the form Feast's Redis online store expects."""
+        parts = [f"{self.host}:{self.port}", f"db={self.db}"]
+        if self.password:
+            parts.append(f"password={self.password.get_secret_value()}")
+        if self.ssl:
+            parts.append("ssl=true")
+        return ",".join(parts)
+
+
+class TopicSettings(BaseModel):
+    """Topic names (DESIGN.md contracts); ``prefix`` is prepended to every one."""
+
+    model_config = _FROZEN
+
+    prefix: str = ""
+    transactions: str = "transactions"
+    labels: str = "labels"
+    enriched: str = "transactions.enriched"
+    predictions: str = "predictions"
+    action: str = "decisions.action"
+    review: str = "decisions.review"
+    approved: str = "decisions.approved"
+    dlq_suffix: str = ".dlq"
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+
+    def name(self, key: str) -> str:
+        """Full name of a topic by its field name, e.g. ``name("enriched")``."""
+        return f"{self.prefix}{getattr(self, key)}"
+
+    def dlq(self, topic: str) -> str:
+        """Dead-letter topic of a full topic name."""
+        return f"{topic}{self.dlq_suffix}"
+
+    def decision_topics(self) -> tuple[str, str, str]:
+        return (self.name("action"), self.name("review"), self.name("approved"))
+
+    def all_topics(self) -> list[str]:
+        """Every topic the pipeline owns, DLQs included."""
+        base = [
+            self.name(k)
+            for k in ("transactions", "labels", "enriched", "predictions")
+        ]
+        return [*base, *self.decision_topics(), *(self.dlq(t) for t in base)]
+
+
+class StackSettings(BaseModel):
+    """The local single-machine stack started by ``rtpipe stack up``."""
+
+    model_config = _FROZEN
+
+    kafka_version: str = "4.1.1"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    kafka_heap: str = "1g"
+    redis_port: int = 6379
+    prometheus_port: int = 9090
+    # Where Maven resolves Kafka's jars; shared across checkouts on purpose.
+    cache_dir: Path = Path.home() / ".cache" / "rtpipe"
+
+
+class EnrichmentSettings(BaseModel):
+    model_config = _FROZEN
+
+    consumer_group: str = "enrichment"
+    # quixstreams checkpoint interval: bounds the latency added by exactly-once commits.
+    commit_interval_s: float = Field(default=0.1, gt=0)
+    processing_guarantee: Literal["exactly-once", "at-least-once"] = "exactly-once"
+    # Events older than this (event time) behind the partition's newest are late.
+    grace_ms: int = Field(default=60_000, ge=0)
+    state_dir: Path | None = None
+
+
+class PredictionSettings(BaseModel):
+    model_config = _FROZEN
+
+    consumer_group: str = "prediction"
+    max_batch: int = Field(default=500, ge=1)
+    max_wait_ms: int = Field(default=20, ge=0)
+    model_name: str = "fraud"
+    feature_service: str = "fraud_model_v1"
+    # How often the registry is polled for a newly promoted version.
+    reload_interval_s: float = Field(default=5.0, gt=0)
+
+
+class RoutingSettings(BaseModel):
+    model_config = _FROZEN
+
+    consumer_group: str = "routing"
+    max_batch: int = Field(default=1000, ge=1)
+    max_wait_ms: int = Field(default=20, ge=0)
+    # score >= action_threshold -> action; >= review_threshold -> review; else approved.
+    action_threshold: float = Field(default=0.5, ge=0, le=1)
+    review_threshold: float = Field(default=0.2, ge=0, le=1)
+    # Features older than this (seconds of event time) route to review.
+    max_feature_age_s: float = Field(default=86_400.0, gt=0)
+
+
+class MetricsSettings(BaseModel):
+    model_config = _FROZEN
+
+    host: str = "127.0.0.1"
+    enrichment_port: int = 8001
+    prediction_port: int = 8002
+    routing_port: int = 8003
+    evaluation_port: int = 8004
+
+    def port(self, stage: StageName) -> int:
+        return int(getattr(self, f"{stage}_port"))
+
+
+class Settings(BaseSettings):
+    """Everything a process needs; build once in ``main()``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RTPIPE_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    home: Path = Path(".rtpipe")
+    feature_repo: Path = Path("feature_repo")
+    feast_project: str = "rtpipe"
+    max_message_bytes: int = Field(default=64 * 1024, ge=256)
+    log_level: str = "INFO"
+
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    topics: TopicSettings = TopicSettings()
+    stack: StackSettings = StackSettings()
+    enrichment: EnrichmentSettings = EnrichmentSettings()
+    prediction: PredictionSettings = PredictionSettings()
+    routing: RoutingSettings = RoutingSettings()
+    metrics: MetricsSettings = MetricsSettings()
+
+    @property
+    def data_dir(self) -> Path:
+        """Simulated data set (raw transactions and labels)."""
+        return self.home / "data"
+
+    @property
+    def registry_dir(self) -> Path:
+        """Model registry: one folder per model version."""
+        return self.home / "registry"
+
+    @property
+    def run_dir(self) -> Path:
+        """Stack state: PID files, logs, Kafka and Redis data."""
+        return self.home / "run"
+
+    @property
+    def offline_dir(self) -> Path:
+        """Feast offline store (Parquet); FileSource paths are relative to the repo."""
+        return self.feature_repo / "data"

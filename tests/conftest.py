@@ -1,0 +1,66 @@
+"""Session fixtures: a real local stack (Kafka in KRaft mode, Redis) on test-only ports.
+
+The stack is started by the test command itself (``make test``) through this fixture, in its
+own home folder and on ports that do not clash with a demo stack; it is stopped at the end
+only if this session started it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stages.shared.settings import (
+    KafkaSettings,
+    MetricsSettings,
+    RedisSettings,
+    Settings,
+    StackSettings,
+    TopicSettings,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_HOME = REPO / ".rtpipe" / "test"
+
+
+def make_test_settings(**overrides: object) -> Settings:
+    """Settings pointing at the test stack; ``overrides`` replace top-level fields."""
+    base: dict[str, object] = {
+        "home": TEST_HOME,
+        "feature_repo": REPO / "feature_repo",
+        "kafka": KafkaSettings(bootstrap_servers="127.0.0.1:29092"),
+        "redis": RedisSettings(port=26379),
+        "stack": StackSettings(
+            kafka_port=29092, kafka_controller_port=29093, redis_port=26379, prometheus_port=29090
+        ),
+        "metrics": MetricsSettings(
+            enrichment_port=28001, prediction_port=28002, routing_port=28003, evaluation_port=28004
+        ),
+    }
+    base.update(overrides)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def stack_settings() -> Iterator[Settings]:
+    """Start Kafka and Redis for the session (idempotent); stop what this session started."""
+    from infra import stack
+
+    settings = make_test_settings()
+    started = stack.up(settings, components=("kafka", "redis"))
+    try:
+        yield settings
+    finally:
+        if os.environ.get("RTPIPE_KEEP_TEST_STACK") != "1":
+            stack.down(settings, only=started)
+
+
+@pytest.fixture
+def unique_topics(stack_settings: Settings) -> Settings:
+    """Settings whose topics (prefix) and consumer groups are unique to one test."""
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    return stack_settings.model_copy(update={"topics": TopicSettings(prefix=prefix)})
