@@ -1,0 +1,216 @@
+"""Opening the Feast feature store from settings, applying the repo, materializing.
+
+The checked-in ``feature_repo/feature_store.yaml`` is the single description of the store; the
+process settings override only what differs per deployment (Redis connection and project name),
+by building a :class:`feast.RepoConfig` in memory, never by mutating environment variables.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+from feast import Entity, FeatureService, FeatureStore, FeatureView, RepoConfig
+from feast.data_source import DataSource
+
+from stages.shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+YAML_FILE = "feature_store.yaml"
+# The definitions, in dependency order (later modules import earlier ones by bare name, as the
+# `feast` CLI puts the repo folder on sys.path).
+DEFINITION_MODULES: tuple[str, ...] = (
+    "entities",
+    "data_sources",
+    "feature_views",
+    "feature_services",
+)
+
+
+class FeatureRepoError(RuntimeError):
+    """The feature repo folder is missing or its definitions cannot be loaded."""
+
+    def __init__(self, repo: Path, detail: str) -> None:
+        super().__init__(f"feature repo {repo}: {detail}")
+        self.repo = repo
+        self.detail = detail
+
+
+def repo_config(settings: Settings) -> RepoConfig:
+    """Build the Feast config: the repo's YAML with Redis and project taken from ``settings``.
+
+    Args:
+        settings: process settings; ``feature_repo``, ``feast_project`` and ``redis`` are used.
+
+    Returns:
+        A :class:`RepoConfig` whose ``repo_path`` is the absolute repo folder, so relative
+        FileSource and registry paths resolve there whatever the working directory.
+
+    Raises:
+        FeatureRepoError: if ``feature_store.yaml`` is missing or not a mapping.
+    """
+    repo = settings.feature_repo.resolve()
+    yaml_path = repo / YAML_FILE
+    if not yaml_path.is_file():
+        raise FeatureRepoError(repo, f"no {YAML_FILE}; is RTPIPE_FEATURE_REPO right?")
+    raw: Any = yaml.safe_load(yaml_path.read_text())
+    if not isinstance(raw, dict):
+        raise FeatureRepoError(repo, f"{YAML_FILE} is not a mapping")
+    online = dict(raw.get("online_store") or {})
+    if online.get("type", "redis") != "redis":
+        raise FeatureRepoError(repo, f"online_store.type is {online.get('type')!r}, not redis")
+    online["type"] = "redis"
+    online["connection_string"] = settings.redis.feast_connection_string()
+    raw["online_store"] = online
+    raw["project"] = settings.feast_project
+    config = RepoConfig(**raw)
+    config.repo_path = repo
+    return config
+
+
+def open_feature_store(settings: Settings) -> FeatureStore:
+    """Open the feature store described by the repo, connected as ``settings`` say.
+
+    Args:
+        settings: process settings.
+
+    Returns:
+        A :class:`FeatureStore`; the registry is read lazily on first use.
+    """
+    config = repo_config(settings)
+    # repo_path matters even with an explicit config: the file registry path
+    # (data/registry.db) is resolved against FeatureStore.repo_path, which defaults to the cwd.
+    return FeatureStore(repo_path=str(config.repo_path), config=config)
+
+
+@contextmanager
+def _repo_on_path(repo: Path) -> Iterator[None]:
+    """Make the repo's bare-name imports resolve to this repo's files, then undo it.
+
+    The definitions import each other by bare module name (``from entities import customer``),
+    as the ``feast`` CLI expects; cached modules of the same names (another repo copy loaded
+    earlier in this process) are hidden for the duration and restored after.
+    """
+    saved = {name: sys.modules.pop(name) for name in DEFINITION_MODULES if name in sys.modules}
+    sys.path.insert(0, str(repo))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(repo))
+        for name in DEFINITION_MODULES:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+def load_definitions(repo: Path) -> list[Any]:
+    """Import the repo's definition modules and collect the Feast objects they define.
+
+    Args:
+        repo: the feature repo folder.
+
+    Returns:
+        Entities, data sources (push sources and their batch sources), feature views and
+        feature services, each object once, in that order.
+
+    Raises:
+        FeatureRepoError: if a definitions module is missing or fails to import.
+    """
+    repo = repo.resolve()
+    modules: list[ModuleType] = []
+    with _repo_on_path(repo):
+        for name in DEFINITION_MODULES:
+            path = repo / f"{name}.py"
+            if not path.is_file():
+                raise FeatureRepoError(repo, f"missing {path.name}")
+            try:
+                modules.append(importlib.import_module(name))
+            except Exception as exc:
+                raise FeatureRepoError(repo, f"cannot import {path.name}: {exc}") from exc
+
+    found: list[Any] = []
+    seen: set[int] = set()
+
+    def add(obj: Any) -> None:
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            found.append(obj)
+
+    kinds: tuple[type, ...] = (Entity, DataSource, FeatureView, FeatureService)
+    for kind in kinds:
+        for module in modules:
+            for attr in dir(module):
+                obj = getattr(module, attr)
+                if isinstance(obj, kind):
+                    add(obj)
+                    batch = getattr(obj, "batch_source", None)
+                    if kind is DataSource and isinstance(batch, DataSource):
+                        add(batch)
+    return found
+
+
+def apply_repo(settings: Settings) -> None:
+    """Register the repo's definitions in the registry, like ``feast apply`` in the repo folder.
+
+    Objects of this project that are no longer defined in the repo are removed, as the CLI
+    does. Creates the registry file (and ``data/``) if needed.
+
+    Args:
+        settings: process settings.
+    """
+    store = open_feature_store(settings)
+    objects = load_definitions(settings.feature_repo)
+    Path(store.config.repo_path or settings.feature_repo, "data").mkdir(parents=True, exist_ok=True)
+    defined = {(type(o).__name__, o.name) for o in objects}
+    stale: list[Any] = []
+    try:
+        current: list[Any] = [
+            *store.list_feature_services(),
+            *store.list_feature_views(),
+            *store.list_entities(),
+        ]
+        stale = [o for o in current if (type(o).__name__, o.name) not in defined]
+    except FileNotFoundError:
+        # No registry yet: nothing to delete.
+        pass
+    store.apply(objects, objects_to_delete=stale, partial=not stale)
+    logger.info(
+        "applied feature repo %s to project %s (%d objects, %d removed)",
+        settings.feature_repo,
+        settings.feast_project,
+        len(objects),
+        len(stale),
+    )
+
+
+def materialize(settings: Settings, start: datetime, end: datetime) -> None:
+    """Load the latest offline rows with event time in ``[start, end]`` into the online store.
+
+    Args:
+        settings: process settings.
+        start: start of the event-time range (timezone-aware; naive means UTC).
+        end: end of the event-time range.
+    """
+    store = open_feature_store(settings)
+    store.materialize(start_date=start, end_date=end)
+    logger.info("materialized %s .. %s into project %s", start, end, settings.feast_project)
+
+
+def materialize_incremental(settings: Settings, end: datetime) -> None:
+    """Materialize everything since the previous materialization (or the view TTL) up to ``end``.
+
+    Args:
+        settings: process settings.
+        end: end of the event-time range (timezone-aware; naive means UTC).
+    """
+    store = open_feature_store(settings)
+    store.materialize_incremental(end_date=end)
+    logger.info("materialized incrementally up to %s into %s", end, settings.feast_project)
