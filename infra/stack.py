@@ -1,0 +1,744 @@
+"""The local single-machine stack: Kafka (KRaft, from Maven Central), Redis and Prometheus.
+
+Every component runs as a plain child process in its own session, with its PID file, log and
+data under ``settings.run_dir``::
+
+    run/kafka.pid  run/kafka.log  run/kafka.console.log  run/kafka-data/  run/kafka/
+    run/redis.pid  run/redis.log  run/redis/
+    run/prometheus.pid  run/prometheus.log  run/prometheus/
+
+``up`` is idempotent: a component that already answers its health check on its port is left
+alone and is not reported as started, so a caller stops only what it started (``down(only=...)``).
+``down`` kills a process only if its PID file is ours and ``/proc/PID`` still shows the command
+we launched, so a recycled PID is never killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+from stages.shared.settings import STAGES, Settings
+
+logger = logging.getLogger(__name__)
+
+Component = Literal["kafka", "redis", "prometheus"]
+COMPONENTS: tuple[Component, ...] = get_args(Component)
+
+# Rule files Prometheus loads; shipped in the package next to this module.
+ALERTS_FILE = Path(__file__).resolve().parent / "prometheus" / "alerts.yml"
+
+_KAFKA_MARKER = ".complete"
+_LOG4J_VERSION = "2.24.3"  # what kafka_2.13 4.1.1 pulls in; the slf4j binding must match
+_START_TIMEOUT_S: dict[Component, float] = {"kafka": 90.0, "redis": 20.0, "prometheus": 30.0}
+_STOP_TIMEOUT_S: dict[Component, float] = {"kafka": 30.0, "redis": 10.0, "prometheus": 10.0}
+
+# Children started by this interpreter, so they are reaped (no zombies, no ResourceWarning).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class StackError(RuntimeError):
+    """A component cannot be prepared, started, checked or stopped; the message says why."""
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    """What ``status`` knows about one component.
+
+    Attributes:
+        name: Component name.
+        running: A process we started (PID file, matching command line) is alive.
+        pid: That process id, if running.
+        port: The port the component serves on.
+        healthy: The health check on ``port`` passes (whoever serves it).
+        log: Where the component logs.
+    """
+
+    name: Component
+    running: bool
+    pid: int | None
+    port: int
+    healthy: bool
+    log: Path
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+_INSTALL_HINT: dict[str, str] = {
+    "java": "openjdk-17-jre-headless",
+    "mvn": "maven",
+    "redis-server": "redis-server",
+    "prometheus": "prometheus",
+}
+
+
+def _binaries(component: Component, *, need_maven: bool = True) -> list[str]:
+    if component == "kafka":
+        return ["java", "mvn"] if need_maven else ["java"]
+    if component == "redis":
+        return ["redis-server"]
+    return ["prometheus"]
+
+
+def preflight(components: Iterable[str], settings: Settings | None = None) -> None:
+    """Fail fast when a binary a component needs is missing.
+
+    Args:
+        components: Component names to check (``kafka``, ``redis``, ``prometheus``).
+        settings: When given and Kafka's jars are already cached, ``mvn`` is not required.
+
+    Raises:
+        StackError: A component name is unknown or a binary is not on ``PATH``; the message
+            names what to install.
+    """
+    comps = _validate(components)
+    need_maven = settings is None or not _kafka_complete(_kafka_home(settings))
+    for comp in comps:
+        for binary in _binaries(comp, need_maven=need_maven):
+            if shutil.which(binary) is None:
+                raise StackError(
+                    f"{binary} not found (needed by {comp}): run `make bootstrap` or "
+                    f"`apt-get install {_INSTALL_HINT[binary]}`"
+                )
+
+
+def _validate(components: Iterable[str]) -> list[Component]:
+    out: list[Component] = []
+    for name in components:
+        if name not in COMPONENTS:
+            raise StackError(f"unknown component {name!r}: expected one of {', '.join(COMPONENTS)}")
+        if name not in out:
+            out.append(name)
+    # Always in dependency order, whatever order the caller gave.
+    return [c for c in COMPONENTS if c in out]
+
+
+# --------------------------------------------------------------------------- kafka jars
+
+
+def _kafka_home(settings: Settings) -> Path:
+    return (settings.stack.cache_dir / f"kafka-{settings.stack.kafka_version}").resolve()
+
+
+def _kafka_complete(home: Path) -> bool:
+    return (home / _KAFKA_MARKER).is_file() and any((home / "libs").glob("kafka_2.13-*.jar"))
+
+
+def _kafka_pom(version: str) -> str:
+    return f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>rtpipe</groupId>
+  <artifactId>kafka-dist</artifactId>
+  <version>{version}</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <!-- The broker itself (KRaft included); kafka-tools is left out: it pulls connect-runtime. -->
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_2.13</artifactId>
+      <version>{version}</version>
+    </dependency>
+    <!-- Kafka logs through slf4j 1.7; without a binding it logs nothing at all. -->
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-slf4j-impl</artifactId>
+      <version>{_LOG4J_VERSION}</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+
+def ensure_kafka(settings: Settings) -> Path:
+    """Resolve Kafka's jars from Maven Central into the shared cache, once.
+
+    The jars land in ``cache_dir/kafka-VERSION/libs``; a marker file is written only after a
+    complete download, so an interrupted run is simply redone. Concurrent callers serialise on
+    a lock file.
+
+    Args:
+        settings: Provides ``stack.cache_dir`` and ``stack.kafka_version``.
+
+    Returns:
+        The directory holding every jar of the broker's runtime class path.
+
+    Raises:
+        StackError: ``mvn`` is missing or the resolution fails (the message has Maven's tail).
+    """
+    home = _kafka_home(settings)
+    libs = home / "libs"
+    if _kafka_complete(home):
+        return libs
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _kafka_complete(home):  # another process finished while we waited
+            return libs
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise StackError(
+                "mvn not found (needed to fetch Kafka): run `make bootstrap` or "
+                "`apt-get install maven`"
+            )
+        version = settings.stack.kafka_version
+        (home / "pom.xml").write_text(_kafka_pom(version))
+        staging = home / "libs.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(libs, ignore_errors=True)
+        logger.info("resolving Kafka %s jars from Maven Central into %s", version, libs)
+        proc = subprocess.run(
+            [
+                mvn,
+                "-q",
+                "-B",
+                "-f",
+                str(home / "pom.xml"),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={staging}",
+                "-DincludeScope=runtime",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+            raise StackError(f"mvn could not resolve Kafka {version}: {' | '.join(tail)}")
+        staging.rename(libs)
+        (home / _KAFKA_MARKER).write_text(f"kafka_2.13 {version}\n")
+    return libs
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _run_dir(settings: Settings) -> Path:
+    return settings.run_dir.resolve()
+
+
+def _pid_file(settings: Settings, comp: Component) -> Path:
+    return _run_dir(settings) / f"{comp}.pid"
+
+
+def _log_file(settings: Settings, comp: Component) -> Path:
+    return _run_dir(settings) / f"{comp}.log"
+
+
+def _port(settings: Settings, comp: Component) -> int:
+    return {
+        "kafka": settings.stack.kafka_port,
+        "redis": settings.stack.redis_port,
+        "prometheus": settings.stack.prometheus_port,
+    }[comp]
+
+
+def _kafka_properties_file(settings: Settings) -> Path:
+    return _run_dir(settings) / "kafka" / "server.properties"
+
+
+def _prometheus_config_file(settings: Settings) -> Path:
+    return _run_dir(settings) / "prometheus" / "prometheus.yml"
+
+
+def _redis_dir(settings: Settings) -> Path:
+    return _run_dir(settings) / "redis"
+
+
+# --------------------------------------------------------------------------- process checks
+
+
+def _reap(pid: int) -> None:
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        del _children[pid]
+        return
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _alive(pid: int) -> bool:
+    _reap(pid)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state field follows the parenthesised command name; zombies are dead to us.
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def _owns(settings: Settings, comp: Component, pid: int) -> bool:
+    """Whether ``pid`` is still the process we launched for ``comp`` in this run dir."""
+    cmd = _cmdline(pid)
+    if comp == "kafka":
+        return "kafka.Kafka" in cmd and str(_kafka_properties_file(settings)) in cmd
+    if comp == "prometheus":
+        return "prometheus" in cmd and f"--config.file={_prometheus_config_file(settings)}" in cmd
+    # redis-server rewrites its process title, so the command line keeps only the binary and
+    # address; its working directory (``--dir``) identifies the run dir.
+    try:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return False
+    return "redis-server" in cmd and cwd == _redis_dir(settings)
+
+
+def _read_pid(settings: Settings, comp: Component) -> int | None:
+    try:
+        return int(_pid_file(settings, comp).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owned_pid(settings: Settings, comp: Component) -> int | None:
+    """PID of our live process for ``comp``, or None (stale PID files are removed)."""
+    pid = _read_pid(settings, comp)
+    if pid is None:
+        return None
+    if _alive(pid) and _owns(settings, comp, pid):
+        return pid
+    logger.info("removing stale %s PID file (pid %d is not ours any more)", comp, pid)
+    _pid_file(settings, comp).unlink(missing_ok=True)
+    return None
+
+
+def _port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- health checks
+
+
+def _kafka_healthy(settings: Settings) -> bool:
+    port = settings.stack.kafka_port
+    # A TCP probe first: librdkafka would log connection errors for a closed port.
+    if not _port_open(port):
+        return False
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0})
+    try:
+        meta = admin.list_topics(timeout=3)
+    except KafkaException:
+        return False
+    return bool(meta.brokers) and meta.controller_id is not None and meta.controller_id >= 0
+
+
+def _redis_healthy(settings: Settings) -> bool:
+    port = settings.stack.redis_port
+    if not _port_open(port):
+        return False
+    import redis
+
+    password = settings.redis.password.get_secret_value() if settings.redis.password else None
+    client = redis.Redis(
+        host="127.0.0.1", port=port, password=password, socket_timeout=2, socket_connect_timeout=2
+    )
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def _prometheus_healthy(settings: Settings) -> bool:
+    port = settings.stack.prometheus_port
+    if not _port_open(port):
+        return False
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as resp:
+            return int(resp.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+_HEALTH: dict[Component, Callable[[Settings], bool]] = {
+    "kafka": _kafka_healthy,
+    "redis": _redis_healthy,
+    "prometheus": _prometheus_healthy,
+}
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _write_kafka_config(settings: Settings) -> Path:
+    run = _run_dir(settings)
+    st = settings.stack
+    conf_dir = run / "kafka"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    (run / "kafka-data").mkdir(parents=True, exist_ok=True)
+    props = _kafka_properties_file(settings)
+    props.write_text(
+        "\n".join(
+            [
+                "# Written by infra/stack.py on every start; edit the code, not this file.",
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{st.kafka_controller_port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{st.kafka_port},"
+                f"CONTROLLER://127.0.0.1:{st.kafka_controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{st.kafka_port}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                f"log.dirs={run / 'kafka-data'}",
+                f"num.partitions={settings.topics.partitions}",
+                # Single node: internal topics cannot have more than one replica.
+                "offsets.topic.replication.factor=1",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "share.coordinator.state.topic.replication.factor=1",
+                "share.coordinator.state.topic.min.isr=1",
+                # Consumers of a fresh group start at once instead of waiting 3 s.
+                "group.initial.rebalance.delay.ms=0",
+                "",
+            ]
+        )
+    )
+    (conf_dir / "log4j2.properties").write_text(
+        "\n".join(
+            [
+                "status = warn",
+                "appender.file.type = RollingFile",
+                "appender.file.name = file",
+                f"appender.file.fileName = {_log_file(settings, 'kafka')}",
+                f"appender.file.filePattern = {_log_file(settings, 'kafka')}.%i",
+                "appender.file.layout.type = PatternLayout",
+                "appender.file.layout.pattern = [%d] %p %m (%c)%n",
+                "appender.file.policies.type = Policies",
+                "appender.file.policies.size.type = SizeBasedTriggeringPolicy",
+                "appender.file.policies.size.size = 50MB",
+                "appender.file.strategy.type = DefaultRolloverStrategy",
+                "appender.file.strategy.max = 3",
+                "rootLogger.level = INFO",
+                "rootLogger.appenderRef.file.ref = file",
+                # Per-request and state-change chatter drowns out what matters.
+                "logger.request.name = kafka.request.logger",
+                "logger.request.level = WARN",
+                "logger.state.name = state.change.logger",
+                "logger.state.level = WARN",
+                "",
+            ]
+        )
+    )
+    return props
+
+
+def _kafka_java(settings: Settings, libs: Path, main: str, *args: str) -> list[str]:
+    java = shutil.which("java") or "java"
+    log4j = _kafka_properties_file(settings).parent / "log4j2.properties"
+    return [
+        java,
+        f"-Xmx{settings.stack.kafka_heap}",
+        "-XX:+UseG1GC",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={log4j}",
+        "-cp",
+        f"{libs}/*",
+        main,
+        *args,
+    ]
+
+
+def _format_kafka_storage(settings: Settings, libs: Path, props: Path) -> None:
+    data = _run_dir(settings) / "kafka-data"
+    if (data / "meta.properties").is_file():
+        return
+    uuid = subprocess.run(
+        _kafka_java(settings, libs, "kafka.tools.StorageTool", "random-uuid"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if uuid.returncode != 0:
+        raise StackError(f"kafka StorageTool random-uuid failed: {uuid.stderr.strip()[-300:]}")
+    cluster_id = uuid.stdout.strip().splitlines()[-1]
+    fmt = subprocess.run(
+        _kafka_java(
+            settings, libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)
+        ),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if fmt.returncode != 0:
+        raise StackError(f"kafka storage format failed: {(fmt.stdout + fmt.stderr).strip()[-300:]}")
+    logger.info("formatted Kafka storage %s (cluster %s)", data, cluster_id)
+
+
+def _write_prometheus_config(settings: Settings) -> Path:
+    conf = _prometheus_config_file(settings)
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    (conf.parent / "data").mkdir(exist_ok=True)
+    host = settings.metrics.host
+    # A stage bound to every interface is still scraped over loopback.
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    lines = [
+        "# Written by infra/stack.py on every start; edit the code, not this file.",
+        "global:",
+        "  scrape_interval: 5s",
+        "  evaluation_interval: 15s",
+        "rule_files:",
+        f"  - {ALERTS_FILE}",
+        "scrape_configs:",
+    ]
+    for stage in STAGES:
+        lines += [
+            f"  - job_name: {stage}",
+            "    static_configs:",
+            f"      - targets: ['{host}:{settings.metrics.port(stage)}']",
+        ]
+    conf.write_text("\n".join(lines) + "\n")
+    return conf
+
+
+# --------------------------------------------------------------------------- start / stop
+
+
+def _spawn(settings: Settings, comp: Component, cmd: Sequence[str], cwd: Path, log: Path) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            list(cmd),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # survives the caller; Ctrl-C in a shell does not reach it
+        )
+    _children[proc.pid] = proc
+    _pid_file(settings, comp).write_text(f"{proc.pid}\n")
+    logger.info("started %s (pid %d), log %s", comp, proc.pid, log)
+    return proc.pid
+
+
+def _start(settings: Settings, comp: Component) -> int:
+    run = _run_dir(settings)
+    run.mkdir(parents=True, exist_ok=True)
+    if comp == "kafka":
+        libs = ensure_kafka(settings)
+        props = _write_kafka_config(settings)
+        _format_kafka_storage(settings, libs, props)
+        cmd = _kafka_java(settings, libs, "kafka.Kafka", str(props))
+        return _spawn(settings, comp, cmd, run / "kafka", run / "kafka.console.log")
+    if comp == "redis":
+        rdir = _redis_dir(settings)
+        rdir.mkdir(parents=True, exist_ok=True)
+        cmd = [shutil.which("redis-server") or "redis-server"]
+        if settings.redis.password:
+            # The password goes in a private config file, not on the visible command line.
+            conf = rdir / "auth.conf"
+            conf.touch(mode=0o600)
+            conf.chmod(0o600)
+            conf.write_text(f'requirepass "{settings.redis.password.get_secret_value()}"\n')
+            cmd.append(str(conf))
+        cmd += [
+            "--port",
+            str(settings.stack.redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(rdir),
+            "--appendonly",
+            "yes",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
+        ]
+        return _spawn(settings, comp, cmd, rdir, _log_file(settings, comp))
+    conf = _write_prometheus_config(settings)
+    cmd = [
+        shutil.which("prometheus") or "prometheus",
+        f"--config.file={conf}",
+        f"--storage.tsdb.path={conf.parent / 'data'}",
+        "--storage.tsdb.retention.time=7d",
+        f"--web.listen-address=127.0.0.1:{settings.stack.prometheus_port}",
+    ]
+    return _spawn(settings, comp, cmd, conf.parent, _log_file(settings, comp))
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def _wait_healthy(settings: Settings, comp: Component, pid: int | None) -> None:
+    deadline = time.monotonic() + _START_TIMEOUT_S[comp]
+    while time.monotonic() < deadline:
+        if _HEALTH[comp](settings):
+            logger.info("%s healthy on port %d", comp, _port(settings, comp))
+            return
+        if pid is not None and not _alive(pid):
+            break
+        time.sleep(0.25)
+    log = _run_dir(settings) / "kafka.console.log" if comp == "kafka" else _log_file(settings, comp)
+    state = "exited" if pid is not None and not _alive(pid) else "is not healthy"
+    raise StackError(
+        f"{comp} {state} after start (port {_port(settings, comp)}); see {log}: {_tail(log)}"
+    )
+
+
+def _stop(settings: Settings, comp: Component, pid: int) -> None:
+    timeout = _STOP_TIMEOUT_S[comp]
+    # Each component leads its own session; signal its group so helpers (redis' AOF rewrite
+    # child) go too, but only when the group is really the one we created.
+    try:
+        group = os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return
+    kill: Callable[[int, int], None] = os.killpg if group else os.kill
+    with contextlib.suppress(ProcessLookupError):
+        kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    if _alive(pid):
+        logger.warning("%s (pid %d) ignored SIGTERM for %.0fs; sending SIGKILL", comp, pid, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+    logger.info("stopped %s (pid %d)", comp, pid)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def up(
+    settings: Settings, components: Iterable[str] = ("kafka", "redis", "prometheus")
+) -> list[str]:
+    """Start the components that are not already healthy and wait until they are.
+
+    Components already healthy on their port (started earlier, by anyone) are left alone.
+    If one fails to become healthy, whatever this call started is stopped again.
+
+    Args:
+        settings: Ports, run dir and credentials.
+        components: Which components to bring up.
+
+    Returns:
+        The components this call started, in start order: pass them to ``down(only=...)``.
+
+    Raises:
+        StackError: A binary is missing, a port is taken by something that is not a healthy
+            instance of the component, or a component does not become healthy in time.
+    """
+    comps = _validate(components)
+    todo = [c for c in comps if not _HEALTH[c](settings)]
+    if not todo:
+        return []
+    preflight(todo, settings)
+    started: list[Component] = []
+    waiting: list[tuple[Component, int | None]] = []
+    try:
+        for comp in todo:
+            pid = _owned_pid(settings, comp)
+            if pid is not None:
+                # Ours and alive but not healthy yet: another `up` is starting it.
+                waiting.append((comp, pid))
+                continue
+            ports = [_port(settings, comp)]
+            if comp == "kafka":
+                ports.append(settings.stack.kafka_controller_port)
+            for port in ports:
+                if _port_open(port):
+                    raise StackError(
+                        f"port {port} is in use by something that is not a healthy {comp}: "
+                        f"stop it or choose another port (RTPIPE_STACK__...)"
+                    )
+            pid = _start(settings, comp)
+            started.append(comp)
+            waiting.append((comp, pid))
+        for comp, pid in waiting:
+            _wait_healthy(settings, comp, pid)
+    except BaseException:
+        if started:
+            logger.error("stack up failed; stopping what this call started: %s", started)
+            down(settings, only=started)
+        raise
+    return list(started)
+
+
+def down(settings: Settings, only: Iterable[str] | None = None) -> list[str]:
+    """Stop the components whose PID files under the run dir are ours.
+
+    A PID whose ``/proc`` command line is not the one we launched is never signalled; its
+    stale PID file is removed. SIGTERM first, SIGKILL after a per-component timeout.
+
+    Args:
+        settings: Which run dir to look in.
+        only: Components to stop; ``None`` means all. An empty list stops nothing, so the
+            result of ``up`` can always be passed back.
+
+    Returns:
+        The components actually stopped.
+    """
+    comps = list(COMPONENTS) if only is None else _validate(only)
+    stopped: list[str] = []
+    # Reverse dependency order: Prometheus first, Kafka last.
+    for comp in reversed(comps):
+        pid = _owned_pid(settings, comp)
+        if pid is None:
+            continue
+        _stop(settings, comp, pid)
+        _pid_file(settings, comp).unlink(missing_ok=True)
+        stopped.append(comp)
+    return stopped
+
+
+def status(settings: Settings) -> dict[str, ComponentStatus]:
+    """Report each component: our process (if any) and whether its port is healthy.
+
+    Args:
+        settings: Ports and run dir.
+
+    Returns:
+        One ``ComponentStatus`` per component, keyed by name.
+    """
+    out: dict[str, ComponentStatus] = {}
+    for comp in COMPONENTS:
+        pid = _owned_pid(settings, comp)
+        log = _log_file(settings, comp)
+        out[comp] = ComponentStatus(
+            name=comp,
+            running=pid is not None,
+            pid=pid,
+            port=_port(settings, comp),
+            healthy=_HEALTH[comp](settings),
+            log=log,
+        )
+    return out
