@@ -1,0 +1,238 @@
+"""Batch (reference) computation of the 15 model inputs, straight from SIMULATOR.md.
+
+This is the definition the streaming enrichment stage must agree with (the skew check compares
+them). Everything is vectorised: rows are sorted by (entity, time, transaction id) and each window
+bound is one ``numpy.searchsorted`` over a combined (entity, time) key; counts and sums come from
+cumulative sums.
+
+Time is handled in integer milliseconds since the epoch (the Kafka timestamp resolution).
+
+Windows, for a transaction at time ``t`` by customer ``c`` on terminal ``k``:
+
+* customer spending over ``(t - n days, t]``, current transaction included. **Ties**: two
+  transactions of one customer at the same millisecond are counted in transaction-id order, as a
+  stream processes them: the earlier one's window does not contain the later one, the later one's
+  does contain the earlier one.
+* terminal risk over ``(t - (7 + n) days, t - 7 days]``: a label is known exactly 7 days after its
+  transaction, so a transaction exactly 7 days before ``t`` counts and one 6 days 23 h before
+  does not. Ties do not matter here (the current transaction is never in its own window).
+
+Offline-store rows (:func:`customer_feature_rows`, :func:`terminal_feature_rows`) hold one row per
+(entity, timestamp): where an entity has several transactions at the same timestamp, only the
+row of the last one (highest transaction id) is kept, so a point-in-time join at that timestamp
+deterministically returns the state after all of them. For the earlier transactions of such a
+tie, the joined customer features therefore include the later same-timestamp transactions (a
+count one higher than :func:`compute_features`); this affects a handful of rows per data set and
+is accepted rather than inventing sub-second timestamps.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from stages.shared.schemas import (
+    CUSTOMER_FEATURES,
+    CUSTOMER_VIEW,
+    DAY_MS,
+    LABEL_DELAY_DAYS,
+    MODEL_FEATURES,
+    TERMINAL_FEATURES,
+    TERMINAL_VIEW,
+    WINDOWS_DAYS,
+)
+
+if TYPE_CHECKING:
+    from stages.shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+ID_COLUMNS = ("transaction_id", "customer_id", "terminal_id", "tx_datetime")
+REQUIRED_COLUMNS = (*ID_COLUMNS, "amount", "is_fraud")
+
+
+def event_ms(ts: pd.Series) -> np.ndarray:
+    """Milliseconds since the epoch (int64) of a tz-aware UTC datetime series."""
+    if not isinstance(ts.dtype, pd.DatetimeTZDtype):
+        raise TypeError(f"{ts.name} must be a tz-aware (UTC) datetime column, got {ts.dtype}")
+    return ts.dt.tz_convert("UTC").astype("datetime64[ms, UTC]").astype("int64").to_numpy()
+
+
+def is_weekend_ms(ms: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`stages.shared.schemas.is_weekend` (UTC; 1970-01-01 was a Thursday)."""
+    return (((ms // DAY_MS + 3) % 7) >= 5).astype(np.int64)
+
+
+def is_night_ms(ms: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`stages.shared.schemas.is_night` (UTC hour <= 6)."""
+    return (((ms % DAY_MS) // 3_600_000) <= 6).astype(np.int64)
+
+
+def _grouped_keys(entity: np.ndarray, ms: np.ndarray, tid: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Sort by (entity, time, id); return (order, sorted key) with key = group offset + time.
+
+    Groups are spaced further apart than any window plus the whole time span, so a searchsorted
+    on ``key - window`` never crosses into the previous entity.
+    """
+    order = np.lexsort((tid, ms, entity))
+    ent = entity[order]
+    if not ent.size:
+        return order, ms.astype(np.int64)
+    codes = np.concatenate([[0], np.cumsum(ent[1:] != ent[:-1])])
+    t0 = int(ms.min())
+    stride = int(ms.max()) - t0 + (LABEL_DELAY_DAYS + max(WINDOWS_DAYS)) * DAY_MS + 1
+    if int(codes[-1]) + 1 > np.iinfo(np.int64).max // stride:
+        raise OverflowError("too many entities for the time span to build an int64 window key")
+    key = codes.astype(np.int64) * stride + (ms[order] - t0)
+    return order, key
+
+
+def _customer_windows(
+    customer: np.ndarray, ms: np.ndarray, tid: np.ndarray, amount: np.ndarray
+) -> dict[str, np.ndarray]:
+    order, key = _grouped_keys(customer, ms, tid)
+    csum = np.concatenate([[0.0], np.cumsum(amount[order])])
+    pos = np.arange(key.size)
+    out: dict[str, np.ndarray] = {}
+    for n in WINDOWS_DAYS:
+        # First row with time > t - n days; the window ends at the current row (tie order).
+        lo = np.searchsorted(key, key - n * DAY_MS, side="right")
+        count = pos - lo + 1
+        total = csum[pos + 1] - csum[lo]
+        nb, avg = np.empty(key.size, np.int64), np.empty(key.size, np.float64)
+        nb[order], avg[order] = count, total / count
+        out[f"customer_nb_tx_{n}d"], out[f"customer_avg_amount_{n}d"] = nb, avg
+    return out
+
+
+def _terminal_windows(
+    terminal: np.ndarray, ms: np.ndarray, tid: np.ndarray, fraud: np.ndarray
+) -> dict[str, np.ndarray]:
+    order, key = _grouped_keys(terminal, ms, tid)
+    fsum = np.concatenate([[0], np.cumsum(fraud[order].astype(np.int64))])
+    delay = LABEL_DELAY_DAYS * DAY_MS
+    # Rows with time <= t - delay: labels known at t.
+    hi = np.searchsorted(key, key - delay, side="right")
+    out: dict[str, np.ndarray] = {}
+    for n in WINDOWS_DAYS:
+        lo = np.searchsorted(key, key - delay - n * DAY_MS, side="right")
+        count = hi - lo
+        frauds = fsum[hi] - fsum[lo]
+        risk = np.divide(frauds, count, out=np.zeros(key.size), where=count > 0)
+        nb, rk = np.empty(key.size, np.int64), np.empty(key.size, np.float64)
+        nb[order], rk[order] = count, risk
+        out[f"terminal_nb_tx_{n}d"], out[f"terminal_risk_{n}d"] = nb, rk
+    return out
+
+
+def compute_features(tx: pd.DataFrame) -> pd.DataFrame:
+    """All 15 model inputs of every transaction, from the definitions in SIMULATOR.md.
+
+    Args:
+        tx: transactions with at least ``transaction_id``, ``customer_id``, ``terminal_id``,
+            ``tx_datetime`` (tz-aware UTC), ``amount`` and ``is_fraud``; any row order.
+
+    Returns:
+        One row per transaction, in the input order: ``transaction_id``, ``customer_id``,
+        ``terminal_id``, ``tx_datetime``, then the columns of ``MODEL_FEATURES`` in that order
+        (counts and flags int64, amounts and risks float64).
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in tx.columns]
+    if missing:
+        raise KeyError(f"transactions lack columns {missing}")
+    ms = event_ms(tx["tx_datetime"])
+    tid = tx["transaction_id"].to_numpy(np.int64)
+    amount = tx["amount"].to_numpy(np.float64)
+    out = tx[list(ID_COLUMNS)].copy()
+    cols: dict[str, np.ndarray] = {
+        "amount": amount,
+        "is_weekend": is_weekend_ms(ms),
+        "is_night": is_night_ms(ms),
+    }
+    cols |= _customer_windows(tx["customer_id"].to_numpy(np.int64), ms, tid, amount)
+    cols |= _terminal_windows(
+        tx["terminal_id"].to_numpy(np.int64), ms, tid, tx["is_fraud"].to_numpy()
+    )
+    for name in MODEL_FEATURES:
+        out[name] = cols[name]
+    return out
+
+
+def _feature_rows(features: pd.DataFrame, key: str, names: tuple[str, ...]) -> pd.DataFrame:
+    # Last transaction per (entity, timestamp) wins: see the module docstring on ties.
+    ms = event_ms(features["tx_datetime"])
+    order = np.lexsort((features["transaction_id"].to_numpy(np.int64), ms))
+    ent = features[key].to_numpy(np.int64)[order]
+    dup = pd.DataFrame({"e": ent, "t": ms[order]}).duplicated(keep="last").to_numpy()
+    rows = features[[key, "tx_datetime", *names]].iloc[order[~dup]]
+    out = pd.DataFrame(
+        {
+            key: rows[key].astype(np.int64),
+            "event_timestamp": rows["tx_datetime"].dt.tz_convert("UTC"),
+            "created_timestamp": rows["tx_datetime"].dt.tz_convert("UTC"),
+        }
+    )
+    for name in names:
+        out[name] = rows[name]
+    return out.reset_index(drop=True)
+
+
+def customer_feature_rows(features: pd.DataFrame) -> pd.DataFrame:
+    """Rows for the ``customer_spending`` offline store, one per (customer, timestamp).
+
+    Args:
+        features: output of :func:`compute_features`.
+
+    Returns:
+        ``customer_id``, ``event_timestamp``, ``created_timestamp`` (both the transaction time),
+        then ``CUSTOMER_FEATURES``, sorted by time.
+    """
+    return _feature_rows(features, "customer_id", CUSTOMER_FEATURES)
+
+
+def terminal_feature_rows(features: pd.DataFrame) -> pd.DataFrame:
+    """Rows for the ``terminal_risk`` offline store, one per (terminal, timestamp).
+
+    Args:
+        features: output of :func:`compute_features`.
+
+    Returns:
+        ``terminal_id``, ``event_timestamp``, ``created_timestamp``, then ``TERMINAL_FEATURES``.
+    """
+    return _feature_rows(features, "terminal_id", TERMINAL_FEATURES)
+
+
+def backfill_offline_store(settings: Settings, tx: pd.DataFrame) -> dict[str, Path]:
+    """Compute every transaction's features and write both views into the offline store.
+
+    Uses ``stages.shared.offline.write_offline`` when present; otherwise writes
+    ``settings.offline_dir / <view> / part-backfill.parquet`` directly.
+
+    Returns:
+        The Parquet file written per view name.
+    """
+    features = compute_features(tx)
+    frames = {
+        CUSTOMER_VIEW: customer_feature_rows(features),
+        TERMINAL_VIEW: terminal_feature_rows(features),
+    }
+    try:
+        from stages.shared.offline import write_offline
+    except ImportError:
+        write_offline = None
+        logger.warning("stages.shared.offline not available: writing Parquet parts directly")
+    paths: dict[str, Path] = {}
+    for view, df in frames.items():
+        if write_offline is not None:
+            paths[view] = Path(write_offline(settings, view, df))
+        else:
+            folder = settings.offline_dir / view
+            folder.mkdir(parents=True, exist_ok=True)
+            paths[view] = folder / "part-backfill.parquet"
+            df.to_parquet(paths[view], index=False)
+        logger.info("backfilled %d rows into %s (%s)", len(df), view, paths[view])
+    return paths
