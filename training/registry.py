@@ -1,0 +1,333 @@
+"""File-system model registry: versioned LightGBM text models with metadata and a promotion pointer.
+
+Layout under ``settings.registry_dir / <model_name>/``::
+
+    v0001/model.txt        LightGBM text format (never pickle)
+    v0001/metadata.json    version, features, training window, metrics, sha256 of model.txt, ...
+    v0001/report.md        written by training (optional)
+    CURRENT                the promoted version, e.g. "v0003\\n" (replaced atomically by rename)
+    HISTORY                one line per promotion: "<iso time> <version>" (append-only)
+
+A version folder is written under a temporary name and renamed into place, so a reader never sees
+a half-written version. :func:`load_current` verifies the sha256 of ``model.txt`` against the
+metadata *before* LightGBM reads the file, and loads the exact bytes that were verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.txt"
+METADATA_FILE = "metadata.json"
+CURRENT_FILE = "CURRENT"
+HISTORY_FILE = "HISTORY"
+_VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+class RegistryError(RuntimeError):
+    """The registry is missing something that was asked for."""
+
+
+class ModelIntegrityError(RegistryError):
+    """``model.txt`` does not match the sha256 recorded at registration."""
+
+    def __init__(self, version: str, expected: str, actual: str) -> None:
+        super().__init__(f"model {version}: sha256 {actual} does not match recorded {expected}")
+        self.version = version
+        self.expected = expected
+        self.actual = actual
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """One registered version: where it lives and its metadata."""
+
+    name: str
+    version: str
+    path: Path
+    metadata: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A verified, loaded model ready to predict."""
+
+    name: str
+    version: str
+    booster: lgb.Booster
+    features: tuple[str, ...]
+    metadata: dict[str, Any]
+
+
+def version_number(version: str) -> int:
+    """The integer of a version string like ``"v0007"``.
+
+    Raises:
+        ValueError: if the string is not a version.
+    """
+    m = _VERSION_RE.match(version)
+    if not m:
+        raise ValueError(f"not a model version: {version!r}")
+    return int(m.group(1))
+
+
+def format_version(number: int) -> str:
+    """``7 -> "v0007"``."""
+    return f"v{number:04d}"
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _model_dir(registry_dir: Path, name: str) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"invalid model name {name!r}")
+    return registry_dir / name
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def list_versions(registry_dir: Path, name: str) -> list[ModelVersion]:
+    """Every registered version of a model, oldest first."""
+    root = _model_dir(registry_dir, name)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        if p.is_dir() and _VERSION_RE.match(p.name) and (p / METADATA_FILE).is_file():
+            meta = json.loads((p / METADATA_FILE).read_text())
+            out.append(ModelVersion(name=name, version=p.name, path=p, metadata=meta))
+    return sorted(out, key=lambda v: version_number(v.version))
+
+
+def get_version(registry_dir: Path, name: str, version: str) -> ModelVersion:
+    """One registered version.
+
+    Raises:
+        RegistryError: if it does not exist.
+    """
+    version_number(version)
+    path = _model_dir(registry_dir, name) / version
+    meta_path = path / METADATA_FILE
+    if not meta_path.is_file():
+        raise RegistryError(f"model {name} has no version {version} under {path.parent}")
+    return ModelVersion(name, version, path, json.loads(meta_path.read_text()))
+
+
+def register(
+    registry_dir: Path,
+    name: str,
+    model_text: str,
+    metadata: dict[str, Any],
+    extra_files: dict[str, str] | None = None,
+) -> ModelVersion:
+    """Store a new version (next integer) of a model; does not promote it.
+
+    Args:
+        registry_dir: root of the registry (``settings.registry_dir``).
+        name: model name (``settings.prediction.model_name``).
+        model_text: the LightGBM model in text format (``Booster.model_to_string()``).
+        metadata: free-form metadata (features, feature_service, training window, metrics,
+            data fingerprint, training distributions...); ``version``, ``created_at``, ``name``
+            and ``model_sha256`` are set here.
+        extra_files: more text files for the version folder, e.g. ``{"report.md": ...}``.
+
+    Returns:
+        The registered version.
+    """
+    root = _model_dir(registry_dir, name)
+    root.mkdir(parents=True, exist_ok=True)
+    data = model_text.encode()
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    try:
+        (staging / MODEL_FILE).write_bytes(data)
+        for fname, text in (extra_files or {}).items():
+            if "/" in fname or fname in (MODEL_FILE, METADATA_FILE):
+                raise ValueError(f"invalid extra file name {fname!r}")
+            (staging / fname).write_text(text)
+        # Versions are claimed by an atomic rename; a concurrent registrant retries the next one.
+        while True:
+            existing = [version_number(p.name) for p in root.iterdir() if _VERSION_RE.match(p.name)]
+            version = format_version(max(existing, default=0) + 1)
+            meta = {
+                **metadata,
+                "name": name,
+                "version": version,
+                "created_at": datetime.now(UTC).isoformat(),
+                "model_sha256": sha256_bytes(data),
+            }
+            (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            try:
+                staging.rename(root / version)
+                break
+            except OSError:
+                if not (root / version).exists():
+                    raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("registered %s %s (sha256 %s)", name, version, meta["model_sha256"][:12])
+    return ModelVersion(name, version, root / version, meta)
+
+
+def current_version(registry_dir: Path, name: str) -> str | None:
+    """The promoted version, or None if nothing was promoted."""
+    path = _model_dir(registry_dir, name) / CURRENT_FILE
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    version_number(text)
+    return text
+
+
+def promotion_history(registry_dir: Path, name: str) -> list[str]:
+    """Promoted versions in promotion order (rollbacks included as promotions)."""
+    path = _model_dir(registry_dir, name) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    return [line.split()[-1] for line in path.read_text().splitlines() if line.strip()]
+
+
+def promote(registry_dir: Path, name: str, version: str) -> ModelVersion:
+    """Make ``version`` the current one (atomic pointer swap) and record it in the history.
+
+    Raises:
+        RegistryError: if the version does not exist.
+    """
+    mv = get_version(registry_dir, name, version)
+    root = _model_dir(registry_dir, name)
+    _atomic_write_text(root / CURRENT_FILE, version + "\n")
+    with (root / HISTORY_FILE).open("a") as fh:
+        fh.write(f"{datetime.now(UTC).isoformat()} {version}\n")
+    logger.info("promoted %s %s", name, version)
+    return mv
+
+
+def rollback(registry_dir: Path, name: str) -> ModelVersion:
+    """Re-promote the version that was current before the current one.
+
+    The history is a stack of promotions: rolling back pops the current promotion (and every
+    repeated promotion of the same version) and promotes what was below it; the rollback itself
+    is appended to the history file as a promotion line prefixed with ``rollback``.
+
+    Raises:
+        RegistryError: if there is no earlier promoted version.
+    """
+    root = _model_dir(registry_dir, name)
+    current = current_version(registry_dir, name)
+    stack = _effective_stack(root)
+    while stack and stack[-1] == current:
+        stack.pop()
+    if not stack:
+        raise RegistryError(f"model {name}: no earlier promoted version to roll back to")
+    target = stack[-1]
+    mv = get_version(registry_dir, name, target)
+    _atomic_write_text(root / CURRENT_FILE, target + "\n")
+    with (root / HISTORY_FILE).open("a") as fh:
+        fh.write(f"{datetime.now(UTC).isoformat()} rollback {current} {target}\n")
+    logger.warning("rolled back %s from %s to %s", name, current, target)
+    return mv
+
+
+def _effective_stack(root: Path) -> list[str]:
+    """Replay HISTORY into the stack of promotions still in force."""
+    path = root / HISTORY_FILE
+    stack: list[str] = []
+    if not path.is_file():
+        return stack
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            stack.append(parts[1])
+        elif len(parts) == 4 and parts[1] == "rollback":
+            while stack and stack[-1] == parts[2]:
+                stack.pop()
+    return stack
+
+
+def verify(mv: ModelVersion) -> bytes:
+    """Read ``model.txt`` and check it against the recorded sha256.
+
+    Returns:
+        The verified bytes.
+
+    Raises:
+        ModelIntegrityError: on mismatch or a missing checksum.
+    """
+    data = mv.model_path.read_bytes()
+    expected = str(mv.metadata.get("model_sha256", ""))
+    actual = sha256_bytes(data)
+    if actual != expected:
+        raise ModelIntegrityError(mv.version, expected, actual)
+    return data
+
+
+def load_version(registry_dir: Path, name: str, version: str) -> LoadedModel:
+    """Verify then load one version.
+
+    The verified bytes are copied to a private temporary file that LightGBM then reads, so the
+    file checked and the file loaded cannot differ (no check-then-swap race on ``model.txt``).
+
+    Raises:
+        RegistryError: if the version does not exist.
+        ModelIntegrityError: if ``model.txt`` was altered.
+    """
+    mv = get_version(registry_dir, name, version)
+    data = verify(mv)
+    with tempfile.TemporaryDirectory(prefix="rtpipe-model-") as tmp:
+        path = Path(tmp) / MODEL_FILE
+        path.write_bytes(data)
+        booster = lgb.Booster(model_file=str(path))
+    features = tuple(mv.metadata.get("features") or booster.feature_name())
+    if list(booster.feature_name()) != list(features):
+        raise RegistryError(
+            f"model {name} {version}: booster features {booster.feature_name()} != metadata"
+        )
+    logger.info("loaded %s %s", name, version)
+    return LoadedModel(name, version, booster, features, mv.metadata)
+
+
+def load_current(registry_dir: Path, name: str) -> LoadedModel:
+    """Verify and load the promoted version.
+
+    Raises:
+        RegistryError: if nothing was promoted.
+        ModelIntegrityError: if ``model.txt`` was altered since registration.
+    """
+    version = current_version(registry_dir, name)
+    if version is None:
+        raise RegistryError(
+            f"model {name} has no promoted version under {registry_dir}: train and promote one"
+        )
+    return load_version(registry_dir, name, version)
