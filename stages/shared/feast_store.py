@@ -191,8 +191,32 @@ def apply_repo(settings: Settings) -> None:
     )
 
 
+def _views_with_offline_data(store: FeatureStore) -> list[str]:
+    """Views whose Parquet source exists and holds at least one part file.
+
+    Feast's file store raises FileNotFoundError on a view whose folder does not exist yet
+    (e.g. no label has arrived, so no terminal risk row), failing the whole materialization.
+    """
+    from feast.infra.offline_stores.file_source import FileSource
+
+    names: list[str] = []
+    for fv in store.list_feature_views():
+        source = fv.batch_source
+        if not isinstance(source, FileSource):
+            names.append(fv.name)
+            continue
+        path = Path(FileSource.get_uri_for_file_path(store.config.repo_path, source.path))
+        if path.is_file() or (path.is_dir() and any(path.glob("[!._]*.parquet"))):
+            names.append(fv.name)
+        else:
+            logger.info("no offline data for %s at %s; not materializing it", fv.name, path)
+    return names
+
+
 def materialize(settings: Settings, start: datetime, end: datetime) -> None:
     """Load the latest offline rows with event time in ``[start, end]`` into the online store.
+
+    Views without any offline data yet are skipped (and logged).
 
     Args:
         settings: process settings.
@@ -200,17 +224,25 @@ def materialize(settings: Settings, start: datetime, end: datetime) -> None:
         end: end of the event-time range.
     """
     store = open_feature_store(settings)
-    store.materialize(start_date=start, end_date=end)
-    logger.info("materialized %s .. %s into project %s", start, end, settings.feast_project)
+    views = _views_with_offline_data(store)
+    if views:
+        store.materialize(start_date=start, end_date=end, feature_views=views)
+    logger.info("materialized %s .. %s of %s into %s", start, end, views, settings.feast_project)
 
 
 def materialize_incremental(settings: Settings, end: datetime) -> None:
     """Materialize everything since the previous materialization (or the view TTL) up to ``end``.
+
+    Views without any offline data yet are skipped (and logged).
 
     Args:
         settings: process settings.
         end: end of the event-time range (timezone-aware; naive means UTC).
     """
     store = open_feature_store(settings)
-    store.materialize_incremental(end_date=end)
-    logger.info("materialized incrementally up to %s into %s", end, settings.feast_project)
+    views = _views_with_offline_data(store)
+    if views:
+        store.materialize_incremental(end_date=end, feature_views=views)
+    logger.info(
+        "materialized %s incrementally up to %s into %s", views, end, settings.feast_project
+    )
