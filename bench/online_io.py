@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -109,7 +110,7 @@ def main() -> None:
 
         def bare(i: int) -> object:
             c, t = batches[i]
-            pipe = client.pipeline(transaction=False)
+            pipe: Any = client.pipeline(transaction=False)
             for k in layout.keys(CUSTOMER_VIEW, c):
                 pipe.hmget(k, cf)
             for k in layout.keys("terminal_risk", t):

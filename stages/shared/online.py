@@ -85,11 +85,15 @@ class RedisPipeline(Protocol):
 
 
 class RedisClient(Protocol):
-    """The subset of a redis-py client used here (``redis.Redis`` satisfies it)."""
+    """The subset of a redis-py client used here (``redis.Redis`` satisfies it).
 
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> RedisPipeline: ...
+    ``pipeline`` returns ``Any`` because redis-py's own stubs type keys and fields as ``str``
+    while Feast's layout is bytes; the object must behave like :class:`RedisPipeline`.
+    """
 
-    def script_load(self, script: str) -> Any: ...
+    def pipeline(self, transaction: Any = True, shard_hint: Any = None) -> Any: ...
+
+    def script_load(self, script: Any) -> Any: ...
 
 
 # ------------------------------------------------------------------------------------------

@@ -99,7 +99,8 @@ def test_apply_repo_registers_entities_views_and_service(feast_settings: Setting
     dtypes = {f.name: str(f.dtype) for fv in views.values() for f in fv.features}
     assert all(dtypes[n] == ("Int64" if "nb_tx" in n else "Float64") for n in dtypes)
     assert views[CUSTOMER_VIEW].ttl == timedelta(days=31)
-    assert views[CUSTOMER_VIEW].stream_source.name == "customer_spending_push"
+    push = views[CUSTOMER_VIEW].stream_source
+    assert push is not None and push.name == "customer_spending_push"
     service = store.get_feature_service("fraud_model_v1")
     assert [p.name for p in service.feature_view_projections] == [CUSTOMER_VIEW, TERMINAL_VIEW]
     # The registry lives in the repo copy, not in the working directory.

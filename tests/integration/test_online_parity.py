@@ -7,6 +7,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,7 +47,7 @@ T0_MS = 1_750_000_000_123
 class Env:
     settings: Settings
     store: FeatureStore
-    client: redis.Redis
+    client: Any  # redis.Redis; its stubs type keys as str, Feast keys are bytes
     layout: OnlineLayout
 
 
