@@ -8,6 +8,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RULES := infra/prometheus/alerts.yml
 RULES_TEST := infra/prometheus/alerts_test.yml
+# Narrow a run: make test TESTS=tests/unit
+TESTS ?= tests
 
 .PHONY: help bootstrap demo test lint bench stack-down
 
@@ -21,7 +23,7 @@ demo: bootstrap ## Run the end-to-end demo
 	$(VENV)/bin/rtpipe demo
 
 test: bootstrap ## Unit, integration and model tests (starts its own stack), then alert rules
-	$(PY) -m pytest -q -x --durations=15 tests
+	$(PY) -m pytest -q -x --durations=15 $(TESTS)
 	promtool check rules $(RULES)
 	promtool test rules $(RULES_TEST)
 
