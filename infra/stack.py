@@ -15,6 +15,7 @@ we launched, so a recycled PID is never killed.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import logging
@@ -26,6 +27,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -476,19 +478,20 @@ def _kafka_java(settings: Settings, libs: Path, main: str, *args: str) -> list[s
     ]
 
 
+def _random_cluster_id() -> str:
+    """What ``StorageTool random-uuid`` prints, without a second JVM start (~2 s)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # Kafka's own generator rejects ids starting with "-": they read as CLI flags.
+        if not cid.startswith("-"):
+            return cid
+
+
 def _format_kafka_storage(settings: Settings, libs: Path, props: Path) -> None:
     data = _run_dir(settings) / "kafka-data"
     if (data / "meta.properties").is_file():
         return
-    uuid = subprocess.run(
-        _kafka_java(settings, libs, "kafka.tools.StorageTool", "random-uuid"),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if uuid.returncode != 0:
-        raise StackError(f"kafka StorageTool random-uuid failed: {uuid.stderr.strip()[-300:]}")
-    cluster_id = uuid.stdout.strip().splitlines()[-1]
+    cluster_id = _random_cluster_id()
     fmt = subprocess.run(
         _kafka_java(
             settings, libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)
@@ -612,10 +615,16 @@ def _wait_healthy(settings: Settings, comp: Component, pid: int | None) -> None:
         if pid is not None and not _alive(pid):
             break
         time.sleep(0.25)
-    log = _run_dir(settings) / "kafka.console.log" if comp == "kafka" else _log_file(settings, comp)
+    log = _log_file(settings, comp)
+    tail = _tail(log)
+    if comp == "kafka":
+        # JVM-level failures (bad heap, class path) never reach log4j's file.
+        console = _run_dir(settings) / "kafka.console.log"
+        tail = " | ".join(t for t in (_tail(console, 3), tail) if t)
+        log = console if not log.exists() else log
     state = "exited" if pid is not None and not _alive(pid) else "is not healthy"
     raise StackError(
-        f"{comp} {state} after start (port {_port(settings, comp)}); see {log}: {_tail(log)}"
+        f"{comp} {state} after start (port {_port(settings, comp)}); see {log}: {tail}"
     )
 
 

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from infra import stack
 from infra.cli import stack_app
-from stages.shared.settings import RedisSettings, Settings, StackSettings
+from stages.shared.settings import MetricsSettings, RedisSettings, Settings, StackSettings
 from tests.conftest import make_test_settings
 
 
@@ -218,6 +218,19 @@ def test_down_never_signals_a_pid_it_does_not_own(own_settings: Settings) -> Non
     finally:
         stranger.kill()
         stranger.wait()
+
+
+@pytest.mark.integration
+def test_failed_up_stops_what_it_started_and_says_where_to_look(own_settings: Settings) -> None:
+    # A scrape target Prometheus rejects: it exits at start, after Redis is already up.
+    broken = own_settings.model_copy(update={"metrics": MetricsSettings(host="bad/host")})
+
+    with pytest.raises(stack.StackError, match=r"prometheus exited .*prometheus\.log.*bad/host"):
+        stack.up(broken, components=("redis", "prometheus"))
+
+    status = stack.status(broken)
+    assert not status["redis"].healthy and not status["redis"].running
+    assert not (broken.run_dir / "redis.pid").exists()
 
 
 @pytest.mark.integration
