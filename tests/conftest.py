@@ -24,7 +24,10 @@ from stages.shared.settings import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_HOME = REPO / ".rtpipe" / "test"
+# Test stack ports are BASE+92 (Kafka), +93 (controller), +379 (Redis), +90 (Prometheus),
+# stage metrics +1..+4; override to run two suites side by side.
+BASE = int(os.environ.get("RTPIPE_TEST_PORT_BASE", "29000"))
+TEST_HOME = REPO / ".rtpipe" / f"test-{BASE}"
 
 
 def make_test_settings(**overrides: object) -> Settings:
@@ -32,13 +35,19 @@ def make_test_settings(**overrides: object) -> Settings:
     base: dict[str, object] = {
         "home": TEST_HOME,
         "feature_repo": REPO / "feature_repo",
-        "kafka": KafkaSettings(bootstrap_servers="127.0.0.1:29092"),
-        "redis": RedisSettings(port=26379),
+        "kafka": KafkaSettings(bootstrap_servers=f"127.0.0.1:{BASE + 92}"),
+        "redis": RedisSettings(port=BASE + 379),
         "stack": StackSettings(
-            kafka_port=29092, kafka_controller_port=29093, redis_port=26379, prometheus_port=29090
+            kafka_port=BASE + 92,
+            kafka_controller_port=BASE + 93,
+            redis_port=BASE + 379,
+            prometheus_port=BASE + 90,
         ),
         "metrics": MetricsSettings(
-            enrichment_port=28001, prediction_port=28002, routing_port=28003, evaluation_port=28004
+            enrichment_port=BASE + 1,
+            prediction_port=BASE + 2,
+            routing_port=BASE + 3,
+            evaluation_port=BASE + 4,
         ),
     }
     base.update(overrides)

@@ -93,6 +93,11 @@ class TopicSettings(BaseModel):
     dlq_suffix: str = ".dlq"
     partitions: int = Field(default=4, ge=1)
     replication_factor: int = Field(default=1, ge=1)
+    # Time-based retention compares against the *event* timestamps the messages carry; a
+    # replay of 2018 events would be deleted on arrival (and quixstreams copies this setting
+    # to its repartition topics). -1 keeps data until retention_bytes, or forever.
+    retention_ms: int = -1
+    retention_bytes: int = -1
 
     def name(self, key: str) -> str:
         """Full name of a topic by its field name, e.g. ``name("enriched")``."""
@@ -102,15 +107,16 @@ class TopicSettings(BaseModel):
         """Dead-letter topic of a full topic name."""
         return f"{topic}{self.dlq_suffix}"
 
+    def group(self, group_id: str) -> str:
+        """Consumer group id under the same prefix, so prefixed pipelines are isolated."""
+        return f"{self.prefix}{group_id}"
+
     def decision_topics(self) -> tuple[str, str, str]:
         return (self.name("action"), self.name("review"), self.name("approved"))
 
     def all_topics(self) -> list[str]:
         """Every topic the pipeline owns, DLQs included."""
-        base = [
-            self.name(k)
-            for k in ("transactions", "labels", "enriched", "predictions")
-        ]
+        base = [self.name(k) for k in ("transactions", "labels", "enriched", "predictions")]
         return [*base, *self.decision_topics(), *(self.dlq(t) for t in base)]
 
 
@@ -151,6 +157,11 @@ class PredictionSettings(BaseModel):
     feature_service: str = "fraud_model_v1"
     # How often the registry is polled for a newly promoted version.
     reload_interval_s: float = Field(default=5.0, gt=0)
+    # Redis down: "pause" stops consuming until it is back (backpressure); "review" routes
+    # the batch to decisions.review with reason features_unavailable.
+    on_features_unavailable: Literal["pause", "review"] = "pause"
+    # Optional shadow model version scored on the same batches (logged, never routed).
+    shadow_version: str | None = None
 
 
 class RoutingSettings(BaseModel):
@@ -220,3 +231,26 @@ class Settings(BaseSettings):
     def offline_dir(self) -> Path:
         """Feast offline store (Parquet); FileSource paths are relative to the repo."""
         return self.feature_repo / "data"
+
+
+def settings_to_env(settings: Settings) -> dict[str, str]:
+    """``RTPIPE_*`` variables that rebuild ``settings`` in a child process (stages started by
+    the demo, tests and chaos runs)."""
+    env: dict[str, str] = {}
+
+    def put(prefix: str, value: object) -> None:
+        if value is None:
+            return
+        if isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                put(f"{prefix}__{name.upper()}", getattr(value, name))
+            return
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        env[prefix] = str(value)
+
+    for name in Settings.model_fields:
+        put(f"RTPIPE_{name.upper()}", getattr(settings, name))
+    return env

@@ -1,0 +1,280 @@
+"""The ``rtpipe`` command line. Every subcommand builds one ``Settings`` (env ``RTPIPE_*``)
+and passes it down; heavy imports happen inside the commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra.cli import stack_app
+from stages.shared.settings import STAGES, Settings
+
+app = typer.Typer(
+    name="rtpipe",
+    help="Real-time ML prediction pipeline on Kafka, Feast and LightGBM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(stack_app, name="stack")
+feast_app = typer.Typer(
+    help="Feast feature repo: apply definitions, materialise.", no_args_is_help=True
+)
+app.add_typer(feast_app, name="feast")
+model_app = typer.Typer(help="Model registry: list, promote, roll back.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+console = Console(stderr=True)
+logger = logging.getLogger("rtpipe")
+
+
+def _settings() -> Settings:
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("quixstreams").setLevel(logging.WARNING)
+    return settings
+
+
+def _day(value: str) -> date:
+    return datetime.strptime(value, "%Y-%m-%d").date()
+
+
+@app.command()
+def simulate(
+    customers: Annotated[int, typer.Option(help="Number of customers.")] = 5_000,
+    terminals: Annotated[int, typer.Option(help="Number of terminals.")] = 10_000,
+    days: Annotated[int, typer.Option(help="Number of days from --start.")] = 183,
+    start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD.")] = "2018-04-01",
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 0,
+) -> None:
+    """Generate the reference transaction data set (SIMULATOR.md) as Parquet."""
+    from training.simulate import SimulatorConfig, write_dataset
+    from training.simulate import simulate as run_sim
+
+    settings = _settings()
+    cfg = SimulatorConfig(
+        n_customers=customers, n_terminals=terminals, nb_days=days, start_date=start, seed=seed
+    )
+    df = run_sim(cfg, progress=True)
+    path = write_dataset(df, settings.data_dir)
+    console.print(f"{len(df):,} transactions, fraud rate {df['is_fraud'].mean():.3%} -> {path}")
+
+
+@app.command()
+def backfill() -> None:
+    """Compute every feature in batch from the raw data and write Feast's offline store."""
+    from training.features import backfill_offline_store
+    from training.simulate import read_dataset
+
+    settings = _settings()
+    paths = backfill_offline_store(settings, read_dataset(settings.data_dir))
+    for view, path in paths.items():
+        console.print(f"{view}: {path}")
+
+
+@feast_app.command("apply")
+def feast_apply() -> None:
+    """Register entities, feature views and services (like ``feast apply``)."""
+    from stages.shared.feast_store import apply_repo
+
+    settings = _settings()
+    apply_repo(settings)
+    console.print(f"applied {settings.feature_repo}")
+
+
+@feast_app.command("materialize")
+def feast_materialize(
+    start: Annotated[str, typer.Argument(help="Start, YYYY-MM-DD.")],
+    end: Annotated[str, typer.Argument(help="End, YYYY-MM-DD.")],
+) -> None:
+    """Load the offline store's latest rows in [start, end) into the online store."""
+    from stages.shared.feast_store import materialize
+
+    settings = _settings()
+    to_dt = lambda s: datetime.combine(_day(s), datetime.min.time(), UTC)  # noqa: E731
+    materialize(settings, to_dt(start), to_dt(end))
+
+
+@app.command()
+def train(
+    train_start: Annotated[str, typer.Option(help="First training day.")] = "2018-07-25",
+    train_days: Annotated[int, typer.Option(help="Training days.")] = 7,
+    delay_days: Annotated[int, typer.Option(help="Gap between train and test (label delay).")] = 7,
+    test_days: Annotated[int, typer.Option(help="Test days.")] = 7,
+    predictions_out: Annotated[
+        Path | None, typer.Option(help="Write test predictions here.")
+    ] = None,
+) -> None:
+    """Train LightGBM from the Feast offline store (point-in-time joins), evaluate, register."""
+    from training.train import train as run_train
+
+    settings = _settings()
+    result = run_train(
+        settings,
+        _day(train_start),
+        train_days=train_days,
+        delay_days=delay_days,
+        test_days=test_days,
+        predictions_out=predictions_out,
+    )
+    console.print(result)
+
+
+@app.command("run")
+def run_stage(
+    stage: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES[:3])}.")],
+) -> None:
+    """Run one pipeline stage in this process until SIGTERM."""
+    from stages.shared.kafka import StopFlag
+    from stages.shared.metrics import build_metrics
+
+    settings = _settings()
+    if stage not in STAGES[:3]:
+        raise typer.BadParameter(f"unknown stage {stage!r}; choose from {STAGES[:3]}")
+    metrics = build_metrics()
+    metrics.serve(settings.metrics.host, settings.metrics.port(stage))  # type: ignore[arg-type]
+    if stage == "enrichment":
+        from stages.enrichment.app import run as run_enrichment
+
+        run_enrichment(settings, metrics)
+        return
+    stop = StopFlag()
+    stop.install_signal_handlers()
+    if stage == "prediction":
+        from stages.prediction.app import run as run_prediction
+
+        stats = run_prediction(settings, stop, metrics=metrics)
+    else:
+        from stages.routing.app import run as run_routing
+
+        stats = run_routing(settings, stop, metrics=metrics)
+    logger.info("%s stopped: %s", stage, stats)
+
+
+@app.command()
+def replay(
+    start: Annotated[str, typer.Option(help="First day replayed, YYYY-MM-DD.")] = "2018-08-08",
+    days: Annotated[float, typer.Option(help="Days of transactions to replay.")] = 7,
+    rate: Annotated[float, typer.Option(help="Transactions per second; 0 = max speed.")] = 0,
+) -> None:
+    """Produce transactions and their delayed labels to Kafka in event-time order."""
+    import pandas as pd
+
+    from stages.ops.replay import ReplayPlan
+    from stages.ops.replay import replay as run_replay
+    from stages.shared.kafka import ensure_topics
+    from training.simulate import read_dataset
+
+    settings = _settings()
+    ensure_topics(settings.kafka, settings.topics)
+    begin = pd.Timestamp(start, tz="UTC")
+    plan = ReplayPlan(begin, begin + pd.Timedelta(days=days))
+    result = run_replay(settings, read_dataset(settings.data_dir), plan, rate=rate or None)
+    console.print(
+        f"replayed {result.transactions:,} transactions and {result.labels:,} labels "
+        f"in {result.seconds:.1f}s ({result.rate:,.0f} msg/s)"
+    )
+
+
+@app.command()
+def audit(
+    start: Annotated[str, typer.Option(help="First replayed day.")] = "2018-08-08",
+    days: Annotated[float, typer.Option(help="Days replayed.")] = 7,
+) -> None:
+    """Check that every replayed transaction has exactly one outcome (read_committed)."""
+    import pandas as pd
+
+    from stages.ops.audit import audit as run_audit
+    from training.simulate import read_dataset
+
+    settings = _settings()
+    tx = read_dataset(settings.data_dir)
+    begin = pd.Timestamp(start, tz="UTC")
+    sel = (tx["tx_datetime"] >= begin) & (tx["tx_datetime"] < begin + pd.Timedelta(days=days))
+    report = run_audit(settings, tx.loc[sel, "transaction_id"].tolist())
+    table = Table("topic", "records", "reasons")
+    for name, rec in report.per_topic.items():
+        table.add_row(
+            name, f"{rec.count:,}", ", ".join(f"{k}={v}" for k, v in rec.reasons.most_common(4))
+        )
+    Console().print(table)
+    Console().print(
+        f"expected {report.expected:,}  lost {len(report.lost)}  "
+        f"duplicated {len(report.duplicated)}  unexpected {len(report.unexpected)}"
+    )
+    if report.lost or report.duplicated:
+        raise typer.Exit(1)
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """List registered versions; the promoted one is marked."""
+    from training import registry
+
+    settings = _settings()
+    name = settings.prediction.model_name
+    current = registry.current_version(settings.registry_dir, name)
+    table = Table("version", "created", "metrics", "current")
+    for v in registry.list_versions(settings.registry_dir, name):
+        found = v.metadata.get("metrics") or {}
+        metrics = ", ".join(f"{k}={val:.4f}" for k, val in found.items() if isinstance(val, float))
+        table.add_row(
+            v.version,
+            str(v.metadata.get("created_at", "")),
+            metrics,
+            "*" if v.version == current else "",
+        )
+    Console().print(table)
+
+
+@model_app.command("promote")
+def model_promote(version: Annotated[str, typer.Argument(help="Version to serve.")]) -> None:
+    """Make VERSION the one the prediction stage serves (hot-swapped, no restart)."""
+    from training import registry
+
+    settings = _settings()
+    registry.promote(settings.registry_dir, settings.prediction.model_name, version)
+    console.print(f"promoted {version}")
+
+
+@model_app.command("rollback")
+def model_rollback() -> None:
+    """Serve the previously promoted version again."""
+    from training import registry
+
+    settings = _settings()
+    mv = registry.rollback(settings.registry_dir, settings.prediction.model_name)
+    console.print(f"rolled back to {mv.version}")
+
+
+@app.command()
+def demo(
+    replay_start: Annotated[str, typer.Option(help="First replayed day.")] = "2018-08-08",
+    replay_days: Annotated[float, typer.Option(help="Days replayed.")] = 7,
+    fresh: Annotated[bool, typer.Option(help="Regenerate data and retrain.")] = False,
+) -> None:
+    """The whole story: stack up, data, Feast, training, three stages, a replay, a summary."""
+    from stages.ops.demo import run_demo
+
+    settings = _settings()
+    code = run_demo(settings, _day(replay_start), replay_days, fresh=fresh)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

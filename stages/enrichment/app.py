@@ -1,0 +1,281 @@
+"""Enrichment stage wiring (quixstreams): per-customer and per-terminal windows in state
+stores with changelog topics, aggregates pushed to Feast's online store, then the event is
+forwarded to ``transactions.enriched``.
+
+Topology::
+
+    transactions (key customer) ─ parse ─┬─ bad ─────────────────────────► transactions.dlq
+                                         └─ customer window ─┬─ late ────► transactions.dlq
+                                                             ├─ row ─────► Feast online (customer)
+                                                             └─ group_by terminal ─┐
+    labels (key terminal) ─ parse ─┬─ bad ─────────────────────────► labels.dlq     │
+                                   └──────────────── concat (time-aligned) ◄────────┘
+                                   └─ terminal window ─┬─ row ───────────► Feast online (terminal)
+                                                       └─ forward ───────► transactions.enriched
+
+With exactly-once processing, sinks are flushed before the Kafka transaction that makes the
+forwarded event visible commits, so a read_committed reader of ``transactions.enriched``
+always finds the aggregates that include its event (read-your-writes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import redis
+from quixstreams import Application, State
+from quixstreams.context import message_context
+from quixstreams.kafka.configuration import ConnectionConfig
+from quixstreams.sinks.base import BatchingSink, SinkBatch
+
+from stages.enrichment.logic import (
+    CustomerState,
+    TerminalState,
+    add_label,
+    parse_label,
+    terminal_features,
+    update_customer,
+)
+from stages.shared.feast_store import open_feature_store
+from stages.shared.kafka import DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE, ensure_topics
+from stages.shared.metrics import Metrics, build_metrics
+from stages.shared.online import OnlineFeatureWriter, OnlineLayout
+from stages.shared.schemas import (
+    CUSTOMER_FEATURES,
+    CUSTOMER_VIEW,
+    TERMINAL_FEATURES,
+    TERMINAL_VIEW,
+    InvalidMessage,
+    parse_transaction,
+)
+from stages.shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+STAGE = "enrichment"
+INGEST_HEADER = "rtpipe.ingest_ms"
+
+
+class FeastOnlineSink(BatchingSink):
+    """Writes one feature view's rows to Feast's Redis layout at each checkpoint, in one
+    pipelined, idempotent round trip (an older row never overwrites a newer one)."""
+
+    def __init__(
+        self, writer: OnlineFeatureWriter, view: str, entity: str, features: tuple[str, ...]
+    ) -> None:
+        super().__init__()
+        self._writer = writer
+        self._view = view
+        self._entity = entity
+        self._features = features
+
+    def write(self, batch: SinkBatch) -> None:
+        rows = [item.value for item in batch]
+        if not rows:
+            return
+        ids = np.fromiter((r[self._entity] for r in rows), dtype=np.int64, count=len(rows))
+        ts = np.fromiter((r["event_ms"] for r in rows), dtype=np.int64, count=len(rows))
+        values = {
+            f: np.fromiter((r["features"][f] for r in rows), dtype=np.float64, count=len(rows))
+            for f in self._features
+        }
+        self._writer.write(self._view, ids, values, ts)
+
+
+def _dlq_headers(reason: str, detail: str) -> Any:
+    ctx = message_context()
+    where = f"{ctx.topic}[{ctx.partition}]@{ctx.offset}"
+
+    def set_headers(value: Any, key: Any, timestamp: int, headers: Any) -> Any:
+        return [
+            (DLQ_REASON, reason.encode()),
+            (DLQ_DETAIL, detail[:1000].encode("utf-8", "replace")),
+            (DLQ_SOURCE, where.encode()),
+        ]
+
+    return set_headers
+
+
+def build_app(settings: Settings, metrics: Metrics | None = None) -> Application:
+    """Build the quixstreams application (topology above); ``app.run()`` starts it."""
+    metrics = metrics or build_metrics()
+    cfg = settings.enrichment
+    topics = settings.topics
+    kafka = settings.kafka
+    max_bytes = settings.max_message_bytes
+    grace = cfg.grace_ms
+
+    conn = ConnectionConfig.from_librdkafka_dict(kafka.client_config())
+    app = Application(
+        broker_address=conn,
+        consumer_group=topics.group(cfg.consumer_group),
+        auto_offset_reset="earliest",
+        commit_interval=cfg.commit_interval_s,
+        processing_guarantee=cfg.processing_guarantee,
+        state_dir=str(cfg.state_dir or settings.home / "state" / topics.group(cfg.consumer_group)),
+        producer_extra_config={"linger.ms": 2, "compression.type": "lz4"},
+        consumer_extra_config={"fetch.wait.max.ms": 10},
+        loglevel=None,
+    )
+
+    tx_topic = app.topic(
+        topics.name("transactions"), value_deserializer="bytes", key_deserializer="bytes"
+    )
+    labels_topic = app.topic(
+        topics.name("labels"), value_deserializer="json", key_deserializer="json"
+    )
+    tx_dlq = app.topic(
+        topics.dlq(topics.name("transactions")), value_serializer="bytes", key_serializer="bytes"
+    )
+    labels_dlq = app.topic(
+        topics.dlq(topics.name("labels")), value_serializer="json", key_serializer="json"
+    )
+    enriched = app.topic(topics.name("enriched"), value_serializer="json", key_serializer="string")
+
+    store = open_feature_store(settings)
+    r = settings.redis
+    client = redis.Redis(
+        host=r.host,
+        port=r.port,
+        db=r.db,
+        password=r.password.get_secret_value() if r.password else None,
+        ssl=r.ssl,
+    )
+    writer = OnlineFeatureWriter(client, OnlineLayout.from_store(store))
+
+    # -- transactions: parse, customer window ------------------------------------------------
+    def parse(value: bytes, key: Any, timestamp: int, headers: Any) -> dict[str, Any]:
+        metrics.messages_in.labels(STAGE).inc()
+        ingest_ms = timestamp
+        for name, hv in headers or ():
+            if name == INGEST_HEADER:
+                with contextlib.suppress(ValueError):
+                    ingest_ms = int(hv)
+        try:
+            tx = parse_transaction(value, timestamp, max_bytes)
+        except InvalidMessage as err:
+            return {"error": err.reason, "detail": err.detail, "raw": value}
+        return {
+            "transaction_id": tx.transaction_id,
+            "customer_id": tx.customer_id,
+            "terminal_id": tx.terminal_id,
+            "amount": tx.amount,
+            "event_ms": tx.event_ms,
+            "ts": {"ingest_ms": ingest_ms},
+            "raw": value,
+        }
+
+    def customer_window(value: dict[str, Any], state: State) -> dict[str, Any]:
+        cs = CustomerState.from_state(state.get("w"))
+        raw = value.pop("raw")
+        try:
+            feats = update_customer(cs, value["event_ms"], value["amount"], grace)
+        except InvalidMessage as err:
+            return {"error": err.reason, "detail": err.detail, "raw": raw}
+        state.set("w", cs.to_state())
+        value["features"] = {CUSTOMER_VIEW: feats}
+        return value
+
+    def to_dlq(sdf: Any, topic: Any) -> None:
+        def count(value: dict[str, Any]) -> bytes:
+            metrics.dlq.labels(STAGE, value["error"]).inc()
+            ctx = message_context()
+            logger.warning(
+                "dead letter %s[%d]@%d: %s: %s",
+                ctx.topic,
+                ctx.partition,
+                ctx.offset,
+                value["error"],
+                value["detail"],
+            )
+            return value["raw"] if value["raw"] is not None else b""
+
+        (
+            sdf.set_headers(lambda v, k, t, h: _dlq_headers(v["error"], v["detail"])(v, k, t, h))
+            .apply(count)
+            .to_topic(topic)
+        )
+
+    sdf = app.dataframe(tx_topic).apply(parse, metadata=True)
+    to_dlq(sdf[sdf.apply(lambda v: "error" in v)], tx_dlq)
+    good = sdf[sdf.apply(lambda v: "error" not in v)]
+    windowed = good.apply(customer_window, stateful=True)
+    to_dlq(windowed[windowed.apply(lambda v: "error" in v)], tx_dlq)
+    ok = windowed[windowed.apply(lambda v: "error" not in v)]
+    ok.apply(
+        lambda v: {
+            "customer_id": v["customer_id"],
+            "event_ms": v["event_ms"],
+            "features": v["features"][CUSTOMER_VIEW],
+        }
+    ).sink(FeastOnlineSink(writer, CUSTOMER_VIEW, "customer_id", CUSTOMER_FEATURES))
+
+    by_terminal = ok.group_by(lambda v: v["terminal_id"], name="terminal")
+
+    # -- labels: parse ------------------------------------------------------------------------
+    def parse_label_msg(value: Any) -> dict[str, Any]:
+        try:
+            tx_id, term, tx_ms, fraud = parse_label(value)
+        except InvalidMessage as err:
+            return {"error": err.reason, "detail": err.detail, "raw": value}
+        return {
+            "label": True,
+            "transaction_id": tx_id,
+            "terminal_id": term,
+            "tx_ms": tx_ms,
+            "is_fraud": fraud,
+        }
+
+    labels = app.dataframe(labels_topic).apply(parse_label_msg)
+    bad_labels = labels[labels.apply(lambda v: "error" in v)]
+    (
+        bad_labels.set_headers(lambda v, k, t, h: _dlq_headers(v["error"], v["detail"])(v, k, t, h))
+        .apply(lambda v: (metrics.dlq.labels(STAGE, v["error"]).inc(), v["raw"])[1])
+        .to_topic(labels_dlq)
+    )
+    good_labels = labels[labels.apply(lambda v: "error" not in v)]
+
+    # -- terminal window over labels and transactions, in event-time order -------------------
+    def terminal_window(value: dict[str, Any], state: State) -> dict[str, Any] | None:
+        ts_state = TerminalState.from_state(state.get("w"))
+        if value.get("label"):
+            if add_label(
+                ts_state, value["tx_ms"], value["transaction_id"], value["is_fraud"], grace
+            ):
+                state.set("w", ts_state.to_state())
+            return None
+        value["features"][TERMINAL_VIEW] = terminal_features(ts_state, value["event_ms"], grace)
+        state.set("w", ts_state.to_state())
+        return value
+
+    merged = by_terminal.concat(good_labels).apply(terminal_window, stateful=True)
+    txs = merged[merged.apply(lambda v: v is not None)]
+    txs.apply(
+        lambda v: {
+            "terminal_id": v["terminal_id"],
+            "event_ms": v["event_ms"],
+            "features": v["features"][TERMINAL_VIEW],
+        }
+    ).sink(FeastOnlineSink(writer, TERMINAL_VIEW, "terminal_id", TERMINAL_FEATURES))
+
+    def finish(value: dict[str, Any]) -> dict[str, Any]:
+        now = int(time.time() * 1000)
+        value["ts"]["enriched_ms"] = now
+        metrics.messages_out.labels(STAGE, enriched.name).inc()
+        ingest = value["ts"].get("ingest_ms") or value["event_ms"]
+        metrics.stage_latency.labels(STAGE).observe(max(0.0, (now - ingest) / 1000.0))
+        return value
+
+    txs.apply(finish).to_topic(enriched, key=lambda v: str(v["transaction_id"]))
+    return app
+
+
+def run(settings: Settings, metrics: Metrics | None = None) -> None:
+    """Run the enrichment stage until SIGTERM/SIGINT (quixstreams handles both)."""
+    ensure_topics(settings.kafka, settings.topics)
+    app = build_app(settings, metrics)
+    app.run()

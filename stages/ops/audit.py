@@ -1,0 +1,161 @@
+"""``rtpipe audit``: read every outcome topic with read_committed and check the pipeline's
+invariant: each transaction that entered ends in exactly one of decisions.action|review|
+approved or a dead-letter topic. Also the numbers the demo summary prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from stages.shared.kafka import DLQ_REASON
+from stages.shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TopicRecords:
+    """What one topic holds: transaction ids (where readable) and a few extras."""
+
+    topic: str
+    count: int = 0
+    ids: list[int] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+    latency_ms: list[int] = field(default_factory=list)
+    first_ingest_ms: int | None = None
+    last_routed_ms: int | None = None
+
+
+@dataclass
+class AuditReport:
+    expected: int
+    per_topic: dict[str, TopicRecords]
+    lost: list[int]
+    duplicated: list[int]
+    unexpected: list[int]
+
+    @property
+    def outcomes(self) -> int:
+        return sum(t.count for t in self.per_topic.values())
+
+    def latency_percentiles(self) -> dict[str, float]:
+        lat = np.concatenate(
+            [np.asarray(t.latency_ms, dtype=np.float64) for t in self.per_topic.values()]
+            or [np.empty(0)]
+        )
+        if not len(lat):
+            return {}
+        p = np.percentile(lat, [50, 95, 99])
+        return {
+            "p50_ms": float(p[0]),
+            "p95_ms": float(p[1]),
+            "p99_ms": float(p[2]),
+            "max_ms": float(lat.max()),
+        }
+
+    def throughput(self) -> float | None:
+        """Decisions per second from the first ingest to the last routing."""
+        firsts = [t.first_ingest_ms for t in self.per_topic.values() if t.first_ingest_ms]
+        lasts = [t.last_routed_ms for t in self.per_topic.values() if t.last_routed_ms]
+        if not firsts or not lasts:
+            return None
+        span = (max(lasts) - min(firsts)) / 1000.0
+        decided = sum(len(t.latency_ms) for t in self.per_topic.values())
+        return decided / span if span > 0 else None
+
+
+def read_topic(
+    settings: Settings, topic: str, idle_s: float = 2.0, timeout_s: float = 120.0
+) -> list[tuple[bytes | None, bytes | None, dict[str, bytes]]]:
+    """Every committed record of a topic (key, value, headers), from the beginning."""
+    consumer = Consumer(
+        {
+            **settings.kafka.client_config(),
+            "group.id": f"rtpipe-audit-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+        }
+    )
+    try:
+        md = consumer.list_topics(topic, timeout=10)
+        tmeta = md.topics.get(topic)
+        if tmeta is None or tmeta.error is not None:
+            return []
+        parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in tmeta.partitions]
+        consumer.assign(parts)
+        pending = {p.partition for p in parts}
+        out = []
+        deadline = time.monotonic() + timeout_s
+        last_msg = time.monotonic()
+        while pending and time.monotonic() < deadline:
+            for msg in consumer.consume(10_000, 0.5):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(msg.partition())
+                    continue
+                last_msg = time.monotonic()
+                out.append((msg.key(), msg.value(), dict(msg.headers() or [])))
+            if time.monotonic() - last_msg > idle_s and not pending:
+                break
+        if pending:
+            logger.warning("audit: %s partitions %s not read to the end", topic, sorted(pending))
+        return out
+    finally:
+        consumer.close()
+
+
+def _tx_id_of(value: bytes | None) -> int | None:
+    if not value:
+        return None
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    tid = obj.get("transaction_id") if isinstance(obj, dict) else None
+    return tid if isinstance(tid, int) and not isinstance(tid, bool) else None
+
+
+def audit(settings: Settings, expected_ids: Iterable[int]) -> AuditReport:
+    """Count each expected transaction id across the outcome and dead-letter topics."""
+    t = settings.topics
+    decision_topics = list(t.decision_topics())
+    dlq_topics = [t.dlq(t.name(k)) for k in ("transactions", "enriched", "predictions")]
+    per_topic: dict[str, TopicRecords] = {}
+    seen: Counter[int] = Counter()
+    for topic in decision_topics + dlq_topics:
+        rec = TopicRecords(topic)
+        for _key, value, headers in read_topic(settings, topic):
+            rec.count += 1
+            tid = _tx_id_of(value)
+            if topic in decision_topics and value:
+                obj = orjson.loads(value)
+                rec.reasons[str(obj.get("reason"))] += 1
+                ts = obj.get("ts") or {}
+                ingest, routed = ts.get("ingest_ms"), ts.get("routed_ms")
+                if isinstance(ingest, int) and isinstance(routed, int) and ingest > 0:
+                    rec.latency_ms.append(routed - ingest)
+                    rec.first_ingest_ms = min(rec.first_ingest_ms or ingest, ingest)
+                    rec.last_routed_ms = max(rec.last_routed_ms or routed, routed)
+            else:
+                reason = headers.get(DLQ_REASON, b"?").decode(errors="replace")
+                rec.reasons[reason] += 1
+            if tid is not None:
+                rec.ids.append(tid)
+                seen[tid] += 1
+        per_topic[topic] = rec
+    expected = set(expected_ids)
+    lost = sorted(expected - set(seen))
+    duplicated = sorted(i for i, c in seen.items() if c > 1 and i in expected)
+    unexpected = sorted(set(seen) - expected)
+    return AuditReport(len(expected), per_topic, lost, duplicated, unexpected)

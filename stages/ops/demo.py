@@ -1,0 +1,252 @@
+"""``rtpipe demo``: the local stack, the data set, Feast, a model, the three stages as
+separate processes, a replay through Kafka and a summary of what came out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+import redis
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from stages.ops.audit import AuditReport, audit
+from stages.ops.replay import ReplayPlan, replay
+from stages.shared.kafka import ensure_topics
+from stages.shared.settings import Settings, settings_to_env
+
+logger = logging.getLogger(__name__)
+console = Console()
+
+PIPELINE_STAGES = ("enrichment", "prediction", "routing")
+
+
+@dataclass
+class StageProcess:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+def _env_for(settings: Settings) -> dict[str, str]:
+    """Environment that rebuilds the same settings in a child process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RTPIPE_")}
+    resolved = settings.model_copy(
+        update={"home": settings.home.resolve(), "feature_repo": settings.feature_repo.resolve()}
+    )
+    env.update(settings_to_env(resolved))
+    return env
+
+
+def start_stages(
+    settings: Settings, names: tuple[str, ...] = PIPELINE_STAGES
+) -> list[StageProcess]:
+    """Start each stage as its own ``rtpipe run STAGE`` process, logging to the run dir."""
+    log_dir = settings.run_dir / "stages"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = _env_for(settings)
+    procs = []
+    for name in names:
+        log = log_dir / f"{settings.topics.prefix}{name}.log"
+        with log.open("ab") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "stages.cli", "run", name],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        procs.append(StageProcess(name, proc, log))
+    return procs
+
+
+def stop_stages(procs: list[StageProcess], timeout_s: float = 30.0) -> dict[str, int | None]:
+    """SIGTERM each stage, wait for a graceful exit, SIGKILL stragglers."""
+    for sp in procs:
+        if sp.proc.poll() is None:
+            sp.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    codes: dict[str, int | None] = {}
+    for sp in procs:
+        try:
+            codes[sp.name] = sp.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            sp.proc.kill()
+            codes[sp.name] = sp.proc.wait()
+            logger.error("%s did not stop within %.0fs: killed", sp.name, timeout_s)
+    return codes
+
+
+def clear_online_store(settings: Settings) -> int:
+    """Delete this project's online rows, so a replay starts from an empty online store
+    (the writer never lets an older row replace a newer one left by an earlier run)."""
+    r = settings.redis
+    client = redis.Redis(
+        host=r.host,
+        port=r.port,
+        db=r.db,
+        password=r.password.get_secret_value() if r.password else None,
+        ssl=r.ssl,
+    )
+    deleted = 0
+    batch = []
+    for key in client.scan_iter(match=b"*" + settings.feast_project.encode(), count=10_000):
+        batch.append(key)
+        if len(batch) >= 10_000:
+            deleted += client.unlink(*batch)
+            batch.clear()
+    if batch:
+        deleted += client.unlink(*batch)
+    return deleted
+
+
+def wait_for_outcomes(
+    settings: Settings, expected: list[int], procs: list[StageProcess], timeout_s: float
+) -> AuditReport:
+    """Poll the outcome topics until every expected transaction has an outcome."""
+    deadline = time.monotonic() + timeout_s
+    with Progress(
+        TextColumn("[bold]decisions"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("decisions", total=len(expected))
+        while True:
+            report = audit(settings, expected)
+            bar.update(task, completed=len(expected) - len(report.lost))
+            if not report.lost or time.monotonic() > deadline:
+                return report
+            dead = [sp.name for sp in procs if sp.proc.poll() is not None]
+            if dead:
+                console.print(f"[red]stage(s) exited early: {dead}; see {procs[0].log.parent}")
+                return report
+            time.sleep(2.0)
+
+
+def print_summary(settings: Settings, report: AuditReport, replay_seconds: float) -> None:
+    table = Table(title="rtpipe demo summary", show_lines=False)
+    table.add_column("outcome topic")
+    table.add_column("records", justify="right")
+    table.add_column("top reasons")
+    for name, rec in report.per_topic.items():
+        reasons = ", ".join(f"{k}={v:,}" for k, v in rec.reasons.most_common(3))
+        table.add_row(name, f"{rec.count:,}", reasons)
+    console.print(table)
+    lat = report.latency_percentiles()
+    tput = report.throughput()
+    console.print(
+        f"events in: {report.expected:,}   outcomes: {report.outcomes:,}   "
+        f"lost: {len(report.lost)}   duplicated: {len(report.duplicated)}"
+    )
+    if tput:
+        console.print(
+            f"throughput (first ingest -> last decision): {tput:,.0f} events/s; "
+            f"replay producer took {replay_seconds:.1f}s"
+        )
+    if lat:
+        console.print(
+            "event-to-decision latency (ingest -> routed): "
+            f"p50 {lat['p50_ms']:.0f} ms, p95 {lat['p95_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms"
+        )
+    s = settings.stack
+    m = settings.metrics
+    console.print(
+        f"Kafka      127.0.0.1:{s.kafka_port}   e.g. kcat -b 127.0.0.1:{s.kafka_port} -C "
+        f"-t {settings.topics.name('action')} -c 3 -e\n"
+        f"Redis      127.0.0.1:{s.redis_port}\n"
+        f"Prometheus http://127.0.0.1:{s.prometheus_port}\n"
+        f"Metrics    enrichment :{m.enrichment_port}  prediction :{m.prediction_port}  "
+        f"routing :{m.routing_port}\n"
+        f"Stop with  rtpipe stack down"
+    )
+
+
+def run_demo(
+    settings: Settings, replay_start: date, replay_days: float, fresh: bool = False
+) -> int:
+    """Run the demo; returns the process exit code (0 when nothing was lost or duplicated)."""
+    from infra import stack
+    from stages.shared.feast_store import apply_repo
+    from training import registry
+    from training.features import backfill_offline_store
+    from training.simulate import SimulatorConfig, read_dataset, simulate, write_dataset
+    from training.train import train
+
+    console.rule("1/6 local stack")
+    started = stack.up(settings)
+    console.print(f"started: {started or 'nothing (already running)'}")
+
+    console.rule("2/6 data set")
+    data_file = settings.data_dir / "transactions.parquet"
+    if fresh or not data_file.exists():
+        tx = simulate(SimulatorConfig(), progress=True)
+        write_dataset(tx, settings.data_dir)
+    else:
+        tx = read_dataset(settings.data_dir)
+        console.print(f"reusing {data_file} ({len(tx):,} transactions)")
+
+    console.rule("3/6 Feast: apply and backfill the offline store")
+    apply_repo(settings)
+    backfill_offline_store(settings, tx)
+
+    console.rule("4/6 training from the offline store")
+    name = settings.prediction.model_name
+    if fresh or registry.current_version(settings.registry_dir, name) is None:
+        result = train(settings, date(2018, 7, 25))
+        console.print(result)
+    else:
+        console.print(
+            f"serving promoted version {registry.current_version(settings.registry_dir, name)}"
+        )
+
+    console.rule("5/6 three stages and a replay")
+    run_id = time.strftime("%Y%m%d%H%M%S")
+    settings = settings.model_copy(
+        update={
+            "topics": settings.topics.model_copy(
+                update={"prefix": f"{settings.topics.prefix}demo{run_id}."}
+            )
+        }
+    )
+    ensure_topics(settings.kafka, settings.topics)
+    cleared = clear_online_store(settings)
+    logger.info("cleared %d online rows", cleared)
+    procs = start_stages(settings)
+    try:
+        begin = pd.Timestamp(replay_start, tz="UTC")
+        plan = ReplayPlan(begin, begin + pd.Timedelta(days=replay_days))
+        expected = tx.loc[
+            (tx["tx_datetime"] >= plan.start) & (tx["tx_datetime"] < plan.end), "transaction_id"
+        ].tolist()
+        with Progress(
+            TextColumn("[bold]replay"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task("replay", total=len(expected))
+            result = replay(settings, tx, plan, progress=lambda n: bar.advance(task, n))
+        console.print(
+            f"replayed {result.transactions:,} transactions and {result.labels:,} "
+            f"labels in {result.seconds:.1f}s"
+        )
+        report = wait_for_outcomes(settings, expected, procs, timeout_s=600)
+    finally:
+        codes = stop_stages(procs)
+    console.rule("6/6 summary")
+    print_summary(settings, report, result.seconds)
+    console.print(f"stage exit codes: {codes}; logs in {procs[0].log.parent}")
+    return 0 if not report.lost and not report.duplicated else 1

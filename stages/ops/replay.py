@@ -1,0 +1,200 @@
+"""``rtpipe replay``: produce simulated transactions, and their labels when they become
+known, to Kafka in event-time order, as fast as possible or at a fixed rate.
+
+Transactions are keyed by customer id and timestamped with their event time; each carries
+a header with the wall-clock time it was produced, the origin of end-to-end latency. Labels
+are keyed by terminal id and timestamped when they become known (7 days after the
+transaction). Labels of transactions from ``label_lookback_days`` before the window are
+replayed too, so the terminal windows are complete from the first scored transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from confluent_kafka import KafkaException, Producer
+
+from stages.shared.kafka import producer_config
+from stages.shared.schemas import DAY_MS, LABEL_DELAY_DAYS, WINDOWS_DAYS
+from stages.shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+INGEST_HEADER = "rtpipe.ingest_ms"
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What to replay: transactions with event time in [start, end)."""
+
+    start: pd.Timestamp
+    end: pd.Timestamp
+    label_lookback_days: int = LABEL_DELAY_DAYS + max(WINDOWS_DAYS)
+
+
+@dataclass
+class ReplayResult:
+    transactions: int
+    labels: int
+    seconds: float
+    first_tx_id: int | None
+    last_tx_id: int | None
+
+    @property
+    def rate(self) -> float:
+        return (self.transactions + self.labels) / self.seconds if self.seconds else 0.0
+
+
+def _ms(ts: pd.Series) -> np.ndarray:
+    return (ts.astype("datetime64[ms, UTC]").astype("int64")).to_numpy()
+
+
+def build_events(tx: pd.DataFrame, plan: ReplayPlan) -> pd.DataFrame:
+    """Transactions in the window and labels known before its end, merged in time order.
+
+    Returns:
+        Columns kind (0 = label, 1 = transaction, so a label known at ``t`` goes before a
+        transaction at ``t``), ts_ms, key, and the payload fields.
+    """
+    start_ms = int(plan.start.value // 1_000_000)
+    end_ms = int(plan.end.value // 1_000_000)
+    tx_ms = _ms(tx["tx_datetime"])
+    in_window = (tx_ms >= start_ms) & (tx_ms < end_ms)
+    known_ms = tx_ms + LABEL_DELAY_DAYS * DAY_MS
+    lab = (tx_ms >= start_ms - plan.label_lookback_days * DAY_MS) & (known_ms < end_ms)
+    t = tx[in_window]
+    lb = tx[lab]
+    events = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "kind": 0,
+                    "ts_ms": known_ms[lab],
+                    "key": lb["terminal_id"].to_numpy(),
+                    "transaction_id": lb["transaction_id"].to_numpy(),
+                    "customer_id": lb["customer_id"].to_numpy(),
+                    "terminal_id": lb["terminal_id"].to_numpy(),
+                    "amount": 0.0,
+                    "tx_ms": tx_ms[lab],
+                    "is_fraud": lb["is_fraud"].to_numpy(),
+                }
+            ),
+            pd.DataFrame(
+                {
+                    "kind": 1,
+                    "ts_ms": tx_ms[in_window],
+                    "key": t["customer_id"].to_numpy(),
+                    "transaction_id": t["transaction_id"].to_numpy(),
+                    "customer_id": t["customer_id"].to_numpy(),
+                    "terminal_id": t["terminal_id"].to_numpy(),
+                    "amount": t["amount"].to_numpy(),
+                    "tx_ms": tx_ms[in_window],
+                    "is_fraud": 0,
+                }
+            ),
+        ],
+        ignore_index=True,
+    )
+    return events.sort_values(["ts_ms", "kind", "transaction_id"], kind="stable").reset_index(
+        drop=True
+    )
+
+
+def replay(
+    settings: Settings,
+    tx: pd.DataFrame,
+    plan: ReplayPlan,
+    rate: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ReplayResult:
+    """Produce the plan's events; ``rate`` in transactions per second (None = max speed).
+
+    Raises:
+        KafkaException: if any message could not be delivered (after the producer's retries).
+    """
+    events = build_events(tx, plan)
+    producer = Producer(producer_config(settings.kafka, **{"linger.ms": 5}))
+    tx_topic = settings.topics.name("transactions")
+    labels_topic = settings.topics.name("labels")
+    failures: list[str] = []
+
+    def on_delivery(err: object, msg: object) -> None:
+        if err is not None:
+            failures.append(str(err))
+
+    kinds = events["kind"].to_numpy()
+    ts = events["ts_ms"].to_numpy()
+    keys = events["key"].to_numpy()
+    tids = events["transaction_id"].to_numpy()
+    cids = events["customer_id"].to_numpy()
+    terms = events["terminal_id"].to_numpy()
+    amounts = events["amount"].to_numpy()
+    tx_ms = events["tx_ms"].to_numpy()
+    fraud = events["is_fraud"].to_numpy()
+    n_tx = int((kinds == 1).sum())
+    started = time.perf_counter()
+    sent_tx = 0
+    for i in range(len(events)):
+        if kinds[i] == 1:
+            value = b'{"transaction_id":%d,"customer_id":%d,"terminal_id":%d,"amount":%s}' % (
+                tids[i],
+                cids[i],
+                terms[i],
+                repr(float(amounts[i])).encode(),
+            )
+            topic = tx_topic
+            headers = [(INGEST_HEADER, str(int(time.time() * 1000)).encode())]
+        else:
+            value = (
+                b'{"transaction_id":%d,"customer_id":%d,"terminal_id":%d,"tx_ms":%d,'
+                b'"is_fraud":%d}' % (tids[i], cids[i], terms[i], tx_ms[i], fraud[i])
+            )
+            topic = labels_topic
+            headers = None
+        while True:
+            try:
+                producer.produce(
+                    topic,
+                    value=value,
+                    key=b"%d" % keys[i],
+                    timestamp=int(ts[i]),
+                    headers=headers,
+                    on_delivery=on_delivery,
+                )
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if kinds[i] == 1:
+            sent_tx += 1
+            if rate:
+                due = started + sent_tx / rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    producer.poll(0)
+                    time.sleep(delay)
+            if progress and sent_tx % 1000 == 0:
+                progress(1000)
+        if i % 10_000 == 0:
+            producer.poll(0)
+    remaining = producer.flush(60)
+    if progress:
+        progress(sent_tx % 1000)
+    elapsed = time.perf_counter() - started
+    if remaining or failures:
+        raise KafkaException(
+            f"replay: {remaining} messages undelivered, {len(failures)} failed "
+            f"(first: {failures[:1]})"
+        )
+    tx_ids = tids[kinds == 1]
+    return ReplayResult(
+        transactions=n_tx,
+        labels=int((kinds == 0).sum()),
+        seconds=elapsed,
+        first_tx_id=int(tx_ids.min()) if len(tx_ids) else None,
+        last_tx_id=int(tx_ids.max()) if len(tx_ids) else None,
+    )

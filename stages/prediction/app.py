@@ -1,0 +1,211 @@
+"""Prediction stage wiring: micro-batches from ``transactions.enriched``, one batched online
+feature read, one LightGBM call per batch, predictions out in the same Kafka transaction as
+the input offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import orjson
+import redis
+from confluent_kafka import Message, TopicPartition
+
+from stages.prediction.logic import (
+    EnrichedBatch,
+    assemble_matrix,
+    decode_enriched,
+    point_in_time,
+    prediction_records,
+    request_features,
+)
+from stages.prediction.models import ModelHolder
+from stages.shared.feast_store import open_feature_store
+from stages.shared.kafka import (
+    LoopStats,
+    Output,
+    RetryBatch,
+    StopFlag,
+    TransactionalBatchLoop,
+    dead_letter,
+    ensure_topics,
+    where,
+)
+from stages.shared.metrics import Metrics, build_metrics
+from stages.shared.online import OnlineFeatureReader
+from stages.shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+STAGE = "prediction"
+
+
+@dataclass
+class PredictionStage:
+    """Everything the batch handler needs, built once per process."""
+
+    settings: Settings
+    reader: OnlineFeatureReader
+    models: ModelHolder
+    metrics: Metrics
+
+    def __post_init__(self) -> None:
+        topics = self.settings.topics
+        self._out_topic = topics.name("predictions")
+        self._dlq_topic = topics.dlq(topics.name("enriched"))
+
+    def handle(self, msgs: list[Message]) -> list[Output]:
+        """Score one micro-batch; returns predictions and dead letters."""
+        self.models.maybe_reload()
+        self.metrics.messages_in.labels(STAGE).inc(len(msgs))
+        self.metrics.batch_size.labels(STAGE).observe(len(msgs))
+        batch, bad = decode_enriched([m.value() for m in msgs])
+        outputs: list[Output] = []
+        for i, err in bad:
+            logger.warning("dead letter %s: %s", where(msgs[i]), err)
+            self.metrics.dlq.labels(STAGE, err.reason).inc()
+            outputs.append(dead_letter(self._dlq_topic, msgs[i], err.reason, err.detail))
+        if len(batch):
+            outputs.extend(self._score(batch))
+        return outputs
+
+    def _score(self, batch: EnrichedBatch) -> list[Output]:
+        entity = {"customer_id": batch.customer_id, "terminal_id": batch.terminal_id}
+        try:
+            online = self.reader.read(entity)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if self.settings.prediction.on_features_unavailable == "pause":
+                raise RetryBatch(f"features_unavailable: {exc}", retry_after_s=1.0) from None
+            return self._unavailable(batch, str(exc))
+        replaced = point_in_time(
+            online.values, online.event_ts_ms, online.found, online.feature_names, batch
+        )
+        for view, n in replaced.items():
+            self.metrics.feature_source.labels(view, "event").inc(n)
+            self.metrics.feature_source.labels(view, "online").inc(
+                int(online.found[view].sum()) - n
+            )
+        request = request_features(batch.amount, batch.event_ms)
+        model = self.models.current
+        matrix = assemble_matrix(model.features, request, online.values, online.feature_names)
+        scores = model.predict(matrix)
+        shadow = None
+        if self.models.shadow is not None:
+            shadow = (self.models.shadow.version, self.models.shadow.predict(matrix))
+        now_ms = int(time.time() * 1000)
+        for view in online.found:
+            found = online.found[view]
+            self.metrics.feature_missing.labels(view).inc(int((~found).sum()))
+            ages = (batch.event_ms[found] - online.event_ts_ms[view][found]) / 1000.0
+            hist = self.metrics.feature_age.labels(view)
+            for age in ages[:: max(1, len(ages) // 50)]:  # a sample per batch is enough
+                hist.observe(float(age))
+        score_hist = self.metrics.score.labels(model.version)
+        for s in scores[:: max(1, len(scores) // 50)]:
+            score_hist.observe(float(s))
+        self.metrics.predictions.labels(model.name, model.version).inc(len(batch))
+        records = prediction_records(
+            batch,
+            scores,
+            matrix,
+            model.features,
+            online.event_ts_ms,
+            online.found,
+            model=model.name,
+            model_version=model.version,
+            feature_service=model.feature_service,
+            predicted_ms=now_ms,
+            shadow=shadow,
+        )
+        keys = [str(t).encode() for t in batch.transaction_id.tolist()]
+        self.metrics.messages_out.labels(STAGE, self._out_topic).inc(len(records))
+        return [
+            Output(self._out_topic, k, v, timestamp_ms=int(ts))
+            for k, v, ts in zip(keys, records, batch.event_ms.tolist(), strict=True)
+        ]
+
+    def _unavailable(self, batch: EnrichedBatch, detail: str) -> list[Output]:
+        """Redis is down and the policy is to review: predictions without a score."""
+        now_ms = int(time.time() * 1000)
+        out = []
+        for i in range(len(batch)):
+            rec = {
+                "transaction_id": int(batch.transaction_id[i]),
+                "customer_id": int(batch.customer_id[i]),
+                "terminal_id": int(batch.terminal_id[i]),
+                "amount": float(batch.amount[i]),
+                "event_ms": int(batch.event_ms[i]),
+                "score": None,
+                "error": "features_unavailable",
+                "error_detail": detail[:200],
+                "model": self.models.current.name,
+                "model_version": self.models.current.version,
+                "ts": {
+                    "ingest_ms": int(batch.ingest_ms[i]),
+                    "enriched_ms": int(batch.enriched_ms[i]),
+                    "predicted_ms": now_ms,
+                },
+            }
+            out.append(
+                Output(
+                    self._out_topic,
+                    str(int(batch.transaction_id[i])).encode(),
+                    orjson.dumps(rec),
+                    timestamp_ms=int(batch.event_ms[i]),
+                )
+            )
+        return out
+
+
+def build_stage(settings: Settings, metrics: Metrics | None = None) -> PredictionStage:
+    """Open the feature store registry, the Redis client and the current model."""
+    metrics = metrics or build_metrics()
+    store = open_feature_store(settings)
+    r = settings.redis
+    client = redis.Redis(
+        host=r.host,
+        port=r.port,
+        db=r.db,
+        password=r.password.get_secret_value() if r.password else None,
+        ssl=r.ssl,
+        socket_timeout=2.0,
+        socket_connect_timeout=2.0,
+    )
+    reader = OnlineFeatureReader(client, store, settings.prediction.feature_service)
+    models = ModelHolder(settings, metrics)
+    models.load_initial()
+    return PredictionStage(settings=settings, reader=reader, models=models, metrics=metrics)
+
+
+def run(
+    settings: Settings,
+    stop: StopFlag,
+    max_idle_s: float | None = None,
+    metrics: Metrics | None = None,
+) -> LoopStats:
+    """Run the prediction stage until ``stop`` is set."""
+    stage = build_stage(settings, metrics)
+    ensure_topics(settings.kafka, settings.topics)
+    cfg = settings.prediction
+
+    def on_rebalance(kind: str, parts: list[TopicPartition]) -> None:
+        stage.metrics.rebalances.labels(STAGE, kind).inc()
+
+    def on_batch(n: int, seconds: float) -> None:
+        stage.metrics.batch_seconds.labels(STAGE).observe(seconds)
+
+    loop = TransactionalBatchLoop(
+        settings,
+        group_id=settings.topics.group(cfg.consumer_group),
+        input_topics=[settings.topics.name("enriched")],
+        handler=stage.handle,
+        max_batch=cfg.max_batch,
+        max_wait_ms=cfg.max_wait_ms,
+        stage=STAGE,
+        on_batch_done=on_batch,
+        on_rebalance=on_rebalance,
+        stats_cb=lambda js: stage.metrics.lag_from_stats(STAGE, js),
+    )
+    return loop.run(stop, max_idle_s=max_idle_s)

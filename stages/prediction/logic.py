@@ -1,0 +1,215 @@
+"""Pure, vectorised logic of the prediction stage: decode a micro-batch, assemble the model
+matrix from request features and the batched online read, and build prediction records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from stages.shared.schemas import DAY_MS, REQUEST_FEATURES, InvalidMessage
+
+
+@dataclass(frozen=True, slots=True)
+class EnrichedBatch:
+    """Columns of the valid enriched events of one micro-batch."""
+
+    index: np.ndarray  # positions of these rows in the consumed batch
+    transaction_id: np.ndarray
+    customer_id: np.ndarray
+    terminal_id: np.ndarray
+    amount: np.ndarray
+    event_ms: np.ndarray
+    enriched_ms: np.ndarray
+    ingest_ms: np.ndarray  # wall-clock time the event entered Kafka (latency origin)
+    # The aggregates the enrichment stage pushed for this very event, per feature view.
+    carried: list[dict[str, dict[str, float]]]
+
+    def __len__(self) -> int:
+        return len(self.transaction_id)
+
+
+_REQUIRED = ("transaction_id", "customer_id", "terminal_id", "amount", "event_ms")
+
+
+def decode_enriched(
+    values: Sequence[bytes | None],
+) -> tuple[EnrichedBatch, list[tuple[int, InvalidMessage]]]:
+    """Decode enriched events; invalid ones are returned with their position and reason."""
+    rows: list[tuple[int, int, int, int, float, int, int, int]] = []
+    carried: list[dict[str, dict[str, float]]] = []
+    bad: list[tuple[int, InvalidMessage]] = []
+    for i, raw in enumerate(values):
+        try:
+            if raw is None:
+                raise InvalidMessage("empty", "message has no value")
+            obj = orjson.loads(raw)
+            if not isinstance(obj, dict):
+                raise InvalidMessage("not_object", type(obj).__name__)
+            missing = [k for k in _REQUIRED if k not in obj]
+            if missing:
+                raise InvalidMessage("missing_field", ",".join(missing))
+            ts = obj.get("ts") or {}
+            if not isinstance(ts, dict):
+                ts = {}
+            row = (
+                i,
+                int(obj["transaction_id"]),
+                int(obj["customer_id"]),
+                int(obj["terminal_id"]),
+                float(obj["amount"]),
+                int(obj["event_ms"]),
+                int(ts.get("enriched_ms", 0)),
+                int(ts.get("ingest_ms", 0)),
+            )
+        except orjson.JSONDecodeError as exc:
+            bad.append((i, InvalidMessage("not_json", str(exc))))
+            continue
+        except InvalidMessage as exc:
+            bad.append((i, exc))
+            continue
+        except (TypeError, ValueError) as exc:
+            bad.append((i, InvalidMessage("wrong_type", str(exc))))
+            continue
+        rows.append(row)
+        feats = obj.get("features")
+        carried.append(feats if isinstance(feats, dict) else {})
+    if rows:
+        cols = list(zip(*rows, strict=True))
+        batch = EnrichedBatch(
+            index=np.asarray(cols[0], dtype=np.int64),
+            transaction_id=np.asarray(cols[1], dtype=np.int64),
+            customer_id=np.asarray(cols[2], dtype=np.int64),
+            terminal_id=np.asarray(cols[3], dtype=np.int64),
+            amount=np.asarray(cols[4], dtype=np.float64),
+            event_ms=np.asarray(cols[5], dtype=np.int64),
+            enriched_ms=np.asarray(cols[6], dtype=np.int64),
+            ingest_ms=np.asarray(cols[7], dtype=np.int64),
+            carried=carried,
+        )
+    else:
+        empty_i = np.empty(0, dtype=np.int64)
+        batch = EnrichedBatch(
+            empty_i, empty_i, empty_i, empty_i, np.empty(0), empty_i, empty_i, empty_i, []
+        )
+    return batch, bad
+
+
+def point_in_time(
+    values: np.ndarray,
+    event_ts_ms: dict[str, np.ndarray],
+    found: dict[str, np.ndarray],
+    feature_names: Sequence[str],
+    batch: EnrichedBatch,
+) -> dict[str, int]:
+    """Make the online rows point-in-time correct for each event, in place.
+
+    The online store keeps only each entity's newest row. When the pipeline runs behind
+    (a replay, a backlog), the enrichment stage may already have pushed a row for a *later*
+    event of the same entity; serving it would leak the future into this prediction. For
+    those rows, the aggregates pushed for this very event (carried on the message) are used
+    instead, with this event's timestamp.
+
+    Returns:
+        Per view, how many rows were taken from the event instead of the online store.
+    """
+    column = {name: j for j, name in enumerate(feature_names)}
+    replaced: dict[str, int] = {}
+    for view, ts in event_ts_ms.items():
+        future = np.flatnonzero(found[view] & (ts > batch.event_ms))
+        done = 0
+        for i in future.tolist():
+            snap = batch.carried[i].get(view)
+            if not snap:
+                continue
+            for name, v in snap.items():
+                j = column.get(name)
+                if j is not None:
+                    values[i, j] = v
+            ts[i] = batch.event_ms[i]
+            done += 1
+        replaced[view] = done
+    return replaced
+
+
+def request_features(amount: np.ndarray, event_ms: np.ndarray) -> np.ndarray:
+    """The request features (amount, is_weekend, is_night) as an (n, 3) float matrix."""
+    weekday = (event_ms // DAY_MS + 3) % 7  # 1970-01-01 was a Thursday
+    hour = (event_ms % DAY_MS) // 3_600_000
+    out = np.empty((len(amount), len(REQUEST_FEATURES)), dtype=np.float64)
+    out[:, 0] = amount
+    out[:, 1] = weekday >= 5
+    out[:, 2] = hour <= 6
+    return out
+
+
+def assemble_matrix(
+    model_features: Sequence[str],
+    request: np.ndarray,
+    online_values: np.ndarray,
+    online_names: Sequence[str],
+) -> np.ndarray:
+    """Put request and online columns in the model's feature order (a column gather)."""
+    columns = {name: ("r", i) for i, name in enumerate(REQUEST_FEATURES)}
+    columns.update({name: ("o", i) for i, name in enumerate(online_names)})
+    unknown = [f for f in model_features if f not in columns]
+    if unknown:
+        raise KeyError(f"model features not served by the feature service: {unknown}")
+    out = np.empty((request.shape[0], len(model_features)), dtype=np.float64)
+    for j, name in enumerate(model_features):
+        src, i = columns[name]
+        out[:, j] = request[:, i] if src == "r" else online_values[:, i]
+    return out
+
+
+def prediction_records(
+    batch: EnrichedBatch,
+    scores: np.ndarray,
+    matrix: np.ndarray,
+    feature_names: Sequence[str],
+    feature_ts_ms: dict[str, np.ndarray],
+    found: dict[str, np.ndarray],
+    model: str,
+    model_version: str,
+    feature_service: str,
+    predicted_ms: int,
+    shadow: tuple[str, np.ndarray] | None = None,
+) -> list[bytes]:
+    """Serialise one prediction record per row (DESIGN.md: model and version, score, the
+    feature values used, feature age and per-stage timestamps)."""
+    names = list(feature_names)
+    views = list(feature_ts_ms)
+    ages = {
+        v: np.where(found[v], (batch.event_ms - feature_ts_ms[v]) / 1000.0, np.nan) for v in views
+    }
+    matrix_list = matrix.tolist()
+    out: list[bytes] = []
+    for i in range(len(batch)):
+        row = matrix_list[i]
+        rec = {
+            "transaction_id": int(batch.transaction_id[i]),
+            "customer_id": int(batch.customer_id[i]),
+            "terminal_id": int(batch.terminal_id[i]),
+            "amount": float(batch.amount[i]),
+            "event_ms": int(batch.event_ms[i]),
+            "score": float(scores[i]),
+            "model": model,
+            "model_version": model_version,
+            "feature_service": feature_service,
+            "features": {n: (None if v != v else v) for n, v in zip(names, row, strict=True)},
+            "feature_ts_ms": {v: int(feature_ts_ms[v][i]) for v in views},
+            "feature_age_s": {v: (None if not found[v][i] else float(ages[v][i])) for v in views},
+            "missing_views": [v for v in views if not found[v][i]],
+            "ts": {
+                "ingest_ms": int(batch.ingest_ms[i]),
+                "enriched_ms": int(batch.enriched_ms[i]),
+                "predicted_ms": predicted_ms,
+            },
+        }
+        if shadow is not None:
+            rec["shadow"] = {"model_version": shadow[0], "score": float(shadow[1][i])}
+        out.append(orjson.dumps(rec))
+    return out

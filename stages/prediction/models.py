@@ -1,0 +1,140 @@
+"""The model in use by the prediction stage: loaded from the registry, verified, hot-swapped
+between batches when a new version is promoted; an optional shadow model beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import lightgbm as lgb
+import numpy as np
+
+from stages.shared.metrics import Metrics
+from stages.shared.settings import Settings
+from training import registry
+
+logger = logging.getLogger(__name__)
+
+
+class NoModelError(RuntimeError):
+    """No verified model version could be loaded at start-up."""
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """A verified model version ready to score matrices in ``features`` order."""
+
+    name: str
+    version: str
+    features: tuple[str, ...]
+    feature_service: str
+    booster: lgb.Booster
+
+    def predict(self, matrix: np.ndarray) -> np.ndarray:
+        """Fraud probability for each row (one LightGBM call for the whole batch)."""
+        return np.asarray(self.booster.predict(matrix, num_threads=1), dtype=np.float64)
+
+
+def _load(settings: Settings, version: str) -> ServingModel:
+    loaded = registry.load_version(settings.registry_dir, settings.prediction.model_name, version)
+    return ServingModel(
+        name=settings.prediction.model_name,
+        version=loaded.version,
+        features=tuple(loaded.features),
+        feature_service=str(
+            loaded.metadata.get("feature_service", settings.prediction.feature_service)
+        ),
+        booster=loaded.booster,
+    )
+
+
+class ModelHolder:
+    """Holds the current (and shadow) model; swaps only between batches."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._current: ServingModel | None = None
+        self.shadow: ServingModel | None = None
+        self._next_check = 0.0
+        self._rejected: set[str] = set()
+
+    @property
+    def current(self) -> ServingModel:
+        if self._current is None:
+            raise NoModelError("no model loaded")
+        return self._current
+
+    def load_initial(self) -> None:
+        """Load the promoted version; fail fast with a sentence if there is none."""
+        name = self._settings.prediction.model_name
+        version = registry.current_version(self._settings.registry_dir, name)
+        if version is None:
+            raise NoModelError(
+                f"no promoted version of model {name!r} in {self._settings.registry_dir}: "
+                "run `rtpipe train` first"
+            )
+        self._swap(version)
+        if self._current is None:
+            raise NoModelError(f"model {name!r} version {version} failed to load; see the log")
+        shadow = self._settings.prediction.shadow_version
+        if shadow:
+            try:
+                self.shadow = _load(self._settings, shadow)
+            except (
+                registry.ModelIntegrityError,
+                OSError,
+                ValueError,
+                lgb.basic.LightGBMError,
+            ) as exc:
+                logger.error("shadow model %s not loaded: %s", shadow, exc)
+
+    def maybe_reload(self) -> None:
+        """Poll the registry (at most every ``reload_interval_s``) and swap if promoted."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self._settings.prediction.reload_interval_s
+        version = registry.current_version(
+            self._settings.registry_dir, self._settings.prediction.model_name
+        )
+        changed = self._current is None or version != self._current.version
+        if version and changed and version not in self._rejected:
+            self._swap(version)
+
+    def _swap(self, version: str) -> None:
+        name = self._settings.prediction.model_name
+        try:
+            model = _load(self._settings, version)
+        except registry.ModelIntegrityError as exc:
+            self._reject(version, "integrity", exc)
+            return
+        except (OSError, ValueError, lgb.basic.LightGBMError) as exc:
+            self._reject(version, "load", exc)
+            return
+        old = self._current
+        self._current = model
+        if old is not None:
+            self._metrics.model_info.labels(name, old.version, old.feature_service).set(0)
+        self._metrics.model_info.labels(name, model.version, model.feature_service).set(1)
+        logger.info(
+            "model %s now serving version %s (was %s)",
+            name,
+            model.version,
+            old.version if old else None,
+        )
+
+    def _reject(self, version: str, reason: str, exc: Exception) -> None:
+        name = self._settings.prediction.model_name
+        self._rejected.add(version)
+        self._metrics.model_load_failures.labels(name, reason).inc()
+        logger.error(
+            "model %s version %s rejected (%s): %s; keeping %s",
+            name,
+            version,
+            reason,
+            exc,
+            self._current.version if self._current else None,
+        )

@@ -1,0 +1,59 @@
+"""Pure routing rules: a prediction record -> exactly one decision and the reason for it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+
+from stages.shared.schemas import Decision, InvalidMessage
+from stages.shared.settings import RoutingSettings
+
+
+def parse_prediction(raw: bytes | None) -> dict[str, Any]:
+    """Decode and check a prediction record.
+
+    Raises:
+        InvalidMessage: when the record cannot be routed at all (it goes to the DLQ).
+    """
+    if raw is None:
+        raise InvalidMessage("empty", "message has no value")
+    try:
+        rec = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage("not_json", str(exc)) from None
+    if not isinstance(rec, dict):
+        raise InvalidMessage("not_object", type(rec).__name__)
+    tid = rec.get("transaction_id")
+    if isinstance(tid, bool) or not isinstance(tid, int):
+        raise InvalidMessage("missing_field", "transaction_id")
+    if "score" not in rec:
+        raise InvalidMessage("missing_field", "score")
+    return rec
+
+
+def decide(rec: dict[str, Any], cfg: RoutingSettings) -> tuple[Decision, str]:
+    """The decision for one prediction and a machine-readable reason.
+
+    Anything that makes the score untrustworthy (no score, missing or stale features) goes
+    to review rather than being approved or actioned automatically.
+    """
+    error = rec.get("error")
+    if error:
+        return "review", str(error)
+    score = rec.get("score")
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        return "review", "model_error"
+    if not 0.0 <= score <= 1.0:
+        return "review", "model_error"
+    if rec.get("missing_views"):
+        return "review", "missing_features"
+    ages = rec.get("feature_age_s") or {}
+    if any(isinstance(a, int | float) and a > cfg.max_feature_age_s for a in ages.values()):
+        return "review", "stale_features"
+    if score >= cfg.action_threshold:
+        return "action", "score_high"
+    if score >= cfg.review_threshold:
+        return "review", "low_confidence"
+    return "approved", "score_low"

@@ -1,0 +1,410 @@
+"""Kafka plumbing shared by every stage: client configs, topics, dead letters and the
+transactional micro-batch loop used by the prediction and routing stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from stages.shared.settings import KafkaSettings, Settings, TopicSettings
+
+logger = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+# Header names carried on dead-letter records next to the original key and value bytes.
+DLQ_REASON = "rtpipe.reason"
+DLQ_DETAIL = "rtpipe.detail"
+DLQ_SOURCE = "rtpipe.source"
+
+
+class KafkaUnavailableError(RuntimeError):
+    """The broker cannot be reached; says what to start."""
+
+
+class RetryBatch(Exception):
+    """Raised by a batch handler when a dependency is down: the batch is rewound and
+    retried after ``retry_after_s`` (backpressure) instead of being dropped or misrouted."""
+
+    def __init__(self, reason: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One record a stage produces for an input batch."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers | None = None
+    timestamp_ms: int | None = None
+
+
+def where(msg: Message) -> str:
+    """``topic[partition]@offset`` of a message, for log lines."""
+    return f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+
+
+def dead_letter(dlq_topic: str, msg: Message, reason: str, detail: str) -> Output:
+    """A dead-letter record: the original key and bytes, and why, in headers."""
+    headers: Headers = [
+        (DLQ_REASON, reason.encode()),
+        (DLQ_DETAIL, detail[:1000].encode("utf-8", "replace")),
+        (DLQ_SOURCE, where(msg).encode()),
+    ]
+    original = msg.headers() or []
+    headers.extend((k, v if isinstance(v, bytes) else b"") for k, v in original)
+    value = msg.value()
+    ts_type, ts = msg.timestamp()
+    return Output(
+        topic=dlq_topic,
+        key=msg.key(),
+        value=value if value is not None else b"",
+        headers=headers,
+        timestamp_ms=ts if ts_type and ts > 0 else None,
+    )
+
+
+def producer_config(kafka: KafkaSettings, **extra: Any) -> dict[str, Any]:
+    """Durable producer: acks=all, idempotent, batched with a short linger."""
+    conf: dict[str, Any] = {
+        **kafka.client_config(),
+        "acks": "all",
+        # Same partitioner as quixstreams and the Java clients, so that topics keyed by the
+        # same id (labels and the repartitioned transactions) are co-partitioned.
+        "partitioner": "murmur2_random",
+        "enable.idempotence": True,
+        "linger.ms": 2,
+        "compression.type": "lz4",
+        "batch.num.messages": 10_000,
+        "queue.buffering.max.messages": 1_000_000,
+    }
+    conf.update(extra)
+    return conf
+
+
+def consumer_config(kafka: KafkaSettings, group_id: str, **extra: Any) -> dict[str, Any]:
+    """Consumer that reads committed data only and never auto-commits."""
+    conf: dict[str, Any] = {
+        **kafka.client_config(),
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "fetch.wait.max.ms": 10,
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 1_000,
+        "max.poll.interval.ms": 60_000,
+    }
+    conf.update(extra)
+    return conf
+
+
+def ensure_topics(
+    kafka: KafkaSettings, topics: TopicSettings, names: Iterable[str] | None = None
+) -> list[str]:
+    """Create missing topics (all of the pipeline's by default). Returns the ones created."""
+    admin = AdminClient(kafka.client_config())
+    wanted = list(names) if names is not None else topics.all_topics()
+    try:
+        existing = set(admin.list_topics(timeout=10).topics)
+    except KafkaException as exc:
+        raise KafkaUnavailableError(
+            f"Kafka at {kafka.bootstrap_servers} is unreachable ({exc}): run `rtpipe stack up`"
+        ) from None
+    missing = [t for t in wanted if t not in existing]
+    if not missing:
+        return []
+    futures = admin.create_topics(
+        [
+            NewTopic(
+                t,
+                num_partitions=topics.partitions,
+                replication_factor=topics.replication_factor,
+                config={
+                    "retention.ms": str(topics.retention_ms),
+                    "retention.bytes": str(topics.retention_bytes),
+                },
+            )
+            for t in missing
+        ]
+    )
+    created = []
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout=30)
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    logger.info("created topics %s", created)
+    return created
+
+
+def delete_topics(kafka: KafkaSettings, names: Sequence[str]) -> None:
+    """Delete topics (used by tests and `rtpipe reset`)."""
+    admin = AdminClient(kafka.client_config())
+    for fut in admin.delete_topics(list(names)).values():
+        try:
+            fut.result(timeout=30)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT (or by a test) to end a stage loop after the current batch."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self, *_: object) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.set)
+        signal.signal(signal.SIGINT, self.set)
+
+
+BatchHandler = Callable[[list[Message]], list[Output]]
+
+
+@dataclass
+class LoopStats:
+    batches: int = 0
+    messages: int = 0
+    outputs: int = 0
+    aborted: int = 0
+    last_batch_size: int = 0
+    rebalances: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class TransactionalBatchLoop:
+    """Consume micro-batches, produce their outputs and commit the input offsets in one
+    Kafka transaction, so each input yields its outputs exactly once for read_committed
+    readers, including across crashes and rebalances.
+
+    A batch closes when it holds ``max_batch`` messages or ``max_wait_ms`` has passed since
+    the poll started, whichever comes first.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        group_id: str,
+        input_topics: Sequence[str],
+        handler: BatchHandler,
+        max_batch: int,
+        max_wait_ms: int,
+        stage: str,
+        on_batch_done: Callable[[int, float], None] | None = None,
+        on_rebalance: Callable[[str, list[TopicPartition]], None] | None = None,
+        stats_cb: Callable[[str], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._group_id = group_id
+        self._input_topics = list(input_topics)
+        self._handler = handler
+        self._max_batch = max_batch
+        self._max_wait_s = max_wait_ms / 1000.0
+        self._stage = stage
+        self._on_batch_done = on_batch_done
+        self._on_rebalance = on_rebalance
+        self._stats_cb = stats_cb
+        self.stats = LoopStats()
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _open(self) -> None:
+        kafka = self._settings.kafka
+        extra: dict[str, Any] = {"max.partition.fetch.bytes": 4 * 1024 * 1024}
+        if self._stats_cb is not None:
+            extra.update({"statistics.interval.ms": 5_000, "stats_cb": self._stats_cb})
+        self._consumer = Consumer(consumer_config(kafka, self._group_id, **extra))
+        txn_id = f"{self._group_id}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._producer = Producer(
+            producer_config(kafka, **{"transactional.id": txn_id, "transaction.timeout.ms": 60_000})
+        )
+        self._producer.init_transactions(30)
+        self._consumer.subscribe(
+            self._input_topics,
+            on_assign=self._assigned,
+            on_revoke=self._revoked,
+            on_lost=self._revoked,
+        )
+
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.stats.rebalances += 1
+        logger.info("%s assigned %s", self._stage, [(p.topic, p.partition) for p in partitions])
+        if self._on_rebalance:
+            self._on_rebalance("assign", partitions)
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # No transaction is open here: every batch is committed or aborted before the next
+        # consume(), which is the only place this callback runs.
+        logger.info("%s revoked %s", self._stage, [(p.topic, p.partition) for p in partitions])
+        if self._on_rebalance:
+            self._on_rebalance("revoke", partitions)
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+        if self._producer is not None:
+            self._producer.flush(10)
+            self._producer = None
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, stop: StopFlag, max_idle_s: float | None = None) -> LoopStats:
+        """Run until ``stop`` is set (or ``max_idle_s`` passes with no input, for tests)."""
+        self._open()
+        assert self._consumer is not None
+        idle_since = time.monotonic()
+        try:
+            while not stop.is_set():
+                msgs = self._consumer.consume(self._max_batch, self._max_wait_s)
+                msgs = [m for m in msgs if self._usable(m)]
+                if not msgs:
+                    if max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
+                        break
+                    continue
+                idle_since = time.monotonic()
+                self._process(msgs)
+        finally:
+            self.close()
+        return self.stats
+
+    def _usable(self, msg: Message) -> bool:
+        err = msg.error()
+        if err is None:
+            return True
+        if err.code() == KafkaError._PARTITION_EOF:
+            return False
+        if err.fatal():
+            raise KafkaException(err)
+        logger.warning("%s consumer error: %s", self._stage, err)
+        return False
+
+    def _process(self, msgs: list[Message]) -> None:
+        assert self._consumer is not None and self._producer is not None
+        started = time.perf_counter()
+        try:
+            outputs = self._handler(msgs)
+        except RetryBatch as exc:
+            logger.warning(
+                "%s backpressure (%s): pausing %.1fs and retrying %d messages",
+                self._stage,
+                exc.reason,
+                exc.retry_after_s,
+                len(msgs),
+            )
+            self.stats.errors.append(exc.reason)
+            self._rewind(msgs)
+            time.sleep(exc.retry_after_s)
+            return
+        producer = self._producer
+        try:
+            producer.begin_transaction()
+            for out in outputs:
+                self._produce(out)
+            producer.send_offsets_to_transaction(
+                self._next_offsets(msgs), self._consumer.consumer_group_metadata(), 30
+            )
+            producer.commit_transaction(60)
+        except KafkaException as exc:
+            self._recover(exc, msgs)
+            return
+        elapsed = time.perf_counter() - started
+        self.stats.batches += 1
+        self.stats.messages += len(msgs)
+        self.stats.outputs += len(outputs)
+        self.stats.last_batch_size = len(msgs)
+        if self._on_batch_done:
+            self._on_batch_done(len(msgs), elapsed)
+
+    def _produce(self, out: Output) -> None:
+        assert self._producer is not None
+        while True:
+            try:
+                kwargs: dict[str, Any] = {"key": out.key, "value": out.value}
+                if out.headers:
+                    kwargs["headers"] = out.headers
+                if out.timestamp_ms:
+                    kwargs["timestamp"] = out.timestamp_ms
+                self._producer.produce(out.topic, **kwargs)
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    @staticmethod
+    def _next_offsets(msgs: list[Message]) -> list[TopicPartition]:
+        last: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            key = (m.topic(), m.partition())
+            last[key] = max(last.get(key, -1), m.offset())
+        return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+    def _recover(self, exc: KafkaException, msgs: list[Message]) -> None:
+        """Abort the transaction and rewind to the last committed offsets, so the batch is
+        processed again; fatal errors (e.g. fenced by a newer instance) end the stage."""
+        assert self._consumer is not None and self._producer is not None
+        err = exc.args[0]
+        self.stats.aborted += 1
+        self.stats.errors.append(str(err))
+        if getattr(err, "fatal", lambda: False)():
+            logger.error("%s fatal producer error, stopping: %s", self._stage, err)
+            raise exc
+        logger.warning(
+            "%s transaction aborted (%s); rewinding %d messages", self._stage, err, len(msgs)
+        )
+        try:
+            self._producer.abort_transaction(30)
+        except KafkaException as abort_exc:
+            logger.error("%s abort failed: %s", self._stage, abort_exc)
+            raise
+        self._rewind(msgs)
+
+    def _rewind(self, msgs: list[Message]) -> None:
+        """Seek every partition of the batch back to its first message in the batch."""
+        assert self._consumer is not None
+        first: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            key = (m.topic(), m.partition())
+            first[key] = min(first.get(key, m.offset()), m.offset())
+        for (topic, partition), offset in first.items():
+            try:
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:
+                # The partition was revoked meanwhile: its new owner starts from the
+                # committed offset, which is at or before this batch.
+                logger.info("%s seek %s[%d] skipped: %s", self._stage, topic, partition, exc)

@@ -1,0 +1,178 @@
+"""Prometheus metrics of every stage, defined once; each stage process serves its own endpoint.
+
+Names follow Prometheus conventions: ``rtpipe_<what>_total`` for counters, ``_seconds`` for
+durations; the stage is a label so one dashboard query covers all stages.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+_AGE_BUCKETS = (1, 10, 60, 300, 1800, 3600, 6 * 3600, 86_400, 7 * 86_400, 31 * 86_400)
+_SCORE_BUCKETS = tuple(i / 20 for i in range(1, 21))
+_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+@dataclass
+class Metrics:
+    """All metrics, registered on one registry (a fresh one per process or per test)."""
+
+    registry: CollectorRegistry
+    messages_in: Counter
+    messages_out: Counter
+    dlq: Counter
+    batch_size: Histogram
+    batch_seconds: Histogram
+    consumer_lag: Gauge
+    rebalances: Counter
+    stage_latency: Histogram
+    event_to_decision: Histogram
+    decisions: Counter
+    feature_age: Histogram
+    feature_missing: Counter
+    feature_source: Counter
+    score: Histogram
+    predictions: Counter
+    model_info: Gauge
+    model_load_failures: Counter
+
+    def serve(self, host: str, port: int) -> None:
+        """Expose ``/metrics`` on ``host:port`` (a daemon thread)."""
+        start_http_server(port, addr=host, registry=self.registry)
+        logger.info("metrics on http://%s:%d/metrics", host, port)
+
+    def lag_from_stats(self, stage: str, stats_json: str) -> None:
+        """librdkafka ``stats_cb`` payload -> consumer lag gauge per partition."""
+        stats = orjson.loads(stats_json)
+        for topic, tstats in stats.get("topics", {}).items():
+            for part, pstats in tstats.get("partitions", {}).items():
+                if part == "-1":
+                    continue
+                lag = pstats.get("consumer_lag_stored", pstats.get("consumer_lag", -1))
+                if lag is not None and lag >= 0:
+                    self.consumer_lag.labels(stage, topic, part).set(lag)
+
+
+def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
+    """Create every metric on ``registry`` (a new one by default)."""
+    reg = registry or CollectorRegistry()
+    return Metrics(
+        registry=reg,
+        messages_in=Counter("rtpipe_messages_in", "Messages consumed", ["stage"], registry=reg),
+        messages_out=Counter(
+            "rtpipe_messages_out", "Messages produced", ["stage", "topic"], registry=reg
+        ),
+        dlq=Counter(
+            "rtpipe_dlq", "Messages sent to a dead-letter topic", ["stage", "reason"], registry=reg
+        ),
+        batch_size=Histogram(
+            "rtpipe_batch_size",
+            "Messages per micro-batch",
+            ["stage"],
+            buckets=_BATCH_BUCKETS,
+            registry=reg,
+        ),
+        batch_seconds=Histogram(
+            "rtpipe_batch_processing_seconds",
+            "Processing time per micro-batch",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        ),
+        consumer_lag=Gauge(
+            "rtpipe_consumer_lag_messages",
+            "Consumer lag per partition",
+            ["stage", "topic", "partition"],
+            registry=reg,
+        ),
+        rebalances=Counter(
+            "rtpipe_rebalances",
+            "Partition assignments and revocations",
+            ["stage", "kind"],
+            registry=reg,
+        ),
+        stage_latency=Histogram(
+            "rtpipe_stage_latency_seconds",
+            "Event time to this stage's output",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        ),
+        event_to_decision=Histogram(
+            "rtpipe_event_to_decision_seconds",
+            "Kafka event timestamp of the transaction to its routed decision",
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        ),
+        decisions=Counter(
+            "rtpipe_decisions", "Routed decisions", ["decision", "reason"], registry=reg
+        ),
+        feature_age=Histogram(
+            "rtpipe_feature_age_seconds",
+            "Event time minus the feature row's event timestamp",
+            ["view"],
+            buckets=_AGE_BUCKETS,
+            registry=reg,
+        ),
+        feature_missing=Counter(
+            "rtpipe_feature_missing",
+            "Entity rows not found in the online store",
+            ["view"],
+            registry=reg,
+        ),
+        feature_source=Counter(
+            "rtpipe_feature_source",
+            "Served feature rows by source: the online store, or "
+            "the event's own aggregates when the store already holds a later row",
+            ["view", "source"],
+            registry=reg,
+        ),
+        score=Histogram(
+            "rtpipe_prediction_score",
+            "Model scores",
+            ["model_version"],
+            buckets=_SCORE_BUCKETS,
+            registry=reg,
+        ),
+        predictions=Counter(
+            "rtpipe_predictions",
+            "Predictions per model version",
+            ["model", "model_version"],
+            registry=reg,
+        ),
+        model_info=Gauge(
+            "rtpipe_model_info",
+            "1 for the model version in use",
+            ["model", "model_version", "feature_service"],
+            registry=reg,
+        ),
+        model_load_failures=Counter(
+            "rtpipe_model_load_failures",
+            "Model versions that failed to verify or load",
+            ["model", "reason"],
+            registry=reg,
+        ),
+    )
