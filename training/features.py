@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from stages.shared.offline import write_offline
 from stages.shared.schemas import (
     CUSTOMER_FEATURES,
     CUSTOMER_VIEW,
@@ -209,8 +210,9 @@ def terminal_feature_rows(features: pd.DataFrame) -> pd.DataFrame:
 def backfill_offline_store(settings: Settings, tx: pd.DataFrame) -> dict[str, Path]:
     """Compute every transaction's features and write both views into the offline store.
 
-    Uses ``stages.shared.offline.write_offline`` when present; otherwise writes
-    ``settings.offline_dir / <view> / part-backfill.parquet`` directly.
+    Each view gets one new part file through ``stages.shared.offline.write_offline``; running
+    it twice duplicates the history (identical rows, harmless for a point-in-time join but
+    wasteful), so clear ``settings.offline_dir / <view>`` first when re-backfilling.
 
     Returns:
         The Parquet file written per view name.
@@ -220,19 +222,8 @@ def backfill_offline_store(settings: Settings, tx: pd.DataFrame) -> dict[str, Pa
         CUSTOMER_VIEW: customer_feature_rows(features),
         TERMINAL_VIEW: terminal_feature_rows(features),
     }
-    try:
-        from stages.shared.offline import write_offline
-    except ImportError:
-        write_offline = None
-        logger.warning("stages.shared.offline not available: writing Parquet parts directly")
     paths: dict[str, Path] = {}
     for view, df in frames.items():
-        if write_offline is not None:
-            paths[view] = Path(write_offline(settings, view, df))
-        else:
-            folder = settings.offline_dir / view
-            folder.mkdir(parents=True, exist_ok=True)
-            paths[view] = folder / "part-backfill.parquet"
-            df.to_parquet(paths[view], index=False)
+        paths[view] = write_offline(settings, view, df)
         logger.info("backfilled %d rows into %s (%s)", len(df), view, paths[view])
     return paths
