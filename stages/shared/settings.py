@@ -177,6 +177,39 @@ class RoutingSettings(BaseModel):
     max_feature_age_s: float = Field(default=86_400.0, gt=0)
 
 
+class EvaluationSettings(BaseModel):
+    """Online evaluation: delayed-label join, rolling metrics, drift, retraining requests."""
+
+    model_config = _FROZEN
+
+    consumer_group: str = "evaluation"
+    max_batch: int = Field(default=2000, ge=1)
+    max_wait_ms: int = Field(default=100, ge=0)
+    # Labelled predictions the rolling metrics are computed over (newest first).
+    window: int = Field(default=20_000, ge=10)
+    # Predictions kept for the drift (PSI) window, per process.
+    drift_window: int = Field(default=10_000, ge=10)
+    # Recompute metrics at most this often (0: after every batch, for tests).
+    metrics_interval_s: float = Field(default=5.0, ge=0)
+    # A prediction waits this long (wall clock) for its label: label delay plus a margin.
+    pending_ttl_s: int = Field(default=10 * 86_400, ge=1)
+    # A label that arrives before its prediction (the pipeline lags) waits this long.
+    orphan_label_ttl_s: int = Field(default=3_600, ge=1)
+    # Minimum sample sizes before a metric may trigger a retraining request.
+    min_labelled: int = Field(default=500, ge=1)
+    min_flagged: int = Field(default=20, ge=1)
+    min_predictions: int = Field(default=1_000, ge=1)
+    # Triggers: PSI above (score or any feature), precision at the action threshold or ROC
+    # AUC below their floors.
+    psi_threshold: float = Field(default=0.2, gt=0)
+    feature_psi_threshold: float = Field(default=0.2, gt=0)
+    precision_floor: float = Field(default=0.5, ge=0, le=1)
+    auc_floor: float = Field(default=0.8, ge=0, le=1)
+    # At most one retraining request per cooldown (shared by replicas through Redis).
+    retrain_cooldown_s: int = Field(default=6 * 3_600, ge=1)
+    retrain_topic: str = "model.retrain_requests"
+
+
 class MetricsSettings(BaseModel):
     model_config = _FROZEN
 
@@ -210,6 +243,7 @@ class Settings(BaseSettings):
     enrichment: EnrichmentSettings = EnrichmentSettings()
     prediction: PredictionSettings = PredictionSettings()
     routing: RoutingSettings = RoutingSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
     metrics: MetricsSettings = MetricsSettings()
 
     @property
