@@ -1,0 +1,1 @@
+"""Evaluation stage: joins delayed labels to predictions; online metrics, drift, retraining."""

@@ -1,0 +1,337 @@
+"""Evaluation stage wiring: ``predictions`` and ``labels`` in (consumer group ``evaluation``),
+labels joined to predictions by transaction id, rolling online metrics and drift exported to
+Prometheus, retraining requests out on ``model.retrain_requests``.
+
+Where pending predictions wait for their labels: **Redis** (the server the online store
+already runs on, with persistence on), one key per transaction with a TTL, and the window of
+joined pairs as one capped list. Why this and not the alternatives:
+
+* Labels arrive 7 days (event time, and wall clock in production) after the prediction,
+  keyed by *terminal*, while predictions are keyed by *transaction*: the two topics are not
+  co-partitioned, so a replica's local state (a quixstreams state store, RocksDB or SQLite
+  under ``settings.home``) would hold the prediction while another replica receives the
+  label. A store shared by every replica joins regardless of partition assignment.
+* It survives restarts and rebalances with nothing to restore (no changelog replay), and the
+  rolling window is shared too, so every replica exports the same metric values.
+* It is bounded: a prediction waits at most ``pending_ttl_s`` (label delay plus a margin),
+  an early label (the pipeline lags) ``orphan_label_ttl_s``, and the window holds
+  ``window`` entries. Only ``score|model_version|event_ms`` is kept per prediction.
+
+Each record is applied by one Lua script (atomic): join if the other half waits, else wait;
+a joined transaction is marked for ``pending_ttl_s`` so a redelivered record (a batch
+replayed after an aborted transaction) is not counted twice. All keys share one hash tag so
+the script also runs on Redis Cluster. The drift (PSI) window is per process and in memory:
+it is rebuilt from the next ``drift_window`` predictions after a restart. The retraining
+cooldown is one ``SET NX EX`` key, so replicas and restarts emit at most one request per
+cooldown.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import orjson
+import redis
+from confluent_kafka import Message, TopicPartition
+
+from stages.evaluation.logic import (
+    Drift,
+    DriftWindow,
+    JoinItem,
+    JoinOutcome,
+    JoinStore,
+    LabelledWindow,
+    OnlineMetrics,
+    PredictionRow,
+    decode_window,
+    drift_psi,
+    label_half,
+    online_metrics,
+    parse_label,
+    parse_prediction,
+    prediction_half,
+    retrain_request,
+    retrain_triggers,
+)
+from stages.evaluation.metrics import EvaluationMetrics, evaluation_metrics
+from stages.shared.kafka import (
+    LoopStats,
+    Output,
+    RetryBatch,
+    StopFlag,
+    TransactionalBatchLoop,
+    ensure_topics,
+)
+from stages.shared.metrics import Metrics, build_metrics
+from stages.shared.schemas import MODEL_FEATURES, InvalidMessage
+from stages.shared.settings import EvaluationSettings, Settings
+from training import registry
+from training.reference import Reference, reference_from_metadata
+
+logger = logging.getLogger(__name__)
+
+STAGE = "evaluation"
+
+# KEYS: own half, other half, joined marker, window list.
+# ARGV: own half value, own TTL, joined-marker TTL, window size, "p" or "l".
+# Returns 0 pending, 1 joined, 2 duplicate.
+_JOIN_LUA = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
+local other = redis.call('GET', KEYS[2])
+if other then
+  local entry
+  if ARGV[5] == 'p' then entry = ARGV[1] .. '|' .. other else entry = other .. '|' .. ARGV[1] end
+  redis.call('LPUSH', KEYS[4], entry)
+  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('SET', KEYS[3], '1', 'EX', ARGV[3])
+  return 1
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 0
+"""
+_OUTCOMES: dict[int, JoinOutcome] = {0: "pending", 1: "joined", 2: "duplicate"}
+
+
+class RedisJoinStore:
+    """:class:`~stages.evaluation.logic.JoinStore` on Redis (semantics in its docstring)."""
+
+    def __init__(self, client: redis.Redis, namespace: str, cfg: EvaluationSettings) -> None:
+        self._client = client
+        self._cfg = cfg
+        # One hash tag: every key of this namespace lives in one Redis Cluster slot.
+        self._prefix = f"rtpipe:eval:{{{namespace}}}:"
+        self._script = client.register_script(_JOIN_LUA)
+
+    def key(self, kind: str, tid: int | None = None) -> str:
+        return f"{self._prefix}{kind}" if tid is None else f"{self._prefix}{kind}:{tid}"
+
+    def offer(self, items: Sequence[JoinItem]) -> list[JoinOutcome]:
+        if not items:
+            return []
+        cfg = self._cfg
+        pipe = self._client.pipeline(transaction=False)
+        for it in items:
+            pred, lab = self.key("p", it.transaction_id), self.key("l", it.transaction_id)
+            own, other, ttl = (
+                (pred, lab, cfg.pending_ttl_s)
+                if it.kind == "prediction"
+                else (lab, pred, cfg.orphan_label_ttl_s)
+            )
+            self._script(
+                keys=[own, other, self.key("j", it.transaction_id), self.key("window")],
+                args=[it.half, ttl, cfg.pending_ttl_s, cfg.window, it.kind[0]],
+                client=pipe,
+            )
+        return [_OUTCOMES[int(r)] for r in pipe.execute()]
+
+    def window(self) -> list[str]:
+        raw = cast(list[bytes], self._client.lrange(self.key("window"), 0, -1))
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
+
+    def claim_retrain(self, cooldown_s: int, payload: str) -> bool:
+        return bool(self._client.set(self.key("retrain"), payload, nx=True, ex=cooldown_s))
+
+
+@dataclass
+class EvaluationStage:
+    """Everything the batch handler needs, built once per process."""
+
+    settings: Settings
+    store: JoinStore
+    metrics: Metrics
+    clock: Callable[[], float] = time.monotonic
+    drift: DriftWindow = field(init=False)
+    last_online: OnlineMetrics | None = field(init=False, default=None)
+    last_drift: Drift | None = field(init=False, default=None)
+    requests: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        cfg = self.settings.evaluation
+        t = self.settings.topics
+        self.emetrics: EvaluationMetrics = evaluation_metrics(self.metrics.registry)
+        self.drift = DriftWindow(cfg.drift_window, MODEL_FEATURES)
+        self._pred_topic = t.name("predictions")
+        self._label_topic = t.name("labels")
+        self.retrain_topic = f"{t.prefix}{cfg.retrain_topic}"
+        self._references: dict[str, Reference | None] = {}
+        self._next_eval = 0.0
+
+    # -- the batch handler -------------------------------------------------------------------
+    def handle(self, msgs: list[Message]) -> list[Output]:
+        """Offer a micro-batch to the join, then (at most every ``metrics_interval_s``)
+        recompute the metrics; returns a retraining request when one is due."""
+        em = self.emetrics
+        self.metrics.messages_in.labels(STAGE).inc(len(msgs))
+        self.metrics.batch_size.labels(STAGE).observe(len(msgs))
+        items: list[JoinItem] = []
+        preds: list[PredictionRow] = []
+        for msg in msgs:
+            # Bad records are dead-lettered by their owners (routing for predictions,
+            # enrichment for labels); here they are only counted.
+            try:
+                if msg.topic() == self._pred_topic:
+                    p = parse_prediction(msg.value())
+                    preds.append(p)
+                    items.append(JoinItem("prediction", p.transaction_id, prediction_half(p)))
+                elif msg.topic() == self._label_topic:
+                    lab = parse_label(msg.value())
+                    items.append(JoinItem("label", lab.transaction_id, label_half(lab)))
+            except InvalidMessage as err:
+                kind = "prediction" if msg.topic() == self._pred_topic else "label"
+                em.records.labels(kind, f"skipped_{err.reason}").inc()
+        try:
+            outcomes = self.store.offer(items)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RetryBatch(f"join_store_unavailable: {exc}", retry_after_s=1.0) from None
+        for it, outcome in zip(items, outcomes, strict=True):
+            em.records.labels(it.kind, outcome).inc()
+        joined = sum(o == "joined" for o in outcomes)
+        if joined:
+            em.labels_joined.inc(joined)
+        self.drift.add(preds)
+        now = self.clock()
+        if now < self._next_eval:
+            return []
+        self._next_eval = now + self.settings.evaluation.metrics_interval_s
+        return self.evaluate(emit=True)
+
+    # -- metrics, drift and triggers ---------------------------------------------------------
+    def reference(self, version: str | None) -> Reference | None:
+        """The training reference stored with ``version`` in the registry (cached)."""
+        if not version:
+            return None
+        if version not in self._references:
+            ref = None
+            try:
+                mv = registry.get_version(
+                    self.settings.registry_dir, self.settings.prediction.model_name, version
+                )
+                ref = reference_from_metadata(mv.metadata)
+            except (registry.RegistryError, ValueError, OSError) as exc:
+                logger.warning("model version %s: no registry metadata (%s)", version, exc)
+            if ref is None:
+                logger.warning("model version %s has no training reference: no PSI", version)
+            self._references[version] = ref
+        return self._references[version]
+
+    def compute(self) -> tuple[OnlineMetrics | None, Drift | None, LabelledWindow]:
+        """Recompute the window metrics and drift, and export them."""
+        window = decode_window(self.store.window())
+        online = None
+        if len(window):
+            online = online_metrics(window.is_fraud, window.score, self.settings.routing)
+            self.emetrics.set_online(online)
+        drift = None
+        ref = self.reference(self.drift.model_version)
+        if ref is not None and len(self.drift):
+            drift = drift_psi(self.drift, ref)
+            self.emetrics.set_drift(drift)
+        self.last_online, self.last_drift = online, drift
+        return online, drift, window
+
+    def evaluate(self, emit: bool) -> list[Output]:
+        """Compute; if a threshold is crossed and the cooldown allows, the request to emit."""
+        online, drift, window = self.compute()
+        triggers = retrain_triggers(online, drift, self.settings.evaluation)
+        if not (emit and triggers):
+            return []
+        request = retrain_request(
+            triggers,
+            online,
+            drift,
+            window,
+            model=self.settings.prediction.model_name,
+            model_version=self.drift.model_version,
+            now_ms=int(time.time() * 1000),
+        )
+        payload = orjson.dumps(request, option=orjson.OPT_SERIALIZE_NUMPY)
+        try:
+            claimed = self.store.claim_retrain(
+                self.settings.evaluation.retrain_cooldown_s, payload.decode()
+            )
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            logger.warning("retrain cooldown not checked (Redis: %s); will retry", exc)
+            return []
+        if not claimed:
+            return []
+        reason = triggers[0].reason
+        self.emetrics.retrain_requests.labels(reason).inc()
+        self.requests += 1
+        logger.warning(
+            "retraining requested (%s): %s",
+            reason,
+            ", ".join(
+                f"{t.reason}{'[' + t.detail + ']' if t.detail else ''}="
+                f"{t.value:.4f} vs {t.threshold}"
+                for t in triggers
+                if math.isfinite(t.value)
+            ),
+        )
+        self.metrics.messages_out.labels(STAGE, self.retrain_topic).inc()
+        key = self.settings.prediction.model_name.encode()
+        return [Output(self.retrain_topic, key, payload)]
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    r = settings.redis
+    return redis.Redis(
+        host=r.host,
+        port=r.port,
+        db=r.db,
+        password=r.password.get_secret_value() if r.password else None,
+        ssl=r.ssl,
+        socket_timeout=5.0,
+        socket_connect_timeout=2.0,
+    )
+
+
+def build_stage(settings: Settings, metrics: Metrics | None = None) -> EvaluationStage:
+    """The stage on the Redis join store, namespaced by the consumer group."""
+    namespace = settings.topics.group(settings.evaluation.consumer_group)
+    store = RedisJoinStore(redis_client(settings), namespace, settings.evaluation)
+    return EvaluationStage(settings=settings, store=store, metrics=metrics or build_metrics())
+
+
+def run(
+    settings: Settings,
+    stop: StopFlag,
+    max_idle_s: float | None = None,
+    metrics: Metrics | None = None,
+) -> LoopStats:
+    """Run the evaluation stage until ``stop`` is set (or ``max_idle_s`` without input)."""
+    stage = build_stage(settings, metrics)
+    ensure_topics(settings.kafka, settings.topics)
+    ensure_topics(settings.kafka, settings.topics, [stage.retrain_topic])
+    cfg = settings.evaluation
+
+    def on_rebalance(kind: str, parts: list[TopicPartition]) -> None:
+        stage.metrics.rebalances.labels(STAGE, kind).inc()
+
+    def on_batch(n: int, seconds: float) -> None:
+        stage.metrics.batch_seconds.labels(STAGE).observe(seconds)
+
+    loop = TransactionalBatchLoop(
+        settings,
+        group_id=settings.topics.group(cfg.consumer_group),
+        input_topics=[settings.topics.name("predictions"), settings.topics.name("labels")],
+        handler=stage.handle,
+        max_batch=cfg.max_batch,
+        max_wait_ms=cfg.max_wait_ms,
+        stage=STAGE,
+        on_batch_done=on_batch,
+        on_rebalance=on_rebalance,
+        stats_cb=lambda js: stage.metrics.lag_from_stats(STAGE, js),
+    )
+    stats = loop.run(stop, max_idle_s=max_idle_s)
+    # Export the state as of the last batch (no request: there is no transaction left).
+    try:
+        stage.compute()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        logger.warning("final metrics not computed: %s", exc)
+    return stats
