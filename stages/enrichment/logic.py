@@ -17,9 +17,12 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from stages.shared.schemas import (
     DAY_MS,
     LABEL_DELAY_DAYS,
+    MAX_ID,
     WINDOWS_DAYS,
     InvalidMessage,
 )
@@ -154,12 +157,25 @@ def terminal_features(state: TerminalState, event_ms: int, grace_ms: int) -> dic
     return out
 
 
-def parse_label(obj: Any) -> tuple[int, int, int, int]:
+def parse_label(obj: Any, max_bytes: int | None = None) -> tuple[int, int, int, int]:
     """Check a ``labels`` value: (transaction_id, terminal_id, tx_ms, is_fraud).
+
+    Args:
+        obj: the raw message bytes, or an already decoded JSON value.
+        max_bytes: raw values larger than this are rejected (too_large).
 
     Raises:
         InvalidMessage: naming the problem.
     """
+    if obj is None:
+        raise InvalidMessage("empty", "message has no value")
+    if isinstance(obj, bytes | bytearray):
+        if max_bytes is not None and len(obj) > max_bytes:
+            raise InvalidMessage("too_large", f"{len(obj)} bytes > {max_bytes}")
+        try:
+            obj = orjson.loads(obj)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidMessage("not_json", str(exc)) from None
     if not isinstance(obj, dict):
         raise InvalidMessage("not_object", type(obj).__name__)
     out = []
@@ -172,6 +188,6 @@ def parse_label(obj: Any) -> tuple[int, int, int, int]:
         out.append(v)
     if out[3] not in (0, 1):
         raise InvalidMessage("out_of_range", f"is_fraud={out[3]}")
-    if out[0] < 0 or out[1] < 0 or out[2] <= 0:
-        raise InvalidMessage("out_of_range", "negative id or time")
+    if not (0 <= out[0] < MAX_ID and 0 <= out[1] < MAX_ID and 0 < out[2] < MAX_ID):
+        raise InvalidMessage("out_of_range", "id or time out of range")
     return out[0], out[1], out[2], out[3]

@@ -4,13 +4,21 @@ matrix from request features and the batched online read, and build prediction r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
 
-from stages.shared.schemas import DAY_MS, REQUEST_FEATURES, InvalidMessage
+from stages.shared.schemas import (
+    DAY_MS,
+    MAX_ID,
+    REQUEST_FEATURES,
+    InvalidMessage,
+    amount_field,
+    int_field,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +43,32 @@ class EnrichedBatch:
 _REQUIRED = ("transaction_id", "customer_id", "terminal_id", "amount", "event_ms")
 
 
+def _stage_ms(value: object) -> int:
+    """A per-stage wall-clock stamp (latency metadata only): 0 when absent or unusable."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_ID:
+        return 0
+    return value
+
+
+def _carried(feats: object) -> dict[str, dict[str, float]]:
+    """The aggregates the enrichment stage attached: per view, finite numbers only."""
+    if feats is None:
+        return {}
+    if not isinstance(feats, dict):
+        raise InvalidMessage("wrong_type", "features must be an object")
+    out: dict[str, dict[str, float]] = {}
+    for view, values in feats.items():
+        if not isinstance(values, dict):
+            raise InvalidMessage("wrong_type", f"features.{view} must be an object")
+        row: dict[str, float] = {}
+        for name, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise InvalidMessage("wrong_type", f"features.{view}.{name} must be a number")
+            row[name] = float(v)
+        out[view] = row
+    return out
+
+
 def decode_enriched(
     values: Sequence[bytes | None],
 ) -> tuple[EnrichedBatch, list[tuple[int, InvalidMessage]]]:
@@ -55,28 +89,31 @@ def decode_enriched(
             ts = obj.get("ts") or {}
             if not isinstance(ts, dict):
                 ts = {}
+            # The same contract as the transactions topic: ids and times are integers in
+            # range and the amount a finite number; anything else (a float id, a string, an
+            # int beyond int64) would be coerced, overflow the batch arrays or mis-score.
+            event_ms = int_field(obj, "event_ms")
+            if event_ms <= 0:
+                raise InvalidMessage("out_of_range", f"event_ms={event_ms}")
             row = (
                 i,
-                int(obj["transaction_id"]),
-                int(obj["customer_id"]),
-                int(obj["terminal_id"]),
-                float(obj["amount"]),
-                int(obj["event_ms"]),
-                int(ts.get("enriched_ms", 0)),
-                int(ts.get("ingest_ms", 0)),
+                int_field(obj, "transaction_id"),
+                int_field(obj, "customer_id"),
+                int_field(obj, "terminal_id"),
+                amount_field(obj),
+                event_ms,
+                _stage_ms(ts.get("enriched_ms")),
+                _stage_ms(ts.get("ingest_ms")),
             )
+            feats = _carried(obj.get("features"))
         except orjson.JSONDecodeError as exc:
             bad.append((i, InvalidMessage("not_json", str(exc))))
             continue
         except InvalidMessage as exc:
             bad.append((i, exc))
             continue
-        except (TypeError, ValueError) as exc:
-            bad.append((i, InvalidMessage("wrong_type", str(exc))))
-            continue
         rows.append(row)
-        feats = obj.get("features")
-        carried.append(feats if isinstance(feats, dict) else {})
+        carried.append(feats)
     if rows:
         cols = list(zip(*rows, strict=True))
         batch = EnrichedBatch(

@@ -7,8 +7,11 @@ from typing import Any
 
 import orjson
 
-from stages.shared.schemas import Decision, InvalidMessage
+from stages.shared.schemas import MAX_ID, Decision, InvalidMessage
 from stages.shared.settings import RoutingSettings
+
+# Error codes the prediction stage writes on a record it could not score.
+PREDICTION_ERRORS = frozenset({"features_unavailable"})
 
 
 def parse_prediction(raw: bytes | None) -> dict[str, Any]:
@@ -28,8 +31,16 @@ def parse_prediction(raw: bytes | None) -> dict[str, Any]:
     tid = rec.get("transaction_id")
     if isinstance(tid, bool) or not isinstance(tid, int):
         raise InvalidMessage("missing_field", "transaction_id")
+    if not 0 <= tid < MAX_ID:
+        raise InvalidMessage("out_of_range", f"transaction_id={tid}")
     if "score" not in rec:
         raise InvalidMessage("missing_field", "score")
+    # The event time becomes the decision's Kafka timestamp: an integer librdkafka accepts.
+    event_ms = rec.get("event_ms")
+    if event_ms is not None and (
+        isinstance(event_ms, bool) or not isinstance(event_ms, int) or not 0 < event_ms < MAX_ID
+    ):
+        raise InvalidMessage("out_of_range", f"event_ms={event_ms!r}")
     return rec
 
 
@@ -41,7 +52,9 @@ def decide(rec: dict[str, Any], cfg: RoutingSettings) -> tuple[Decision, str]:
     """
     error = rec.get("error")
     if error:
-        return "review", str(error)
+        # The reason becomes a metric label: only known codes, never free text.
+        known = isinstance(error, str) and error in PREDICTION_ERRORS
+        return "review", error if known else "prediction_error"
     score = rec.get("score")
     if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
         return "review", "model_error"

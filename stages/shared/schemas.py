@@ -82,13 +82,50 @@ def _int_field(obj: dict[str, Any], name: str) -> int:
     return value
 
 
-def parse_transaction(raw: bytes | None, event_ms: int, max_bytes: int) -> Transaction:
+def int_field(obj: dict[str, Any], name: str) -> int:
+    """A required non-negative integer id below ``MAX_ID``.
+
+    Raises:
+        InvalidMessage: missing_field, wrong_type or out_of_range.
+    """
+    return _int_field(obj, name)
+
+
+def amount_field(obj: dict[str, Any]) -> float:
+    """A required finite amount in ``[0, MAX_AMOUNT]``.
+
+    Raises:
+        InvalidMessage: missing_field, wrong_type or out_of_range.
+    """
+    amount = obj.get("amount")
+    if amount is None:
+        raise InvalidMessage("missing_field", "amount")
+    if isinstance(amount, bool) or not isinstance(amount, int | float):
+        raise InvalidMessage("wrong_type", f"amount must be a number, got {type(amount).__name__}")
+    amount = float(amount)
+    if not math.isfinite(amount) or amount < 0 or amount > MAX_AMOUNT:
+        raise InvalidMessage("out_of_range", f"amount={amount}")
+    return amount
+
+
+def parse_transaction(
+    raw: bytes | None,
+    event_ms: int,
+    max_bytes: int,
+    *,
+    now_ms: int | None = None,
+    max_skew_ms: int | None = None,
+) -> Transaction:
     """Validate a raw ``transactions`` value.
 
     Args:
         raw: the message value as received.
         event_ms: the Kafka message timestamp (event time, ms since the epoch).
         max_bytes: values larger than this are rejected.
+        now_ms: the wall clock; with ``max_skew_ms``, events stamped further in the future
+            are rejected (``future_event``): one would advance its customer's and terminal's
+            event-time clock and make every later genuine event late.
+        max_skew_ms: the producer clock skew tolerated; None disables the check.
 
     Raises:
         InvalidMessage: with a reason code naming what is wrong.
@@ -105,14 +142,11 @@ def parse_transaction(raw: bytes | None, event_ms: int, max_bytes: int) -> Trans
         raise InvalidMessage("not_object", f"expected a JSON object, got {type(obj).__name__}")
     if event_ms <= 0:
         raise InvalidMessage("no_timestamp", f"event time {event_ms}")
-    amount = obj.get("amount")
-    if amount is None:
-        raise InvalidMessage("missing_field", "amount")
-    if isinstance(amount, bool) or not isinstance(amount, int | float):
-        raise InvalidMessage("wrong_type", f"amount must be a number, got {type(amount).__name__}")
-    amount = float(amount)
-    if not math.isfinite(amount) or amount < 0 or amount > MAX_AMOUNT:
-        raise InvalidMessage("out_of_range", f"amount={amount}")
+    if now_ms is not None and max_skew_ms is not None and event_ms > now_ms + max_skew_ms:
+        raise InvalidMessage(
+            "future_event", f"event time {event_ms} is {event_ms - now_ms} ms ahead of the clock"
+        )
+    amount = amount_field(obj)
     return Transaction(
         transaction_id=_int_field(obj, "transaction_id"),
         customer_id=_int_field(obj, "customer_id"),

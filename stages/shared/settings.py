@@ -144,6 +144,9 @@ class EnrichmentSettings(BaseModel):
     processing_guarantee: Literal["exactly-once", "at-least-once"] = "exactly-once"
     # Events older than this (event time) behind the partition's newest are late.
     grace_ms: int = Field(default=60_000, ge=0)
+    # Events stamped more than this ahead of the wall clock go to the DLQ (future_event);
+    # None accepts any future time.
+    max_clock_skew_ms: int | None = Field(default=3_600_000, ge=0)
     state_dir: Path | None = None
 
 
