@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from stages.evaluation.logic import Drift, OnlineMetrics
+from stages.evaluation.logic import Drift, OnlineMetrics, Reason
 
 _CACHE: weakref.WeakKeyDictionary[CollectorRegistry, EvaluationMetrics] = (
     weakref.WeakKeyDictionary()
@@ -120,5 +121,8 @@ def evaluation_metrics(registry: CollectorRegistry) -> EvaluationMetrics:
             registry=reg,
         ),
     )
+    # Every reason exported from the start (at 0), so increase() sees the first request.
+    for reason in get_args(Reason):
+        m.retrain_requests.labels(reason)
     _CACHE[registry] = m
     return m
