@@ -1,6 +1,7 @@
 """``rtpipe audit``: read every outcome topic with read_committed and check the pipeline's
 invariant: each transaction that entered ends in exactly one of decisions.action|review|
-approved or a dead-letter topic. Also the numbers the demo summary prints.
+approved or a dead-letter topic. Also the numbers the demo summary prints, and the check that
+the online store holds what the batch feature definitions compute (``check_online_features``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
+import pandas as pd
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from stages.shared.kafka import DLQ_REASON
@@ -159,3 +161,123 @@ def audit(settings: Settings, expected_ids: Iterable[int]) -> AuditReport:
     duplicated = sorted(i for i, c in seen.items() if c > 1 and i in expected)
     unexpected = sorted(set(seen) - expected)
     return AuditReport(len(expected), per_topic, lost, duplicated, unexpected)
+
+
+@dataclass
+class FeatureCheck:
+    """Online rows compared with the batch definition (training.features), per view.
+
+    Attributes:
+        entities: per view, how many entities of the replay were checked.
+        missing: per view, entities with no online row.
+        mismatched: per view, entities whose online row differs (values or event time)
+            from the batch features of their last replayed transaction.
+        max_abs_diff: per view, the largest absolute difference of a feature value.
+    """
+
+    entities: dict[str, int]
+    missing: dict[str, list[int]]
+    mismatched: dict[str, list[int]]
+    max_abs_diff: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.missing.values()) and not any(self.mismatched.values())
+
+
+def check_online_features(
+    settings: Settings,
+    tx: pd.DataFrame,
+    start: pd.Timestamp,
+    end: pd.Timestamp,
+    atol: float = 1e-9,
+) -> FeatureCheck:
+    """Check that the online store holds, for every customer and terminal of a replay of
+    ``tx`` over ``[start, end)``, the batch features of its last replayed transaction.
+
+    Customer windows in the stream start empty at the replay start, so the batch customer
+    features are computed over the transactions from ``start`` on; terminal windows are
+    complete (the replay sends the labels of the preceding weeks), so terminal features are
+    computed over all of ``tx``. Among several last transactions at the same millisecond the
+    first one (lowest id) is the reference: the online writer keeps the first row written
+    for an event time and never lets an equal or older one replace it.
+
+    Args:
+        settings: where the online store is and which Feast project to read.
+        tx: the simulated transactions the replay was built from.
+        start: the replay start (inclusive).
+        end: the replay end (exclusive).
+        atol: tolerance on feature values.
+
+    Raises:
+        redis.RedisError: Redis is unreachable.
+    """
+    import redis
+
+    from stages.shared.feast_store import open_feature_store
+    from stages.shared.online import OnlineFeatureReader
+    from stages.shared.schemas import (
+        CUSTOMER_FEATURES,
+        CUSTOMER_VIEW,
+        TERMINAL_FEATURES,
+        TERMINAL_VIEW,
+    )
+    from training.features import compute_features, event_ms
+
+    replayed = tx[tx["tx_datetime"] >= start]
+    customer_batch = compute_features(replayed)
+    terminal_batch = compute_features(tx)
+    in_window = (tx["tx_datetime"] >= start) & (tx["tx_datetime"] < end)
+    window = tx.loc[in_window, ["transaction_id", "customer_id", "terminal_id", "tx_datetime"]]
+    window = window.assign(ms=event_ms(window["tx_datetime"]))
+
+    def last_rows(key: str) -> pd.DataFrame:
+        # Newest event time per entity, lowest transaction id among ties.
+        ordered = window.sort_values([key, "ms", "transaction_id"], ascending=[True, False, True])
+        return ordered.drop_duplicates(key, keep="first").set_index(key)
+
+    r = settings.redis
+    client = redis.Redis(
+        host=r.host,
+        port=r.port,
+        db=r.db,
+        password=r.password.get_secret_value() if r.password else None,
+        ssl=r.ssl,
+        socket_timeout=10.0,
+    )
+    reader = OnlineFeatureReader(
+        client, open_feature_store(settings), settings.prediction.feature_service
+    )
+    check = FeatureCheck({}, {}, {}, {})
+    specs = (
+        (CUSTOMER_VIEW, "customer_id", CUSTOMER_FEATURES, customer_batch),
+        (TERMINAL_VIEW, "terminal_id", TERMINAL_FEATURES, terminal_batch),
+    )
+    lasts = {key: last_rows(key) for _, key, _, _ in specs}
+    n = max(len(v) for v in lasts.values())
+    if n == 0:
+        return check
+    # The reader serves whole feature-service rows: pad the shorter id list by repetition.
+    ids = {key: np.resize(v.index.to_numpy(np.int64), n) for key, v in lasts.items()}
+    online = reader.read(ids)
+    column = {name: j for j, name in enumerate(online.feature_names)}
+    for view, key, names, batch in specs:
+        last = lasts[key]
+        m = len(last)
+        found = online.found[view][:m]
+        ts = online.event_ts_ms[view][:m]
+        got = online.values[:m, [column[f] for f in names]]
+        want = (
+            batch.set_index("transaction_id")
+            .loc[last["transaction_id"], list(names)]
+            .to_numpy(np.float64)
+        )
+        diff = np.abs(got - want)
+        bad_value = ~np.isclose(got, want, rtol=0, atol=atol).all(axis=1)
+        bad_ts = ts != last["ms"].to_numpy()
+        entity = last.index.to_numpy()
+        check.entities[view] = m
+        check.missing[view] = entity[~found].tolist()
+        check.mismatched[view] = entity[found & (bad_value | bad_ts)].tolist()
+        check.max_abs_diff[view] = float(np.nanmax(diff[found])) if found.any() else 0.0
+    return check
