@@ -10,12 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import pandas as pd
 import redis
+from confluent_kafka import Consumer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -110,29 +112,68 @@ def clear_online_store(settings: Settings) -> int:
     return deleted
 
 
+class OutcomeWatcher:
+    """Counts outcome records as they are committed, with one long-lived read_committed
+    consumer (re-reading the topics on every poll would compete with the stages for CPU)."""
+
+    def __init__(self, settings: Settings) -> None:
+        t = settings.topics
+        self._topics = [
+            *t.decision_topics(),
+            *(t.dlq(t.name(k)) for k in ("transactions", "enriched", "predictions")),
+        ]
+        self._consumer = Consumer(
+            {
+                **settings.kafka.client_config(),
+                "group.id": f"rtpipe-watch-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+            }
+        )
+        self._consumer.subscribe(self._topics)
+        self.count = 0
+
+    def poll(self, seconds: float) -> int:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            for msg in self._consumer.consume(10_000, min(left, 0.5)):
+                if msg.error() is None:
+                    self.count += 1
+        return self.count
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
 def wait_for_outcomes(
     settings: Settings, expected: list[int], procs: list[StageProcess], timeout_s: float
 ) -> AuditReport:
-    """Poll the outcome topics until every expected transaction has an outcome."""
+    """Wait until there are as many outcomes as transactions (or a stage dies, or the
+    timeout), then audit the topics once."""
     deadline = time.monotonic() + timeout_s
-    with Progress(
-        TextColumn("[bold]decisions"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task("decisions", total=len(expected))
-        while True:
-            report = audit(settings, expected)
-            bar.update(task, completed=len(expected) - len(report.lost))
-            if not report.lost or time.monotonic() > deadline:
-                return report
-            dead = [sp.name for sp in procs if sp.proc.poll() is not None]
-            if dead:
-                console.print(f"[red]stage(s) exited early: {dead}; see {procs[0].log.parent}")
-                return report
-            time.sleep(2.0)
+    watcher = OutcomeWatcher(settings)
+    try:
+        with Progress(
+            TextColumn("[bold]decisions"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task("decisions", total=len(expected))
+            while time.monotonic() < deadline:
+                done = watcher.poll(1.0)
+                bar.update(task, completed=min(done, len(expected)))
+                if done >= len(expected):
+                    break
+                dead = [sp.name for sp in procs if sp.proc.poll() is not None]
+                if dead:
+                    console.print(f"[red]stage(s) exited early: {dead}; see {procs[0].log.parent}")
+                    break
+    finally:
+        watcher.close()
+    return audit(settings, expected)
 
 
 def print_summary(settings: Settings, report: AuditReport, replay_seconds: float) -> None:
