@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -50,6 +50,8 @@ STAGE_COLOURS = {
     "routing": "#55A868",
     "evaluation": "#8172B3",
 }
+# Lag as measured by :class:`KafkaLagProbe` (frames of the probe carry only this series).
+KAFKA_LAG = "rtpipe_group_lag_messages"
 DECISION_COLOURS = {"action": "#C44E52", "review": "#DD8452", "approved": "#55A868"}
 
 
@@ -75,6 +77,87 @@ def parse_metrics(text: str, names: Iterable[str] = DEFAULT_METRICS) -> dict[Ser
     return out
 
 
+# Input topics of each stage's consumer group (TopicSettings field names).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "enrichment": ("transactions", "labels"),
+    "prediction": ("enriched",),
+    "routing": ("predictions",),
+    "evaluation": ("predictions", "labels"),
+}
+
+
+class KafkaLagProbe:
+    """Consumer lag of each stage's group read from Kafka itself: high watermark minus the
+    group's committed offset, summed over the input partitions.
+
+    The stages' own ``rtpipe_consumer_lag_messages`` comes from librdkafka statistics, which
+    only know offsets the consumer stored or committed itself; offsets committed through a
+    producer transaction are not among them, so the broker is asked instead. The probe never
+    joins the groups (``committed()`` only queries the coordinator).
+    """
+
+    def __init__(self, settings: Settings, stages: Sequence[str] = tuple(STAGE_INPUTS)) -> None:
+        from confluent_kafka import Consumer
+
+        t = settings.topics
+        groups = {
+            "enrichment": settings.enrichment.consumer_group,
+            "prediction": settings.prediction.consumer_group,
+            "routing": settings.routing.consumer_group,
+            "evaluation": settings.evaluation.consumer_group,
+        }
+        self._settings = settings
+        self._topics = {s: [t.name(k) for k in STAGE_INPUTS[s]] for s in stages}
+        self._consumers = {
+            s: Consumer(
+                {
+                    **settings.kafka.client_config(),
+                    "group.id": t.group(groups[s]),
+                    "enable.auto.commit": False,
+                }
+            )
+            for s in stages
+        }
+        self._partitions: dict[str, list[Any]] = {}
+
+    def _parts(self, stage: str) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        if not self._partitions.get(stage):
+            consumer = self._consumers[stage]
+            parts: list[Any] = []
+            for topic in self._topics[stage]:
+                meta = consumer.list_topics(topic, timeout=5).topics.get(topic)
+                if meta is not None and meta.error is None:
+                    parts.extend(TopicPartition(topic, p) for p in meta.partitions)
+            self._partitions[stage] = parts
+        return self._partitions[stage]
+
+    def poll(self, timeout_s: float = 2.0) -> list[Frame]:
+        from confluent_kafka import KafkaException
+
+        frames = []
+        for stage, consumer in self._consumers.items():
+            now = time.time()
+            try:
+                committed = consumer.committed(self._parts(stage), timeout=timeout_s)
+                lag = 0
+                for tp in committed:
+                    _, high = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
+                    lag += max(0, high - tp.offset) if tp.offset >= 0 else high
+            except KafkaException as exc:
+                logger.debug("lag of %s unavailable: %s", stage, exc)
+                continue
+            key: SeriesKey = (KAFKA_LAG, (("stage", stage),))
+            frames.append(Frame(now, stage, True, {key: float(lag)}))
+        return frames
+
+    def close(self) -> None:
+        for consumer in self._consumers.values():
+            consumer.close()
+        self._consumers.clear()
+
+
 class MetricsSampler:
     """Polls each stage's ``/metrics`` every ``interval_s`` in a daemon thread.
 
@@ -91,8 +174,10 @@ class MetricsSampler:
         interval_s: float = 1.0,
         names: Iterable[str] = DEFAULT_METRICS,
         timeout_s: float = 2.0,
+        lag_probe: KafkaLagProbe | None = None,
     ) -> None:
         self.urls = dict(urls)
+        self.lag_probe = lag_probe
         self.interval_s = interval_s
         self.names = tuple(names)
         self.timeout_s = timeout_s
@@ -107,10 +192,14 @@ class MetricsSampler:
         settings: Settings,
         stages: Sequence[StageName] = STAGES,
         interval_s: float = 1.0,
+        kafka_lag: bool = True,
     ) -> MetricsSampler:
-        """A sampler of the stages' endpoints as configured in ``settings.metrics``."""
+        """A sampler of the stages' endpoints as configured in ``settings.metrics`` and, with
+        ``kafka_lag``, of their consumer groups' lag as Kafka reports it."""
         m = settings.metrics
-        return cls({s: f"http://{m.host}:{m.port(s)}/metrics" for s in stages}, interval_s)
+        probe = KafkaLagProbe(settings, stages) if kafka_lag else None
+        urls: dict[str, str] = {s: f"http://{m.host}:{m.port(s)}/metrics" for s in stages}
+        return cls(urls, interval_s, lag_probe=probe)
 
     def poll_once(self) -> list[Frame]:
         """Scrape every URL once and keep the frames."""
@@ -125,6 +214,8 @@ class MetricsSampler:
                 frames.append(Frame(now, stage, False))
                 continue
             frames.append(Frame(now, stage, True, parse_metrics(text, self.names)))
+        if self.lag_probe is not None:
+            frames.extend(self.lag_probe.poll(self.timeout_s))
         with self._lock:
             self._frames.extend(frames)
         return frames
@@ -150,6 +241,9 @@ class MetricsSampler:
             self._thread.join(self.timeout_s * len(self.urls) + self.interval_s + 1)
             self._thread = None
             self.poll_once()
+        if self.lag_probe is not None:
+            self.lag_probe.close()
+            self.lag_probe = None
         return self.frames()
 
     def frames(self) -> list[Frame]:
@@ -158,10 +252,11 @@ class MetricsSampler:
 
 
 # --- series from frames ----------------------------------------------------------------------
-def _by_stage(frames: Sequence[Frame]) -> dict[str, list[Frame]]:
+def _by_stage(frames: Sequence[Frame], name: str) -> dict[str, list[Frame]]:
+    """Per stage, in time order, the frames that hold samples of ``name``."""
     out: dict[str, list[Frame]] = {}
     for f in sorted(frames, key=lambda f: f.t):
-        if f.up:
+        if f.up and any(n == name for n, _ in f.samples):
             out.setdefault(f.stage, []).append(f)
     return out
 
@@ -181,9 +276,7 @@ def rate_series(
     """Per stage: (seconds since ``t0``, per-second rate of the counter ``name`` summed over
     its labels), one point per pair of consecutive scrapes."""
     out = {}
-    for stage, fs in _by_stage(frames).items():
-        if not any(n == name for f in fs for n, _ in f.samples):
-            continue
+    for stage, fs in _by_stage(frames, name).items():
         ts, rates = [], []
         for a, b in itertools.pairwise(fs):
             dt = b.t - a.t
@@ -201,8 +294,8 @@ def gauge_series(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per stage: (seconds since ``t0``, the gauge ``name`` summed over its labels)."""
     out = {}
-    for stage, fs in _by_stage(frames).items():
-        pts = [(f.t - t0, _total(f, name)) for f in fs if any(n == name for n, _ in f.samples)]
+    for stage, fs in _by_stage(frames, name).items():
+        pts = [(f.t - t0, _total(f, name)) for f in fs]
         if pts:
             out[stage] = (np.asarray([p[0] for p in pts]), np.asarray([p[1] for p in pts]))
     return out
@@ -217,6 +310,14 @@ def _buckets(f: Frame, name: str) -> dict[float, float]:
                 bound = float("inf") if le in ("+Inf", "inf") else float(le)
                 out[bound] = out.get(bound, 0.0) + v
     return out
+
+
+def _top_bound(frames: Sequence[Frame], name: str) -> float | None:
+    for f in frames:
+        finite = [b for b in _buckets(f, name) if np.isfinite(b)]
+        if finite:
+            return max(finite)
+    return None
 
 
 def histogram_quantile(q: float, bounds: np.ndarray, cumulative: np.ndarray) -> float:
@@ -246,7 +347,7 @@ def quantile_series(
     stage: str = "routing",
 ) -> tuple[np.ndarray, dict[float, np.ndarray]]:
     """Quantiles of a histogram's observations *between* consecutive scrapes of one stage."""
-    fs = _by_stage(frames).get(stage, [])
+    fs = _by_stage(frames, name).get(stage, [])
     ts: list[float] = []
     values: dict[float, list[float]] = {q: [] for q in quantiles}
     for a, b in itertools.pairwise(fs):
@@ -292,6 +393,13 @@ def _empty(ax: Axes, text: str) -> None:
     ax.set_yticks([])
 
 
+def _in_stage_order(
+    series: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> list[tuple[str, tuple[np.ndarray, np.ndarray]]]:
+    order: dict[str, int] = {s: i for i, s in enumerate(STAGES)}
+    return sorted(series.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+
+
 def _t0(frames: Sequence[Frame]) -> float:
     return min((f.t for f in frames), default=0.0)
 
@@ -302,7 +410,7 @@ def plot_throughput(ax: Axes, frames: Sequence[Frame]) -> None:
     if not series:
         _empty(ax, "no metric samples")
         return
-    for stage, (t, r) in series.items():
+    for stage, (t, r) in _in_stage_order(series):
         ax.plot(t, r, label=stage, color=STAGE_COLOURS.get(stage), lw=1.8)
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("messages / s")
@@ -338,6 +446,10 @@ def plot_latency(ax: Axes, frames: Sequence[Frame], report: AuditLike | None) ->
             f"p95 {overall['p95_ms']:,.0f} ms, p99 {overall['p99_ms']:,.0f} ms",
             fontsize=11,
         )
+    cap = _top_bound(frames, "rtpipe_event_to_decision_seconds_bucket")
+    if cap is not None and any(np.any(v >= cap) for v in values.values()):
+        # Quantiles in the +Inf bucket read as the top bound: the real values are higher.
+        ax.axhline(cap * 1000, color="grey", ls=":", lw=1, label=f"histogram limit {cap:g} s")
     finite = np.concatenate([v[np.isfinite(v)] for v in values.values()] or [np.empty(0)])
     if finite.size and finite.max() / max(finite.min(), 1e-6) > 50:
         ax.set_yscale("log")
@@ -348,12 +460,15 @@ def plot_latency(ax: Axes, frames: Sequence[Frame], report: AuditLike | None) ->
 
 
 def plot_lag(ax: Axes, frames: Sequence[Frame]) -> None:
-    series = gauge_series(frames, "rtpipe_consumer_lag_messages", _t0(frames))
-    ax.set_title("Consumer lag (messages, all partitions)")
+    t0 = _t0(frames)
+    series = gauge_series(frames, KAFKA_LAG, t0) or gauge_series(
+        frames, "rtpipe_consumer_lag_messages", t0
+    )
+    ax.set_title("Consumer lag (messages behind, all input partitions)")
     if not series:
-        _empty(ax, "no lag samples (librdkafka reports every 5 s)")
+        _empty(ax, "no consumer lag samples")
         return
-    for stage, (t, lag) in series.items():
+    for stage, (t, lag) in _in_stage_order(series):
         ax.plot(t, lag, label=stage, color=STAGE_COLOURS.get(stage), lw=1.8, drawstyle="steps-post")
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("messages behind")

@@ -20,6 +20,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from stages.evaluation.app import run
 from stages.ops.audit import read_topic
+from stages.ops.report import KAFKA_LAG, KafkaLagProbe
 from stages.shared.kafka import StopFlag, ensure_topics, producer_config
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.settings import EvaluationSettings, RoutingSettings, Settings
@@ -180,6 +181,18 @@ def test_joins_labels_exports_metrics_and_requests_retraining_once(
         )
     ]
     produce(settings, t.name("predictions"), drifted)
+    # The run report's lag probe reads the group's lag from Kafka: all of phase 2 is behind.
+    probe = KafkaLagProbe(settings, ["evaluation"])
+    try:
+        lag = probe.poll()
+    finally:
+        probe.close()
+    assert [(f.stage, f.samples) for f in lag] == [
+        (
+            "evaluation",
+            {(KAFKA_LAG, (("stage", "evaluation"),)): N_DRIFTED + N_PRED - N_LABELLED_FIRST},
+        )
+    ]
 
     def phase2(m: Metrics) -> bool:
         seen = value(
