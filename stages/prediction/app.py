@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import orjson
 import redis
 from confluent_kafka import Message, TopicPartition
@@ -20,8 +21,9 @@ from stages.prediction.logic import (
     point_in_time,
     prediction_records,
     request_features,
+    stable_fraction,
 )
-from stages.prediction.models import ModelHolder
+from stages.prediction.models import ModelHolder, ServingModel
 from stages.shared.feast_store import open_feature_store
 from stages.shared.kafka import (
     LoopStats,
@@ -34,7 +36,7 @@ from stages.shared.kafka import (
     where,
 )
 from stages.shared.metrics import Metrics, build_metrics
-from stages.shared.online import OnlineFeatureReader
+from stages.shared.online import OnlineBatch, OnlineFeatureReader
 from stages.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -91,9 +93,17 @@ class PredictionStage:
         model = self.models.current
         matrix = assemble_matrix(model.features, request, online.values, online.feature_names)
         scores = model.predict(matrix)
+        versions = self._canary(batch, model, matrix, scores, request, online)
         shadow = None
         if self.models.shadow is not None:
-            shadow = (self.models.shadow.version, self.models.shadow.predict(matrix))
+            sm = self.models.shadow
+            sx = matrix if sm.features == model.features else assemble_matrix(
+                sm.features, request, online.values, online.feature_names
+            )
+            shadow = (sm.version, sm.predict(sx))
+            self.metrics.shadow_abs_diff.labels(sm.version).observe(
+                float(np.mean(np.abs(shadow[1] - scores)))
+            )
         now_ms = int(time.time() * 1000)
         for view in online.found:
             found = online.found[view]
@@ -105,7 +115,11 @@ class PredictionStage:
         score_hist = self.metrics.score.labels(model.version)
         for s in scores[:: max(1, len(scores) // 50)]:
             score_hist.observe(float(s))
-        self.metrics.predictions.labels(model.name, model.version).inc(len(batch))
+        if versions is None:
+            self.metrics.predictions.labels(model.name, model.version).inc(len(batch))
+        else:
+            for v, n in zip(*np.unique(versions, return_counts=True), strict=True):
+                self.metrics.predictions.labels(model.name, str(v)).inc(int(n))
         records = prediction_records(
             batch,
             scores,
@@ -118,6 +132,7 @@ class PredictionStage:
             feature_service=model.feature_service,
             predicted_ms=now_ms,
             shadow=shadow,
+            versions=versions,
         )
         keys = [str(t).encode() for t in batch.transaction_id.tolist()]
         self.metrics.messages_out.labels(STAGE, self._out_topic).inc(len(records))
@@ -125,6 +140,29 @@ class PredictionStage:
             Output(self._out_topic, k, v, timestamp_ms=int(ts))
             for k, v, ts in zip(keys, records, batch.event_ms.tolist(), strict=True)
         ]
+
+    def _canary(
+        self,
+        batch: EnrichedBatch,
+        model: ServingModel,
+        matrix: np.ndarray,
+        scores: np.ndarray,
+        request: np.ndarray,
+        online: OnlineBatch,
+    ) -> list[str] | None:
+        """Score the canary slice on the candidate model, in place; per-row versions."""
+        canary = self.models.canary
+        fraction = self.settings.prediction.canary_fraction
+        if canary is None or fraction <= 0.0:
+            return None
+        mask = stable_fraction(batch.transaction_id) < fraction
+        if not mask.any():
+            return None
+        cx = matrix if canary.features == model.features else assemble_matrix(
+            canary.features, request, online.values, online.feature_names
+        )
+        scores[mask] = canary.predict(cx[mask])
+        return np.where(mask, canary.version, model.version).tolist()
 
     def _unavailable(self, batch: EnrichedBatch, detail: str) -> list[Output]:
         """Redis is down and the policy is to review: predictions without a score."""

@@ -172,6 +172,17 @@ def point_in_time(
     return replaced
 
 
+def stable_fraction(ids: np.ndarray) -> np.ndarray:
+    """A uniform value in [0, 1) per id that never changes across runs, processes or
+    replicas (splitmix64 finaliser), so a canary slice is the same transactions everywhere."""
+    with np.errstate(over="ignore"):
+        z = ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
 def request_features(amount: np.ndarray, event_ms: np.ndarray) -> np.ndarray:
     """The request features (amount, is_weekend, is_night) as an (n, 3) float matrix."""
     weekday = (event_ms // DAY_MS + 3) % 7  # 1970-01-01 was a Thursday
@@ -214,9 +225,11 @@ def prediction_records(
     feature_service: str,
     predicted_ms: int,
     shadow: tuple[str, np.ndarray] | None = None,
+    versions: Sequence[str] | None = None,
 ) -> list[bytes]:
     """Serialise one prediction record per row (DESIGN.md: model and version, score, the
-    feature values used, feature age and per-stage timestamps)."""
+    feature values used, feature age and per-stage timestamps). ``versions`` gives a per-row
+    model version where a canary scored some rows."""
     names = list(feature_names)
     views = list(feature_ts_ms)
     ages = {
@@ -234,7 +247,7 @@ def prediction_records(
             "event_ms": int(batch.event_ms[i]),
             "score": float(scores[i]),
             "model": model,
-            "model_version": model_version,
+            "model_version": versions[i] if versions is not None else model_version,
             "feature_service": feature_service,
             "features": {n: (None if v != v else v) for n, v in zip(names, row, strict=True)},
             "feature_ts_ms": {v: int(feature_ts_ms[v][i]) for v in views},

@@ -57,6 +57,7 @@ class Metrics:
     score: Histogram
     predictions: Counter
     model_info: Gauge
+    shadow_abs_diff: Histogram
     model_load_failures: Counter
 
     def serve(self, host: str, port: int) -> None:
@@ -167,6 +168,11 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "rtpipe_model_info",
             "1 for the model version in use",
             ["model", "model_version", "feature_service"],
+            registry=reg,
+        ),
+        shadow_abs_diff=Histogram(
+            "rtpipe_shadow_abs_diff", "Mean |shadow score - served score| per batch",
+            ["shadow_version"], buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
             registry=reg,
         ),
         model_load_failures=Counter(

@@ -176,3 +176,15 @@ def test_parse_prediction_requires_an_id_and_a_score() -> None:
         with pytest.raises(InvalidMessage) as err:
             parse_prediction(raw)
         assert err.value.reason == reason
+
+
+def test_stable_fraction_is_deterministic_and_uniform() -> None:
+    from stages.prediction.logic import stable_fraction
+
+    ids = np.arange(200_000, dtype=np.int64)
+    f = stable_fraction(ids)
+    np.testing.assert_array_equal(f, stable_fraction(ids.copy()))
+    assert ((f >= 0) & (f < 1)).all()
+    assert abs((f < 0.3).mean() - 0.3) < 0.01
+    # Not just the id order: neighbours land far apart.
+    assert abs(np.corrcoef(ids, f)[0, 1]) < 0.01
