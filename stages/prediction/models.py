@@ -58,6 +58,7 @@ class ModelHolder:
         self._metrics = metrics
         self._current: ServingModel | None = None
         self.shadow: ServingModel | None = None
+        self.canary: ServingModel | None = None
         self._next_check = 0.0
         self._rejected: set[str] = set()
 
@@ -79,17 +80,23 @@ class ModelHolder:
         self._swap(version)
         if self._current is None:
             raise NoModelError(f"model {name!r} version {version} failed to load; see the log")
-        shadow = self._settings.prediction.shadow_version
-        if shadow:
-            try:
-                self.shadow = _load(self._settings, shadow)
-            except (
-                registry.ModelIntegrityError,
-                OSError,
-                ValueError,
-                lgb.basic.LightGBMError,
-            ) as exc:
-                logger.error("shadow model %s not loaded: %s", shadow, exc)
+        self.shadow = self._optional(self._settings.prediction.shadow_version, "shadow")
+        self.canary = self._optional(self._settings.prediction.canary_version, "canary")
+
+    def _optional(self, version: str | None, role: str) -> ServingModel | None:
+        """Load a shadow or canary version; a failure is logged and counted, not fatal."""
+        if not version:
+            return None
+        try:
+            return _load(self._settings, version)
+        except (
+            registry.RegistryError, OSError, ValueError, lgb.basic.LightGBMError
+        ) as exc:
+            self._metrics.model_load_failures.labels(
+                self._settings.prediction.model_name, role
+            ).inc()
+            logger.error("%s model %s not loaded: %s", role, version, exc)
+            return None
 
     def maybe_reload(self) -> None:
         """Poll the registry (at most every ``reload_interval_s``) and swap if promoted."""
@@ -111,7 +118,9 @@ class ModelHolder:
         except registry.ModelIntegrityError as exc:
             self._reject(version, "integrity", exc)
             return
-        except (OSError, ValueError, lgb.basic.LightGBMError) as exc:
+        # RegistryError: CURRENT names a missing version, or the booster's features differ
+        # from the metadata; either way the stage keeps serving the model it has.
+        except (registry.RegistryError, OSError, ValueError, lgb.basic.LightGBMError) as exc:
             self._reject(version, "load", exc)
             return
         old = self._current

@@ -165,6 +165,10 @@ class PredictionSettings(BaseModel):
     on_features_unavailable: Literal["pause", "review"] = "pause"
     # Optional shadow model version scored on the same batches (logged, never routed).
     shadow_version: str | None = None
+    # Canary: this fraction of transactions, chosen by a stable hash of the transaction id,
+    # is scored (and routed) on the candidate version instead of the promoted one.
+    canary_version: str | None = None
+    canary_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class RoutingSettings(BaseModel):
