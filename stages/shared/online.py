@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from itertools import chain, repeat
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import mmh3
 import numpy as np
@@ -316,22 +318,125 @@ def decode_value(raw: bytes | None) -> float:
     raise FeatureLayoutError("value", f"cannot decode Value bytes {raw[:12]!r}")
 
 
-def decode_column(raws: Sequence[bytes | None]) -> np.ndarray:
-    """Decode one feature's serialized Values for many rows to float64 (NaN where null).
+# Fixed-width views of serialized values: numpy converts a sequence of bytes to ``S<width>``
+# in C, zero-padded. ``None`` (an absent field) becomes b"None", whose first byte 0x4E (field
+# 9, wire type 6) no valid protobuf starts with, so it is told apart from any real value.
+_VALUE_WIDTH: Final = 11  # tag + the longest varint (10 bytes); a double is 9 bytes
+_TS_WIDTH: Final = 24  # two tags and two varints (<= 10 + 5 bytes)
+_ABSENT_TAG: Final = ord("N")
+_NULL_TAGS: Final = (0, 0x48, 0xF0, _ABSENT_TAG)  # empty bytes, null_val, legacy null, absent
+_SHIFTS: Final = np.arange(0, 70, 7, dtype=np.uint64)
+# Up to this many distinct entities, replies are decoded value by value.
+_SCALAR_ROWS: Final = 16
 
-    The common case (every value a ``double``) is one ``frombuffer``; other rows are fixed up.
-    """
+
+def _fixed_width(raws: Sequence[bytes | None], width: int) -> np.ndarray:
+    """``(n, width)`` uint8 matrix of the values, zero-padded (longer values truncated)."""
     n = len(raws)
-    filler = b"\x00" * 9
-    joined = b"".join(r if r is not None and len(r) == 9 else filler for r in raws)
-    records = np.frombuffer(joined, dtype=_DOUBLE_RECORD, count=n)
-    out = records["val"].astype(np.float64, copy=True)
-    is_double = records["tag"] == _TAG_DOUBLE
+    if n == 0:
+        return np.zeros((0, width), dtype=np.uint8)
+    return np.array(raws, dtype=f"S{width}").view(np.uint8).reshape(-1, width)
+
+
+def _varints_at(u8: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one varint per row starting at column ``pos[row]``; returns (values as
+    uint64, lengths in bytes)."""
+    width = u8.shape[1]
+    idx = np.minimum(pos[:, None] + np.arange(10), width - 1)
+    win = np.take_along_axis(u8, idx, axis=1)
+    more = win >= 0x80
+    include = np.ones_like(more)
+    include[:, 1:] = np.logical_and.accumulate(more[:, :-1], axis=1)
+    parts = (win & 0x7F).astype(np.uint64) << _SHIFTS
+    values = np.where(include, parts, np.uint64(0)).sum(axis=1, dtype=np.uint64)
+    return values, include.sum(axis=1)
+
+
+@dataclass(frozen=True, slots=True)
+class _RawAt:
+    """Original bytes of value ``i`` of a ``(rows, width)`` block starting at field ``at``
+    of each reply, for the rare values decoded one by one."""
+
+    rows: Sequence[Sequence[bytes | None]]
+    at: int
+    width: int
+
+    def __call__(self, i: int) -> bytes | None:
+        return self.rows[i // self.width][self.at + i % self.width]
+
+
+def _decode_values(u8: np.ndarray, raw_at: Callable[[int], bytes | None]) -> np.ndarray:
+    """Values of an ``(n, >= 11)`` fixed-width matrix (see :func:`_fixed_width`) as float64;
+    ``raw_at(i)`` gives row ``i``'s original bytes for the rare rows decoded one by one."""
+    n = len(u8)
+    tag = u8[:, 0]
+    is_double = tag == _TAG_DOUBLE
     if is_double.all():
-        return out
-    for i in np.flatnonzero(~is_double).tolist():
-        out[i] = decode_value(raws[i])
+        return np.ascontiguousarray(u8[:, 1:9]).view("<f8")[:, 0].copy()
+    out = np.full(n, np.nan, dtype=np.float64)
+    if is_double.any():
+        out[is_double] = np.ascontiguousarray(u8[is_double, 1:9]).view("<f8")[:, 0]
+    is_bool = tag == _TAG_BOOL
+    is_int = (tag == _TAG_INT64) | (tag == _TAG_INT32) | is_bool
+    if is_int.any():
+        first = u8[:, 1]
+        if (first[is_int] < 0x80).all():  # every varint one byte long: counts, flags
+            ints = first.astype(np.int64)
+        else:
+            ints = _varints_at(u8, np.ones(n, dtype=np.int64))[0].view(np.int64)
+        ints = np.where(is_bool, ints != 0, ints)
+        out[is_int] = ints[is_int]
+    is_float = tag == _TAG_FLOAT
+    if is_float.any():
+        out[is_float] = np.ascontiguousarray(u8[is_float, 1:5]).view("<f4")[:, 0]
+    known = is_double | is_int | is_float | np.isin(tag, _NULL_TAGS)
+    if not known.all():
+        for i in np.flatnonzero(~known).tolist():
+            out[i] = decode_value(raw_at(i))  # raises for what this module does not store
     return out
+
+
+def decode_column(raws: Sequence[bytes | None]) -> np.ndarray:
+    """Decode one feature's serialized Values for many rows to float64 (NaN where null),
+    vectorised for every type this module stores.
+
+    Raises:
+        FeatureLayoutError: for a Value oneof this pipeline does not store (strings, lists).
+    """
+    return _decode_values(_fixed_width(raws, _VALUE_WIDTH), raws.__getitem__)
+
+
+def _decode_timestamps(
+    u8: np.ndarray, raw_at: Callable[[int], bytes | None]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Timestamps of an ``(n, 24)`` fixed-width matrix: (epoch ms, present)."""
+    n, width = u8.shape
+    rows = np.arange(n)
+    tag0 = u8[:, 0]
+    present = tag0 != _ABSENT_TAG
+    has_seconds = tag0 == 0x08
+    seconds_u, seconds_len = _varints_at(u8, np.ones(n, dtype=np.int64))
+    at = np.where(has_seconds, 1 + seconds_len, 0)
+    has_nanos = u8[rows, np.minimum(at, width - 1)] == 0x10
+    nanos_u, nanos_len = _varints_at(u8, np.minimum(at + 1, width - 1))
+    end = np.where(has_nanos, at + 1 + nanos_len, at)
+    out = np.where(has_seconds, seconds_u.view(np.int64), 0) * 1000
+    out += np.where(has_nanos, nanos_u.view(np.int64), 0) // 1_000_000
+    # Anything but [seconds][nanos] then zero padding (another tag, a truncated value) goes
+    # through the scalar decoder, which raises for what is not a Timestamp.
+    empty = ~present | (tag0 == 0)
+    odd = ~empty & ((end >= width) | (u8[rows, np.minimum(end, width - 1)] != 0))
+    out[empty] = 0
+    if odd.any():
+        for i in np.flatnonzero(odd).tolist():
+            out[i] = decode_timestamp_ms(raw_at(i))
+    return out, present
+
+
+def decode_timestamps_ms(raws: Sequence[bytes | None]) -> np.ndarray:
+    """:func:`decode_timestamp_ms` of many serialized Timestamps, vectorised (0 where
+    absent or empty)."""
+    return _decode_timestamps(_fixed_width(raws, _TS_WIDTH), raws.__getitem__)[0]
 
 
 def decode_timestamp_ms(raw: bytes | None) -> int:
@@ -407,7 +512,10 @@ def encode_column(dtype: str, values: np.ndarray) -> list[bytes]:
             ints = arr.astype(np.int64)
         if dtype == "Bool":
             ints = (ints != 0).astype(np.int64)
-        out = [tag + _encode_varint(v) for v in ints.tolist()]
+        # Counts and flags repeat: encode each distinct value once.
+        uniq, inverse = np.unique(ints, return_inverse=True)
+        table = [tag + _encode_varint(v) for v in uniq.tolist()]
+        out = [table[i] for i in inverse.tolist()]
         for i in np.flatnonzero(null).tolist():
             out[i] = b""
         return out
@@ -418,6 +526,121 @@ def encode_column(dtype: str, values: np.ndarray) -> list[bytes]:
             out[i] = b""
         return out
     raise FeatureLayoutError("dtype", f"cannot encode {dtype}")
+
+
+# ------------------------------------------------------------------------------------------
+# Raw RESP round trips: redis-py spends ~10-20 us per pipelined command building and parsing
+# it in Python; a batch's commands are regular enough to be built as one byte string (with
+# numpy when only the 8 id bytes vary) and its replies parsed by hiredis in C.
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def resp_command(*args: bytes) -> bytes:
+    """One command in RESP (the Redis wire protocol), e.g. ``resp_command(b"PING")``."""
+    return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
+
+
+def resp_fixed_width_commands(
+    head: bytes, key_prefix: bytes, ids: np.ndarray, tail: bytes
+) -> bytes:
+    """Many commands that differ only in 8 little-endian id bytes of their key, vectorised.
+
+    Each command is ``head + key_prefix + <i64 id> + tail``: the caller puts the RESP array
+    header, command name and key length in ``head`` and the rest of the key and the other
+    arguments in ``tail``.
+    """
+    n = len(ids)
+    template = np.frombuffer(head + key_prefix + b"\x00" * 8 + tail, dtype=np.uint8)
+    rows = np.tile(template, (n, 1))
+    at = len(head) + len(key_prefix)
+    rows[:, at : at + 8] = np.ascontiguousarray(ids, dtype="<i8").view(np.uint8).reshape(n, 8)
+    return rows.tobytes()
+
+
+class RawRedis:
+    """Pipelined raw RESP on one pooled connection of a redis-py ``Redis`` client (RESP2).
+
+    Errors surface as redis-py's own exceptions (``ConnectionError``, ``TimeoutError``); a
+    connection that failed mid-way is closed, never returned to the pool half-read. Error
+    replies are returned in place (as ``hiredis.ReplyError``) for the caller to inspect.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._pool = client.connection_pool
+
+    @staticmethod
+    def supports(client: object) -> bool:
+        """Whether ``client`` is a plain redis-py client speaking RESP2 (not a cluster
+        client, not a test fake)."""
+        try:
+            import hiredis  # noqa: F401
+            import redis
+        except ImportError:
+            return False
+        if not isinstance(client, redis.Redis):
+            return False
+        pool = getattr(client, "connection_pool", None)
+        kwargs = getattr(pool, "connection_kwargs", None)
+        if not isinstance(kwargs, dict):
+            return False
+        return str(kwargs.get("protocol") or 2) == "2"
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        conn = self._pool.get_connection()
+        try:
+            yield conn
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            self._pool.release(conn)
+
+    def round_trip(self, payload: bytes, n_replies: int) -> list[Any]:
+        """Send ``payload`` (``n_replies`` commands) and return their replies in order."""
+        import hiredis
+        import redis
+
+        if n_replies == 0:
+            return []
+        try:
+            return self._round_trip(payload, n_replies, hiredis.Reader())
+        except redis.ConnectionError:
+            # A pooled connection the server closed (restart, idle timeout): one retry on a
+            # fresh connection, as redis-py does for its own commands.
+            return self._round_trip(payload, n_replies, hiredis.Reader())
+
+    def _round_trip(self, payload: bytes, n_replies: int, reader: Any) -> list[Any]:
+        import redis
+
+        with self._connection() as conn:
+            conn.send_packed_command([payload], check_health=False)
+            sock = conn._sock  # redis-py's socket, read here so that hiredis parses in bulk
+            if sock is None:
+                raise redis.ConnectionError("connection closed before the replies were read")
+            buf = bytearray(1 << 17)
+            view = memoryview(buf)
+            replies: list[Any] = []
+            append = replies.append
+            gets = reader.gets
+            try:
+                while len(replies) < n_replies:
+                    reply = gets()
+                    if reply is False:
+                        n = sock.recv_into(view)
+                        if n == 0:
+                            raise redis.ConnectionError("Redis closed the connection")
+                        reader.feed(view, 0, n)
+                        continue
+                    append(reply)
+            except TimeoutError:  # socket.timeout
+                raise redis.TimeoutError("timeout reading pipelined replies") from None
+            except OSError as exc:
+                raise redis.ConnectionError(f"error reading pipelined replies: {exc}") from None
+            return replies
 
 
 # ------------------------------------------------------------------------------------------
@@ -447,6 +670,38 @@ class _ViewRead:
     join_key: str
     fields: tuple[bytes, ...]  # requested feature fields, then the _ts field
     columns: tuple[int, ...]  # output column of each requested feature
+
+
+@dataclass(frozen=True, slots=True)
+class _EntityRead:
+    """One ``HMGET`` per entity for every view of the service on that entity (views of the
+    same entity share the hash), with its RESP bytes around the 8 id bytes precomputed."""
+
+    join_key: str
+    fields: tuple[bytes, ...]
+    views: tuple[tuple[_ViewRead, int], ...]  # each view and where its fields start
+    head: bytes
+    key_prefix: bytes
+    tail: bytes
+
+    @classmethod
+    def build(cls, join_key: str, project: str, views: Sequence[_ViewRead]) -> _EntityRead:
+        fields: list[bytes] = []
+        placed = []
+        for v in views:
+            placed.append((v, len(fields)))
+            fields.extend(v.fields)
+        prefix = entity_key_prefix(join_key)
+        suffix = project.encode()
+        key_len = len(prefix) + 8 + len(suffix)
+        return cls(
+            join_key=join_key,
+            fields=tuple(fields),
+            views=tuple(placed),
+            head=b"*%d\r\n$5\r\nHMGET\r\n$%d\r\n" % (2 + len(fields), key_len),
+            key_prefix=prefix,
+            tail=suffix + b"\r\n" + b"".join(_bulk(f) for f in fields),
+        )
 
 
 class OnlineFeatureReader:
@@ -507,6 +762,13 @@ class OnlineFeatureReader:
         self._reads = tuple(reads)
         self.feature_names: tuple[str, ...] = tuple(names)
         self.join_keys: tuple[str, ...] = tuple(dict.fromkeys(r.join_key for r in reads))
+        self._entities = tuple(
+            _EntityRead.build(k, layout.project, [r for r in reads if r.join_key == k])
+            for k in self.join_keys
+        )
+        # Raw RESP for redis-py clients; anything else (a cluster client, a test fake) gets
+        # the same commands through its pipeline().
+        self._raw = RawRedis(redis_client) if RawRedis.supports(redis_client) else None
 
     @property
     def layout(self) -> OnlineLayout:
@@ -543,45 +805,66 @@ class OnlineFeatureReader:
             arrays[key] = arr
         n = max(n, 0)
 
-        # One key list per join key (views of the same entity share the hash), deduplicated.
-        uniques: dict[str, tuple[list[bytes], np.ndarray]] = {}
-        for key, arr in arrays.items():
-            uniq, inverse = np.unique(arr, return_inverse=True)
-            uniques[key] = (redis_keys(key, self._layout.project, uniq), inverse)
+        # One HMGET per distinct entity id of each join key, all in one round trip.
+        uniques = [
+            (entity, *np.unique(arrays[entity.join_key], return_inverse=True))
+            for entity in self._entities
+        ]
+        total = sum(len(u) for _, u, _ in uniques)
+        if self._raw is not None:
+            payload = b"".join(
+                resp_fixed_width_commands(e.head, e.key_prefix, u, e.tail) for e, u, _ in uniques
+            )
+            replies = self._raw.round_trip(payload, total)
+            bad = next((r for r in replies if not isinstance(r, list)), None)
+            if bad is not None:
+                from redis.exceptions import ResponseError
 
-        pipe = self._client.pipeline(transaction=False)
-        try:
-            for read in self._reads:
-                fields = read.fields
-                for rkey in uniques[read.join_key][0]:
-                    pipe.hmget(rkey, fields)
-            replies: list[Any] = pipe.execute()
-        finally:
-            pipe.reset()
+                raise ResponseError(str(bad))
+        else:
+            pipe = self._client.pipeline(transaction=False)
+            try:
+                for entity, uniq, _ in uniques:
+                    for rkey in redis_keys(entity.join_key, self._layout.project, uniq):
+                        pipe.hmget(rkey, entity.fields)
+                replies = pipe.execute()
+            finally:
+                pipe.reset()
 
         values = np.full((n, len(self.feature_names)), np.nan, dtype=np.float64)
         event_ts: dict[str, np.ndarray] = {}
         found: dict[str, np.ndarray] = {}
         offset = 0
-        for read in self._reads:
-            rkeys, inverse = uniques[read.join_key]
-            m = len(rkeys)
+        for entity, uniq, inverse in uniques:
+            m = len(uniq)
             rows = replies[offset : offset + m]
             offset += m
-            if m == 0:
-                event_ts[read.view] = np.zeros(n, dtype=np.int64)
-                found[read.view] = np.zeros(n, dtype=bool)
-                continue
-            cols = list(zip(*rows, strict=True))
-            ts_raw = cols[-1]
-            ts_u = np.fromiter((decode_timestamp_ms(t) for t in ts_raw), dtype=np.int64, count=m)
-            found_u = np.fromiter((t is not None for t in ts_raw), dtype=bool, count=m)
-            decoded = np.empty((m, len(read.columns)), dtype=np.float64)
-            for j in range(len(read.columns)):
-                decoded[:, j] = decode_column(cast("Sequence[bytes | None]", cols[j]))
-            values[:, read.columns[0] : read.columns[-1] + 1] = decoded[inverse]
-            event_ts[read.view] = ts_u[inverse]
-            found[read.view] = found_u[inverse]
+            if m > _SCALAR_ROWS:
+                # Every reply of the entity as one (m, fields, 24) byte matrix, built in C.
+                mat = _fixed_width(rows, _TS_WIDTH).reshape(m, len(entity.fields), _TS_WIDTH)
+            for read, at in entity.views:
+                if m == 0:
+                    event_ts[read.view] = np.zeros(n, dtype=np.int64)
+                    found[read.view] = np.zeros(n, dtype=bool)
+                    continue
+                width = len(read.columns)
+                if m <= _SCALAR_ROWS:
+                    # A handful of rows: per-value decoding beats numpy's per-call overhead.
+                    decoded = np.array(
+                        [[decode_value(r[at + j]) for j in range(width)] for r in rows],
+                        dtype=np.float64,
+                    ).reshape(m, width)
+                    ts_u = np.array([decode_timestamp_ms(r[at + width]) for r in rows], np.int64)
+                    found_u = np.array([r[at + width] is not None for r in rows], dtype=bool)
+                else:
+                    block = mat[:, at : at + width, :_VALUE_WIDTH].reshape(m * width, _VALUE_WIDTH)
+                    decoded = _decode_values(block, _RawAt(rows, at, width)).reshape(m, width)
+                    ts_u, found_u = _decode_timestamps(
+                        np.ascontiguousarray(mat[:, at + width, :]), _RawAt(rows, at + width, 1)
+                    )
+                values[:, read.columns[0] : read.columns[-1] + 1] = decoded[inverse]
+                event_ts[read.view] = ts_u[inverse]
+                found[read.view] = found_u[inverse]
         return OnlineBatch(
             values=values, event_ts_ms=event_ts, found=found, feature_names=self.feature_names
         )
@@ -624,8 +907,9 @@ return 1
 class OnlineFeatureWriter:
     """Idempotent batched writes of feature rows into Feast's Redis layout.
 
-    One pipeline of ``EVALSHA`` calls (one per entity) per batch; the script compares event
-    times server-side, so concurrent writers and replays never move a row back in time.
+    One pipelined ``EVALSHA`` per entity, all in one round trip (for redis-py clients the
+    RESP is built here, not by redis-py). The script compares event times server-side, so
+    concurrent writers and replays never move a row back in time.
 
     Args:
         redis_client: a redis-py client (or anything meeting :class:`RedisClient`).
@@ -637,6 +921,7 @@ class OnlineFeatureWriter:
         self._layout = layout
         self._sha: str | None = None
         self._ttl = int(layout.key_ttl_seconds or 0)
+        self._raw = RawRedis(redis_client) if RawRedis.supports(redis_client) else None
 
     def _load_script(self) -> str:
         sha = self._client.script_load(_WRITE_IF_NEWER)
@@ -706,7 +991,7 @@ class OnlineFeatureWriter:
         ts_name = layout.ts_field
         ttl = self._ttl
 
-        def run(sha: str) -> list[Any]:
+        def run_pipeline(sha: str) -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
             try:
                 for i, key in enumerate(keys):
@@ -725,6 +1010,52 @@ class OnlineFeatureWriter:
                 return pipe.execute(raise_on_error=True)
             finally:
                 pipe.reset()
+
+        def run_raw(sha: str) -> list[Any]:
+            assert self._raw is not None
+            from redis.exceptions import NoScriptError, ResponseError
+
+            # Every argument column bulk-encoded once, then interleaved row by row in C.
+            def bulks(col: Sequence[bytes]) -> list[bytes]:
+                return [b"$%d\r\n%s\r\n" % (len(v), v) for v in col]
+
+            ts_bulks: dict[int, bytes] = {}
+            for ms in kept_ts:
+                if ms not in ts_bulks:
+                    ts_bulks[ms] = b"".join(
+                        bulks(
+                            [
+                                b"%d" % (ms // 1000),
+                                b"%d" % ((ms % 1000) * 1_000_000),
+                                encode_timestamp_ms(ms),
+                            ]
+                        )
+                    )
+            head = b"*%d\r\n$7\r\nEVALSHA\r\n%s$1\r\n1\r\n" % (
+                9 + 2 * len(field_keys),
+                _bulk(sha.encode()),
+            )
+            columns: list[Iterable[bytes]] = [
+                repeat(head),
+                bulks(keys),
+                repeat(_bulk(ts_name)),
+                [ts_bulks[ms] for ms in kept_ts],
+                repeat(_bulk(b"%d" % ttl)),
+            ]
+            for fk, col in zip(field_keys, encoded, strict=True):
+                columns += [repeat(_bulk(fk)), bulks(col)]
+            # zip stops at the end of the keys column (the others repeat).
+            payload = b"".join(chain.from_iterable(zip(*columns, strict=False)))
+            replies = self._raw.round_trip(payload, len(keys))
+            for r in replies:
+                if isinstance(r, Exception):
+                    text = str(r)
+                    if text.startswith("NOSCRIPT"):
+                        raise NoScriptError(text)
+                    raise ResponseError(text)
+            return replies
+
+        run = run_raw if self._raw is not None else run_pipeline
 
         from redis.exceptions import NoScriptError, RedisError
 
