@@ -26,11 +26,13 @@ import time
 from typing import Any
 
 import numpy as np
+import orjson
 import redis
 from quixstreams import Application, State
 from quixstreams.context import message_context
 from quixstreams.kafka.configuration import ConnectionConfig
-from quixstreams.sinks.base import BatchingSink, SinkBatch
+from quixstreams.models.serializers import JSONDeserializer, JSONSerializer
+from quixstreams.sinks.base import BatchingSink, SinkBackpressureError, SinkBatch
 
 from stages.enrichment.logic import (
     CustomerState,
@@ -41,9 +43,15 @@ from stages.enrichment.logic import (
     update_customer,
 )
 from stages.shared.feast_store import open_feature_store
-from stages.shared.kafka import DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE, ensure_topics
+from stages.shared.kafka import (
+    DLQ_DETAIL,
+    DLQ_REASON,
+    DLQ_SOURCE,
+    TRANSACTION_TIMEOUT_MS,
+    ensure_topics,
+)
 from stages.shared.metrics import Metrics, build_metrics
-from stages.shared.online import OnlineFeatureWriter, OnlineLayout
+from stages.shared.online import OnlineFeatureWriter, OnlineLayout, OnlineWriteError
 from stages.shared.schemas import (
     CUSTOMER_FEATURES,
     CUSTOMER_VIEW,
@@ -58,6 +66,22 @@ logger = logging.getLogger(__name__)
 
 STAGE = "enrichment"
 INGEST_HEADER = "rtpipe.ingest_ms"
+# How long partitions stay paused when Redis is unreachable before the batch is retried.
+SINK_RETRY_AFTER_S = 1.0
+
+
+def _key_loads(raw: bytes | bytearray) -> Any:
+    """Label keys are JSON terminal ids; a key that is not JSON is kept as its bytes so the
+    label reaches the DLQ (key_mismatch) instead of failing deserialization, which
+    quixstreams treats as fatal."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return bytes(raw)
+
+
+def _key_dumps(key: Any) -> bytes:
+    return key if isinstance(key, bytes) else orjson.dumps(key)
 
 
 class FeastOnlineSink(BatchingSink):
@@ -83,7 +107,16 @@ class FeastOnlineSink(BatchingSink):
             f: np.fromiter((r["features"][f] for r in rows), dtype=np.float64, count=len(rows))
             for f in self._features
         }
-        self._writer.write(self._view, ids, values, ts)
+        try:
+            self._writer.write(self._view, ids, values, ts)
+        except OnlineWriteError as exc:
+            if isinstance(exc.__cause__, redis.ConnectionError | redis.TimeoutError):
+                # quixstreams drops this checkpoint (its Kafka transaction is aborted),
+                # pauses the partitions and re-reads from the last committed offsets:
+                # nothing is lost, and the re-pushed rows are idempotent.
+                logger.warning("%s: Redis unavailable (%s); backpressure", self._view, exc)
+                raise SinkBackpressureError(retry_after=SINK_RETRY_AFTER_S) from exc
+            raise
 
 
 def _dlq_headers(reason: str, detail: str) -> Any:
@@ -117,7 +150,11 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
         commit_interval=cfg.commit_interval_s,
         processing_guarantee=cfg.processing_guarantee,
         state_dir=str(cfg.state_dir or settings.home / "state" / topics.group(cfg.consumer_group)),
-        producer_extra_config={"linger.ms": 2, "compression.type": "lz4"},
+        producer_extra_config={
+            "linger.ms": 2,
+            "compression.type": "lz4",
+            "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+        },
         consumer_extra_config={"fetch.wait.max.ms": 10},
         loglevel=None,
     )
@@ -125,14 +162,19 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
     tx_topic = app.topic(
         topics.name("transactions"), value_deserializer="bytes", key_deserializer="bytes"
     )
+    # Bytes in, so a label that is not JSON reaches the DLQ with its original bytes.
     labels_topic = app.topic(
-        topics.name("labels"), value_deserializer="json", key_deserializer="json"
+        topics.name("labels"),
+        value_deserializer="bytes",
+        key_deserializer=JSONDeserializer(loads=_key_loads),
     )
     tx_dlq = app.topic(
         topics.dlq(topics.name("transactions")), value_serializer="bytes", key_serializer="bytes"
     )
     labels_dlq = app.topic(
-        topics.dlq(topics.name("labels")), value_serializer="json", key_serializer="json"
+        topics.dlq(topics.name("labels")),
+        value_serializer="bytes",
+        key_serializer=JSONSerializer(dumps=_key_dumps),
     )
     enriched = app.topic(topics.name("enriched"), value_serializer="json", key_serializer="string")
 
@@ -144,6 +186,8 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
         db=r.db,
         password=r.password.get_secret_value() if r.password else None,
         ssl=r.ssl,
+        socket_timeout=5.0,
+        socket_connect_timeout=2.0,
     )
     writer = OnlineFeatureWriter(client, OnlineLayout.from_store(store))
 
@@ -156,7 +200,13 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
                 with contextlib.suppress(ValueError):
                     ingest_ms = int(hv)
         try:
-            tx = parse_transaction(value, timestamp, max_bytes)
+            tx = parse_transaction(
+                value,
+                timestamp,
+                max_bytes,
+                now_ms=int(time.time() * 1000),
+                max_skew_ms=cfg.max_clock_skew_ms,
+            )
         except InvalidMessage as err:
             return {"error": err.reason, "detail": err.detail, "raw": value}
         return {
@@ -217,9 +267,13 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
     by_terminal = ok.group_by(lambda v: v["terminal_id"], name="terminal")
 
     # -- labels: parse ------------------------------------------------------------------------
-    def parse_label_msg(value: Any) -> dict[str, Any]:
+    def parse_label_msg(value: bytes, key: Any, timestamp: int, headers: Any) -> dict[str, Any]:
         try:
-            tx_id, term, tx_ms, fraud = parse_label(value)
+            tx_id, term, tx_ms, fraud = parse_label(value, max_bytes)
+            if key != term:
+                # Keyed by another terminal, it would sit in that terminal's partition
+                # and state: its window would silently miss it.
+                raise InvalidMessage("key_mismatch", f"key {key!r} != terminal_id {term}")
         except InvalidMessage as err:
             return {"error": err.reason, "detail": err.detail, "raw": value}
         return {
@@ -230,13 +284,8 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
             "is_fraud": fraud,
         }
 
-    labels = app.dataframe(labels_topic).apply(parse_label_msg)
-    bad_labels = labels[labels.apply(lambda v: "error" in v)]
-    (
-        bad_labels.set_headers(lambda v, k, t, h: _dlq_headers(v["error"], v["detail"])(v, k, t, h))
-        .apply(lambda v: (metrics.dlq.labels(STAGE, v["error"]).inc(), v["raw"])[1])
-        .to_topic(labels_dlq)
-    )
+    labels = app.dataframe(labels_topic).apply(parse_label_msg, metadata=True)
+    to_dlq(labels[labels.apply(lambda v: "error" in v)], labels_dlq)
     good_labels = labels[labels.apply(lambda v: "error" not in v)]
 
     # -- terminal window over labels and transactions, in event-time order -------------------

@@ -36,6 +36,12 @@ DLQ_REASON = "rtpipe.reason"
 DLQ_DETAIL = "rtpipe.detail"
 DLQ_SOURCE = "rtpipe.source"
 
+# A stage's transactions are open only while it produces and commits one batch (well under
+# a second). A stage killed mid-transaction leaves it open until this timeout, and until the
+# broker aborts it, read_committed readers of its output partitions and the offset fetch of
+# its successor wait: librdkafka's 60 s default turned each crash into a minute-long stall.
+TRANSACTION_TIMEOUT_MS = 10_000
+
 
 class KafkaUnavailableError(RuntimeError):
     """The broker cannot be reached; says what to start."""
@@ -253,7 +259,10 @@ class TransactionalBatchLoop:
         self._consumer = Consumer(consumer_config(kafka, self._group_id, **extra))
         txn_id = f"{self._group_id}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._producer = Producer(
-            producer_config(kafka, **{"transactional.id": txn_id, "transaction.timeout.ms": 60_000})
+            producer_config(
+                kafka,
+                **{"transactional.id": txn_id, "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS},
+            )
         )
         self._producer.init_transactions(30)
         self._consumer.subscribe(
