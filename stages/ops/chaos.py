@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import pandas as pd
 
@@ -65,13 +65,15 @@ REPO = Path(__file__).resolve().parents[2]
 class ChaosConfig:
     """Size and pace of each scenario (small, so that all faults run in minutes)."""
 
-    n_customers: int = 1_000
-    n_terminals: int = 2_000
-    nb_days: int = 45
+    # Few customers over more days: as many transactions, but fewer of the labels that the
+    # replay sends first (five weeks of them, for complete terminal windows).
+    n_customers: int = 500
+    n_terminals: int = 1_000
+    nb_days: int = 48
     sim_seed: int = 11
     replay_start: str = "2018-05-05"
-    replay_days: float = 1.5
-    # Transactions per second: a few thousand last ~20 s, long enough to land faults in.
+    replay_days: float = 3.0
+    # Transactions per second: a few thousand last ~20 s, so the stages work on a stream.
     rate: float = 150.0
     kills: int = 3
     redis_outage_s: float = 30.0
@@ -240,15 +242,55 @@ class _Run:
         self.expected: list[int] = tx.loc[sel, "transaction_id"].tolist()
         self.procs: dict[str, list[StageProcess]] = {}
         self.started = time.monotonic()
-        self.replay_started = self.started
         self.report: AuditReport | None = None
         self._replay_error: BaseException | None = None
+        self._watermarks: Any = None
         self._replay_thread: threading.Thread | None = None
 
     @property
     def replay_s(self) -> float:
         """Expected duration of the rate-limited replay."""
         return len(self.expected) / self.cfg.rate
+
+    def produced(self, topics: list[str]) -> int:
+        """Records in ``topics`` (high minus low watermarks, transaction markers included):
+        cheap, and close enough to say how far a stage has got."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        if self._watermarks is None:
+            self._watermarks = Consumer(
+                {**self.settings.kafka.client_config(), "group.id": f"chaos-{uuid.uuid4().hex}"}
+            )
+        total = 0
+        for topic in topics:
+            for p in range(self.settings.topics.partitions):
+                try:
+                    low, high = self._watermarks.get_watermark_offsets(
+                        TopicPartition(topic, p), timeout=2
+                    )
+                except Exception:  # broker down (kafka-restart): no progress to report
+                    return 0
+                total += high - low
+        return total
+
+    def wait_progress(self, topics: list[str], fraction: float, timeout_s: float = 180) -> None:
+        """Block until ``topics`` hold ``fraction`` of the expected transactions: a fault
+        timed this way lands while the stage is working, whatever the start-up took."""
+        target = fraction * len(self.expected)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.produced(topics) >= target:
+                return
+            time.sleep(0.2)
+        self.log(f"no progress to {fraction:.0%} of {topics} within {timeout_s:.0f}s")
+
+    def output_topics(self, stage: str) -> list[str]:
+        t = self.settings.topics
+        if stage == "enrichment":
+            return [t.name("enriched")]
+        if stage == "prediction":
+            return [t.name("predictions")]
+        return list(t.decision_topics())
 
     def log(self, what: str) -> None:
         line = f"{time.monotonic() - self.started:6.1f}s {what}"
@@ -284,12 +326,6 @@ class _Run:
             raise RuntimeError(f"replay failed: {self._replay_error or 'timed out'}")
         self.log("replay done")
 
-    def sleep_until(self, t: float) -> None:
-        """Sleep until ``t`` seconds after the replay started."""
-        delay = self.replay_started + t - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-
     def drain(self) -> AuditReport:
         """Poll the audit until every transaction has an outcome (or the timeout)."""
         deadline = time.monotonic() + self.cfg.drain_timeout_s
@@ -308,6 +344,9 @@ class _Run:
     def conclude(self) -> None:
         """Stop the stages (SIGTERM), audit and check the online features."""
         self.result.checks["stages_alive_until_drained"] = _alive(self.running_expected())
+        if self._watermarks is not None:
+            self._watermarks.close()
+            self._watermarks = None
         codes = stop_stages(self.running())
         self.result.checks["graceful_shutdown"] = all(c == 0 for c in codes.values())
         self.log(f"stopped stages: {codes}")
@@ -336,25 +375,26 @@ class _Run:
     def begin(self, names: tuple[str, ...] = ("enrichment", "prediction", "routing")) -> None:
         for name in names:
             self.start(name)
-        self.replay_started = time.monotonic()
         self.start_replay()
 
 
 # -- the faults -----------------------------------------------------------------------------
 
 
-def _random_moments(rng: random.Random, n: int, span: float, lead: float = 2.0) -> list[float]:
-    """``n`` moments spread over ``[lead, span]``: one random moment in each of n slices."""
-    width = max(span - lead, 1.0) / n
-    return [lead + i * width + rng.uniform(0.1, 0.9) * width for i in range(n)]
+def _random_fractions(rng: random.Random, n: int, span: float = 0.85) -> list[float]:
+    """``n`` increasing progress fractions in ``(0, span)``: one random point per slice."""
+    width = span / n
+    return [i * width + rng.uniform(0.1, 0.9) * width for i in range(n)]
 
 
 def _kill_stage(run: _Run, stage: str, rng: random.Random) -> None:
     run.begin()
-    for moment in _random_moments(rng, run.cfg.kills, run.replay_s):
-        run.sleep_until(moment)
+    for fraction in _random_fractions(rng, run.cfg.kills):
+        # Killed once its output reaches a random point of the stream: mid-batch, mid-
+        # transaction or mid-checkpoint, wherever it happens to be.
+        run.wait_progress(run.output_topics(stage), fraction)
         _kill9(run.procs[stage][-1])
-        run.log(f"kill -9 {stage} (pid {run.procs[stage][-1].proc.pid})")
+        run.log(f"kill -9 {stage} (pid {run.procs[stage][-1].proc.pid}) at {fraction:.0%}")
         time.sleep(rng.uniform(0.2, 2.0))
         sp = run.start(stage)
         run.log(f"restarted {stage} (pid {sp.proc.pid})")
@@ -371,9 +411,8 @@ def _rebalance(run: _Run, rng: random.Random) -> None:
     first = run.start("prediction")
     replica = start_stages(second, ("prediction",))[0]
     run.procs["prediction-2"] = [replica]
-    run.replay_started = time.monotonic()
     run.start_replay()
-    run.sleep_until(rng.uniform(0.3, 0.6) * run.replay_s)
+    run.wait_progress(run.output_topics("prediction"), rng.uniform(0.2, 0.5))
     victim = rng.choice([first, replica])
     _kill9(victim)
     run.log(f"kill -9 one of two prediction replicas (pid {victim.proc.pid})")
@@ -393,7 +432,7 @@ def _redis_outage(run: _Run, rng: random.Random) -> None:
     if stack.status(ss)["redis"].pid is None:
         raise RuntimeError(f"Redis is not managed from {ss.run_dir}: cannot stop it")
     run.begin()
-    run.sleep_until(rng.uniform(0.15, 0.3) * run.replay_s)
+    run.wait_progress(run.output_topics("prediction"), rng.uniform(0.1, 0.25))
     prediction = run.procs["prediction"][-1]
     # A short pause of the prediction stage leaves it a backlog of enriched events to face
     # while Redis is down (the enrichment stage stalls too: its sink needs Redis).
@@ -416,7 +455,7 @@ def _kafka_restart(run: _Run, rng: random.Random) -> None:
     if stack.status(ss)["kafka"].pid is None:
         raise RuntimeError(f"Kafka is not managed from {ss.run_dir}: cannot stop it")
     run.begin()
-    run.sleep_until(rng.uniform(0.25, 0.5) * run.replay_s)
+    run.wait_progress(run.output_topics("prediction"), rng.uniform(0.15, 0.4))
     stack.down(ss, only=["kafka"])
     run.log("Kafka stopped")
     time.sleep(run.cfg.kafka_down_s)
@@ -447,7 +486,7 @@ def _bad_model(run: _Run, rng: random.Random, good_version: str) -> None:
     s = run.settings
     name = s.prediction.model_name
     run.begin()
-    run.sleep_until(rng.uniform(0.2, 0.35) * run.replay_s)
+    run.wait_progress(run.output_topics("prediction"), rng.uniform(0.1, 0.25))
     # 1. A version whose model.txt no longer matches its recorded sha256.
     good = registry.get_version(s.registry_dir, name, good_version)
     tampered = registry.register(

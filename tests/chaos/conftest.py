@@ -1,0 +1,27 @@
+"""Chaos tests: fault scenarios against the real local stack (see stages/ops/chaos.py).
+
+By default a representative subset runs (one kill per stage, Redis down in both modes, a
+broker restart, bad models), sized to take a few minutes. The full set, as ``rtpipe chaos``
+runs it (three kills per stage, a rebalance, 30 s Redis outages), is marked ``slow`` and
+runs with ``RTPIPE_CHAOS_FULL=1``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "chaos: fault injection against the local stack")
+    config.addinivalue_line("markers", "slow: long; runs with RTPIPE_CHAOS_FULL=1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("RTPIPE_CHAOS_FULL") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow chaos scenario: set RTPIPE_CHAOS_FULL=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
