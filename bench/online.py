@@ -79,7 +79,7 @@ def run(settings: Settings, quick: bool) -> OnlineResults:
     cv, tv = layout.views[CUSTOMER_VIEW], layout.views[TERMINAL_VIEW]
     cf, tf = (*cv.field_keys, cv.ts_field), (*tv.field_keys, tv.ts_field)
     rng = np.random.default_rng(1)
-    repeats = 7 if quick else 25
+    repeats = 5 if quick else 15
 
     reads = []
     for b in BATCH_SIZES:

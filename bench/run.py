@@ -1,0 +1,209 @@
+"""``rtpipe bench``: every goal of issue #4 measured side by side in one run, on the bench's
+own stack (Kafka and Redis on ports 35xxx, home ``.rtpipe/bench``), results to RESULTS.md.
+
+    .venv/bin/python -m bench.run [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from bench import enrichment, online, pipeline, prediction
+from bench.env import (
+    bench_settings,
+    bench_stack,
+    feast_project,
+    register_model,
+    simulate_data,
+    with_prefix,
+)
+from bench.report import Goal, Results, Row, fmt_number, machine
+from stages.ops.demo import clear_online_store
+from stages.shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def online_rows(res: online.OnlineResults) -> list[Row]:
+    rows = []
+    for r in res.reads:
+        goal = Goal(">= 10x", min_ratio=10.0) if r.batch == 500 else Goal("")
+        rows.append(
+            Row(
+                f"online read, batch {r.batch:,}: OnlineFeatureReader vs Feast get_online_features",
+                r.ours_s * 1000,
+                r.feast_s * 1000,
+                "ms",
+                better="lower",
+                goal=goal,
+            )
+        )
+    for r in res.reads:
+        rows.append(
+            Row(
+                f"online read, batch {r.batch:,}: OnlineFeatureReader vs bare pipelined HMGET",
+                r.ours_s * 1000,
+                r.bare_s * 1000,
+                "ms",
+                better="lower",
+                goal=Goal("within 2x (>= 0.5x)", min_ratio=0.5),
+            )
+        )
+    w = res.write
+    rows.append(
+        Row(
+            f"online write, {w.batch} rows: OnlineFeatureWriter vs FeatureStore.push",
+            w.ours_s * 1000,
+            w.feast_s * 1000,
+            "ms",
+            better="lower",
+            goal=Goal(">= 5x", min_ratio=5.0),
+        )
+    )
+    return rows
+
+
+def latency_section(res: pipeline.PipelineResults) -> str:
+    lines = [
+        "Per-stage latency from the timestamps every decision carries (ms; p50 / p99). "
+        "`ingest` is stamped by the replay producer, `enriched` by the enrichment stage when "
+        "it forwards (before its exactly-once commit), `predicted` and `routed` by the "
+        "prediction and routing stages before their transactions commit.",
+        "",
+        "| phase | offered ev/s | achieved ev/s | decisions | "
+        + " | ".join(h for h, _, _ in pipeline.HOPS)
+        + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(pipeline.HOPS),
+    ]
+    for ph in res.phases:
+        st = ph.stats
+        cells = [
+            f"{fmt_number(st.get(f'{h} p50'))} / {fmt_number(st.get(f'{h} p99'))}"
+            for h, _, _ in pipeline.HOPS
+        ]
+        offered = fmt_number(ph.offered_eps) if ph.offered_eps else "max"
+        lines.append(
+            f"| {ph.name} | {offered} | {fmt_number(st.get('eps'))} | "
+            f"{int(st.get('events', 0)):,} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(settings: Settings, quick: bool, out: Path = DEFAULT_OUT) -> Results:
+    """Run the benchmark and write ``out`` (Markdown).
+
+    Args:
+        settings: base settings; the bench moves them onto its own ports and home and keeps
+            the rest (stage tuning such as ``enrichment.commit_interval_s`` applies).
+        quick: a smaller run (under 3 minutes) for a smoke check.
+        out: where the results are written.
+
+    Returns:
+        The results that were written.
+    """
+    began = time.perf_counter()
+    results = Results(command=f"rtpipe bench{' --quick' if quick else ''}", machine=machine())
+    bs = bench_settings(settings)
+    logger.info(
+        "bench: starting the stack (Kafka :%d, Redis :%d)", bs.stack.kafka_port, bs.stack.redis_port
+    )
+    with bench_stack(bs):
+        data = simulate_data(quick)
+        start = data.first_day + pd.Timedelta(days=8)
+        logger.info("bench: %d simulated transactions", len(data.tx))
+        with feast_project(bs) as fs:
+            register_model(fs, data.tx)
+
+            logger.info("bench 1-2/6: online read and write")
+            on = online.run(fs, quick)
+            results.rows += online_rows(on)
+
+            logger.info("bench 3/6: prediction stage vs naive consumer")
+            clear_online_store(fs)
+            tx_window = data.tx[data.tx["tx_datetime"] >= start]
+            pr = prediction.run(with_prefix(fs, "pred"), tx_window, quick)
+            results.rows.append(
+                Row(
+                    "prediction events/s: stage (micro-batch) vs naive per-event consumer",
+                    pr.ours_eps,
+                    pr.naive_eps,
+                    "ev/s",
+                    goal=Goal(">= 100x", min_ratio=100.0),
+                    note=f"{pr.ours_events:,} vs {pr.naive_events:,} events, median of {pr.trials}",
+                )
+            )
+
+            logger.info("bench 6/6: enrichment with and without windows")
+            clear_online_store(fs)
+            en = enrichment.run(with_prefix(fs, "enr"), data.tx, start, quick)
+            results.rows.append(
+                Row(
+                    "enrichment events/s: all windows vs no windows (state cost)",
+                    en.windows_eps,
+                    en.no_windows_eps,
+                    "ev/s",
+                    note=f"{en.events:,} events, median of {en.trials}; no goal, ratio = "
+                    "share of stateless speed kept",
+                )
+            )
+
+            logger.info("bench 4-5/6: whole pipeline")
+            clear_online_store(fs)
+            pi = pipeline.run(with_prefix(fs, "pipe"), data.tx, start, quick)
+            results.rows.append(
+                Row(
+                    "whole pipeline events/s (3 stage processes) vs bare consume-produce",
+                    pi.max_eps,
+                    pi.passthrough_eps,
+                    "ev/s",
+                    goal=Goal(">= 20% (>= 0.2x)", min_ratio=0.2),
+                )
+            )
+            for ph in pi.phases[1:]:
+                results.rows.append(
+                    Row(
+                        f"event-to-decision p99 at {ph.name}",
+                        ph.stats.get("ingest -> routed (total) p99", float("nan")),
+                        None,
+                        "ms",
+                        better="lower",
+                        goal=Goal("< 100 ms", max_ours=100.0)
+                        if ph.offered_eps == 1_000.0
+                        else Goal(""),
+                        note=f"p50 {fmt_number(ph.stats.get('ingest -> routed (total) p50'))}"
+                        f" ms, achieved {fmt_number(ph.stats.get('eps'))} ev/s",
+                    )
+                )
+            results.sections["Where the latency goes"] = latency_section(pi)
+    results.seconds = time.perf_counter() - began
+    out.write_text(results.markdown())
+    logger.info("bench: wrote %s in %.0fs", out, results.seconds)
+    return results
+
+
+def _cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller run, under 3 minutes")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    settings = Settings()
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("quixstreams", "feast", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    main(settings, args.quick, args.out)
+
+
+if __name__ == "__main__":
+    _cli()

@@ -1,0 +1,140 @@
+"""Pure parts of the benchmark (bench/): medians, ratios, goals, the results table, the
+per-stage latency statistics and the naive consumer's per-message scoring. No timings are
+asserted: the machine is shared and noisy."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench.naive import NaiveScorer
+from bench.pipeline import decision_stats, plans
+from bench.report import Goal, Machine, Results, Row, fmt_number, markdown_table, median, ratio
+from stages.shared.schemas import CUSTOMER_FEATURES, MODEL_FEATURES, TERMINAL_FEATURES
+
+
+def test_median_and_ratio_directions() -> None:
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert math.isnan(median([]))
+    assert ratio(200.0, 100.0, "higher") == 2.0  # events/s: more is better
+    assert ratio(5.0, 50.0, "lower") == 10.0  # milliseconds: less is better
+    assert math.isnan(ratio(0.0, 10.0))
+    assert math.isnan(ratio(float("nan"), 10.0))
+
+
+def test_goals_on_ratio_and_on_ours() -> None:
+    assert Goal(">= 10x", min_ratio=10.0).met(1.0, 12.0) is True
+    assert Goal(">= 10x", min_ratio=10.0).met(1.0, 9.9) is False
+    assert Goal("< 100 ms", max_ours=100.0).met(80.0, float("nan")) is True
+    assert Goal("< 100 ms", max_ours=100.0).met(120.0, float("nan")) is False
+    assert Goal("").met(1.0, 2.0) is None
+    assert Goal(">= 5x", min_ratio=5.0).met(1.0, float("nan")) is None
+
+
+def test_row_ratio_and_table() -> None:
+    read = Row("read | batch 500", 5.0, 60.0, "ms", better="lower", goal=Goal(">= 10x", 10.0))
+    p99 = Row("p99", 140.0, None, "ms", better="lower", goal=Goal("< 100 ms", max_ours=100.0))
+    assert read.ratio == 12.0 and read.met is True
+    assert math.isnan(p99.ratio) and p99.met is False
+    table = markdown_table([read, p99]).splitlines()
+    assert table[0] == "| what | ours | baseline | ratio | goal | met? |"
+    assert table[2] == "| read \\| batch 500 | 5 ms | 60.0 ms | 12x | >= 10x | yes |"
+    assert table[3] == "| p99 | 140 ms | - | n/a | < 100 ms | **no** |"
+
+
+def test_number_formatting() -> None:
+    assert fmt_number(212_658.4, "ev/s") == "212,658 ev/s"
+    assert fmt_number(42.25) == "42.2"
+    assert fmt_number(0.3123, "ms") == "0.312 ms"
+    assert fmt_number(float("nan")) == "n/a"
+    assert fmt_number(None) == "n/a"
+
+
+def test_results_markdown_records_command_machine_and_goals() -> None:
+    res = Results("rtpipe bench --quick", Machine(2, 23.5, (1.0, 2.0, 3.0), "3.11", "Linux"))
+    res.rows = [
+        Row("a", 2.0, 1.0, "ev/s", goal=Goal(">= 1x", min_ratio=1.0)),
+        Row("b", 1.0, 2.0, "ev/s", goal=Goal(">= 1x", min_ratio=1.0)),
+        Row("c", 1.0, None, "ms"),
+    ]
+    res.sections["Where"] = "body"
+    text = res.markdown()
+    assert "`rtpipe bench --quick`" in text
+    assert "2 cores, 23.5 GB RAM, load average at start 1.00 / 2.00 / 3.00" in text
+    assert "Goals met: 1 of 2." in text
+    assert text.endswith("## Where\n\nbody\n")
+
+
+def test_decision_stats_per_hop() -> None:
+    # ingest, enriched, predicted, routed (ms)
+    ts = np.array([[1_000, 1_050, 1_060, 1_070], [2_000, 2_100, 2_120, 2_130]])
+    st = decision_stats(ts)
+    assert st["events"] == 2
+    assert st["eps"] == 2 / 1.13
+    assert st["ingest -> enriched p50"] == 75.0
+    assert st["predicted -> routed p99"] == 10.0
+    assert st["ingest -> routed (total) p50"] == 100.0
+    assert decision_stats(np.empty((0, 4), dtype=np.int64)) == {"events": 0.0}
+
+
+def test_plans_are_consecutive_windows_of_the_asked_sizes() -> None:
+    t0 = pd.Timestamp("2018-04-09", tz="UTC")
+    tx = pd.DataFrame({"tx_datetime": t0 + pd.to_timedelta(np.arange(100), unit="min")})
+    first, second = plans(tx, t0, [10, 30])
+    assert first.start == t0 and first.end == second.start
+    inside = lambda p: int(((tx.tx_datetime >= p.start) & (tx.tx_datetime < p.end)).sum())  # noqa: E731
+    assert (inside(first), inside(second)) == (10, 30)
+
+
+class FakeOnline:
+    def __init__(self) -> None:
+        self.calls: list[list[dict[str, Any]]] = []
+
+    def get_online_features(self, features: Any, entity_rows: list[dict[str, Any]]) -> Any:
+        self.calls.append(entity_rows)
+        values: dict[str, list[Any]] = {f: [1.5] for f in (*CUSTOMER_FEATURES, *TERMINAL_FEATURES)}
+        values["terminal_risk_1d"] = [None]
+
+        class Response:
+            def to_dict(self) -> dict[str, list[Any]]:
+                return values
+
+        return Response()
+
+
+class FakeModel:
+    def __init__(self) -> None:
+        self.rows: list[list[float]] = []
+
+    def predict(self, data: Any, **kwargs: Any) -> Any:
+        self.rows.extend(data)
+        return [0.25]
+
+
+def test_naive_scorer_one_message() -> None:
+    online, model = FakeOnline(), FakeModel()
+    scorer = NaiveScorer(online, "fraud_model_v1", model, MODEL_FEATURES)
+    saturday_night = int(pd.Timestamp("2018-04-07 03:00", tz="UTC").value // 1_000_000)
+    msg = json.dumps(
+        {
+            "transaction_id": 42,
+            "customer_id": 7,
+            "terminal_id": 9,
+            "amount": 12.5,
+            "event_ms": saturday_night,
+            "ts": {"ingest_ms": 1, "enriched_ms": 2},
+        }
+    ).encode()
+    key, value = scorer.score(msg)
+    assert key == b"42"
+    assert online.calls == [[{"customer_id": 7, "terminal_id": 9}]]
+    (row,) = model.rows
+    assert row[:3] == [12.5, 1, 1]  # amount, is_weekend, is_night
+    assert math.isnan(row[MODEL_FEATURES.index("terminal_risk_1d")])
+    out = json.loads(value)
+    assert out["transaction_id"] == 42 and out["score"] == 0.25
+    assert out["ts"]["ingest_ms"] == 1 and out["ts"]["predicted_ms"] > 2
