@@ -73,14 +73,13 @@ def simulate(
 
 @app.command()
 def backfill() -> None:
-    """Compute every feature in batch from the raw data and write Feast's offline store."""
-    from training.features import backfill_offline_store
+    """Compute every feature in batch from the raw data; replace Feast's offline store."""
+    from stages.ops.demo import backfill as run_backfill
     from training.simulate import read_dataset
 
     settings = _settings()
-    paths = backfill_offline_store(settings, read_dataset(settings.data_dir))
-    for view, path in paths.items():
-        console.print(f"{view}: {path}")
+    run_backfill(settings, read_dataset(settings.data_dir))
+    console.print(f"offline store rewritten under {settings.offline_dir}")
 
 
 @feast_app.command("apply")
@@ -133,15 +132,15 @@ def train(
 
 @app.command("run")
 def run_stage(
-    stage: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES[:3])}.")],
+    stage: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES)}.")],
 ) -> None:
     """Run one pipeline stage in this process until SIGTERM."""
     from stages.shared.kafka import StopFlag
     from stages.shared.metrics import build_metrics
 
     settings = _settings()
-    if stage not in STAGES[:3]:
-        raise typer.BadParameter(f"unknown stage {stage!r}; choose from {STAGES[:3]}")
+    if stage not in STAGES:
+        raise typer.BadParameter(f"unknown stage {stage!r}; choose from {STAGES}")
     metrics = build_metrics()
     metrics.serve(settings.metrics.host, settings.metrics.port(stage))  # type: ignore[arg-type]
     if stage == "enrichment":
@@ -155,6 +154,10 @@ def run_stage(
         from stages.prediction.app import run as run_prediction
 
         stats = run_prediction(settings, stop, metrics=metrics)
+    elif stage == "evaluation":
+        from stages.evaluation.app import run as run_evaluation
+
+        stats = run_evaluation(settings, stop, metrics=metrics)
     else:
         from stages.routing.app import run as run_routing
 
@@ -215,6 +218,22 @@ def audit(
     )
     if report.lost or report.duplicated:
         raise typer.Exit(1)
+
+
+@app.command()
+def backtest(
+    start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD.")] = "2018-08-08",
+    days: Annotated[int, typer.Option(help="Days to backtest.")] = 7,
+    version: Annotated[str | None, typer.Option(help="Model version (default: promoted).")] = None,
+) -> None:
+    """Replay an offline period through the prediction code path; the training metrics."""
+    import json
+
+    from stages.ops.backtest import backtest as run_backtest
+
+    settings = _settings()
+    result = run_backtest(settings, start, days, model_version=version)
+    Console().print_json(json.dumps(result.summary(), default=str))
 
 
 @model_app.command("list")

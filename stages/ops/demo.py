@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,20 +18,24 @@ from pathlib import Path
 
 import pandas as pd
 import redis
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, ConsumerGroupState, KafkaException
+from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from stages.ops.audit import AuditReport, audit
 from stages.ops.replay import ReplayPlan, replay
+from stages.ops.report import MetricsSampler, render_run_report
 from stages.shared.kafka import ensure_topics
+from stages.shared.schemas import CUSTOMER_VIEW, TERMINAL_VIEW
 from stages.shared.settings import Settings, settings_to_env
 
 logger = logging.getLogger(__name__)
 console = Console()
 
 PIPELINE_STAGES = ("enrichment", "prediction", "routing")
+DEMO_STAGES = (*PIPELINE_STAGES, "evaluation")
 
 
 @dataclass
@@ -110,6 +115,39 @@ def clear_online_store(settings: Settings) -> int:
     if batch:
         deleted += client.unlink(*batch)
     return deleted
+
+
+def wait_until_ready(
+    settings: Settings, procs: list[StageProcess], timeout_s: float = 180.0
+) -> float:
+    """Wait until every stage's consumer group is stable with partitions assigned, so the
+    replay measures the pipeline rather than its start-up. Returns the seconds waited."""
+    groups = {
+        "enrichment": settings.enrichment.consumer_group,
+        "prediction": settings.prediction.consumer_group,
+        "routing": settings.routing.consumer_group,
+        "evaluation": settings.evaluation.consumer_group,
+    }
+    wanted = [settings.topics.group(groups[sp.name]) for sp in procs]
+    admin = AdminClient(settings.kafka.client_config())
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        dead = [sp.name for sp in procs if sp.proc.poll() is not None]
+        if dead:
+            raise RuntimeError(f"stage(s) exited during start-up: {dead}; see {procs[0].log}")
+        ready = 0
+        for fut in admin.describe_consumer_groups(wanted).values():
+            try:
+                desc = fut.result(timeout=10)
+            except KafkaException:
+                continue
+            assigned = any(m.assignment.topic_partitions for m in desc.members)
+            if desc.state == ConsumerGroupState.STABLE and assigned:
+                ready += 1
+        if ready == len(wanted):
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise TimeoutError(f"stages not ready after {timeout_s:.0f}s; see {procs[0].log.parent}")
 
 
 class OutcomeWatcher:
@@ -214,6 +252,15 @@ def print_summary(settings: Settings, report: AuditReport, replay_seconds: float
     )
 
 
+def backfill(settings: Settings, tx: pd.DataFrame) -> None:
+    """Replace the offline store's history with the batch features of ``tx``."""
+    from training.features import backfill_offline_store
+
+    for view in (CUSTOMER_VIEW, TERMINAL_VIEW):
+        shutil.rmtree(settings.offline_dir / view, ignore_errors=True)
+    backfill_offline_store(settings, tx)
+
+
 def run_demo(
     settings: Settings, replay_start: date, replay_days: float, fresh: bool = False
 ) -> int:
@@ -221,7 +268,6 @@ def run_demo(
     from infra import stack
     from stages.shared.feast_store import apply_repo
     from training import registry
-    from training.features import backfill_offline_store
     from training.simulate import SimulatorConfig, read_dataset, simulate, write_dataset
     from training.train import train
 
@@ -240,7 +286,12 @@ def run_demo(
 
     console.rule("3/6 Feast: apply and backfill the offline store")
     apply_repo(settings)
-    backfill_offline_store(settings, tx)
+    marker = settings.offline_dir / "BACKFILLED"
+    if fresh or not marker.exists() or marker.stat().st_mtime < data_file.stat().st_mtime:
+        backfill(settings, tx)
+        marker.write_text(f"{len(tx)} transactions\n")
+    else:
+        console.print(f"offline store already backfilled from {data_file}")
 
     console.rule("4/6 training from the offline store")
     name = settings.prediction.model_name
@@ -264,8 +315,12 @@ def run_demo(
     ensure_topics(settings.kafka, settings.topics)
     cleared = clear_online_store(settings)
     logger.info("cleared %d online rows", cleared)
-    procs = start_stages(settings)
+    procs = start_stages(settings, DEMO_STAGES)
+    sampler = MetricsSampler.for_stages(settings, interval_s=1.0)
     try:
+        waited = wait_until_ready(settings, procs)
+        console.print(f"stages ready after {waited:.1f}s: {', '.join(DEMO_STAGES)}")
+        sampler.start()
         begin = pd.Timestamp(replay_start, tz="UTC")
         plan = ReplayPlan(begin, begin + pd.Timedelta(days=replay_days))
         expected = tx.loc[
@@ -285,9 +340,15 @@ def run_demo(
             f"labels in {result.seconds:.1f}s"
         )
         report = wait_for_outcomes(settings, expected, procs, timeout_s=600)
+        # Let the evaluation stage see the last decisions before the stages stop.
+        time.sleep(3.0)
     finally:
+        frames = sampler.stop()
         codes = stop_stages(procs)
     console.rule("6/6 summary")
     print_summary(settings, report, result.seconds)
+    out_dir = settings.home / "runs" / run_id
+    pictures = render_run_report(settings, report, out_dir, frames, title=f"rtpipe demo {run_id}")
+    console.print(f"pictures: {', '.join(str(p) for p in pictures)}")
     console.print(f"stage exit codes: {codes}; logs in {procs[0].log.parent}")
     return 0 if not report.lost and not report.duplicated else 1

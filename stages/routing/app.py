@@ -111,6 +111,8 @@ def run(
         stage=STAGE,
         on_batch_done=on_batch,
         on_rebalance=on_rebalance,
-        stats_cb=lambda js: stage.metrics.lag_from_stats(STAGE, js),
+        on_lag=lambda topic, part, lag: stage.metrics.consumer_lag.labels(
+            STAGE, topic, str(part)
+        ).set(lag),
     )
     return loop.run(stop, max_idle_s=max_idle_s)

@@ -234,7 +234,8 @@ class TransactionalBatchLoop:
         stage: str,
         on_batch_done: Callable[[int, float], None] | None = None,
         on_rebalance: Callable[[str, list[TopicPartition]], None] | None = None,
-        stats_cb: Callable[[str], None] | None = None,
+        on_lag: Callable[[str, int, int], None] | None = None,
+        lag_interval_s: float = 5.0,
     ) -> None:
         self._settings = settings
         self._group_id = group_id
@@ -245,7 +246,9 @@ class TransactionalBatchLoop:
         self._stage = stage
         self._on_batch_done = on_batch_done
         self._on_rebalance = on_rebalance
-        self._stats_cb = stats_cb
+        self._on_lag = on_lag
+        self._lag_interval_s = lag_interval_s
+        self._next_lag = 0.0
         self.stats = LoopStats()
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
@@ -254,8 +257,6 @@ class TransactionalBatchLoop:
     def _open(self) -> None:
         kafka = self._settings.kafka
         extra: dict[str, Any] = {"max.partition.fetch.bytes": 4 * 1024 * 1024}
-        if self._stats_cb is not None:
-            extra.update({"statistics.interval.ms": 5_000, "stats_cb": self._stats_cb})
         self._consumer = Consumer(consumer_config(kafka, self._group_id, **extra))
         txn_id = f"{self._group_id}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._producer = Producer(
@@ -301,6 +302,7 @@ class TransactionalBatchLoop:
         idle_since = time.monotonic()
         try:
             while not stop.is_set():
+                self._report_lag()
                 msgs = self._consumer.consume(self._max_batch, self._max_wait_s)
                 msgs = [m for m in msgs if self._usable(m)]
                 if not msgs:
@@ -312,6 +314,27 @@ class TransactionalBatchLoop:
         finally:
             self.close()
         return self.stats
+
+    def _report_lag(self) -> None:
+        """Lag per assigned partition: high watermark minus our position. (librdkafka's
+        own ``consumer_lag`` stays unknown when offsets are committed through producer
+        transactions.)"""
+        if self._on_lag is None or self._consumer is None:
+            return
+        now = time.monotonic()
+        if now < self._next_lag:
+            return
+        self._next_lag = now + self._lag_interval_s
+        assigned = self._consumer.assignment()
+        if not assigned:
+            return
+        for tp in self._consumer.position(assigned):
+            try:
+                _, high = self._consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+            except KafkaException:
+                continue
+            if tp.offset >= 0 and high >= 0:
+                self._on_lag(tp.topic, tp.partition, max(0, high - tp.offset))
 
     def _usable(self, msg: Message) -> bool:
         err = msg.error()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 logger = logging.getLogger(__name__)
@@ -64,17 +63,6 @@ class Metrics:
         """Expose ``/metrics`` on ``host:port`` (a daemon thread)."""
         start_http_server(port, addr=host, registry=self.registry)
         logger.info("metrics on http://%s:%d/metrics", host, port)
-
-    def lag_from_stats(self, stage: str, stats_json: str) -> None:
-        """librdkafka ``stats_cb`` payload -> consumer lag gauge per partition."""
-        stats = orjson.loads(stats_json)
-        for topic, tstats in stats.get("topics", {}).items():
-            for part, pstats in tstats.get("partitions", {}).items():
-                if part == "-1":
-                    continue
-                lag = pstats.get("consumer_lag_stored", pstats.get("consumer_lag", -1))
-                if lag is not None and lag >= 0:
-                    self.consumer_lag.labels(stage, topic, part).set(lag)
 
 
 def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
