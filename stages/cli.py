@@ -236,6 +236,20 @@ def backtest(
     Console().print_json(json.dumps(result.summary(), default=str))
 
 
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="Smaller sizes, fewer trials (~3 min).")] = False,
+    out: Annotated[Path, typer.Option(help="Where to write the results table.")] = Path(
+        "bench/RESULTS.md"
+    ),
+) -> None:
+    """Benchmarks side by side (ratios of medians): online I/O, prediction, pipeline."""
+    from bench.run import main as run_bench
+
+    settings = _settings()
+    run_bench(settings, quick, out)
+
+
 @model_app.command("list")
 def model_list() -> None:
     """List registered versions; the promoted one is marked."""
