@@ -5,18 +5,35 @@ The entity frame is one row per transaction of a date range (``customer_id``, ``
 each row, the latest feature row of each view at or before that time (within the view's TTL);
 the request features (amount, is_weekend, is_night) come from the transaction itself, exactly as
 the prediction stage computes them online.
+
+**Speed.** Feast 0.67's file (Dask) offline store merges every entity row with the *whole*
+history of its key before it applies the TTL, so a join over a few days of a six-month store
+pays for six months. Each Feast call therefore runs against a *time-restricted snapshot* of the
+offline store (:func:`offline_snapshot`): the same registry (same views, same feature service),
+over a temporary copy of only the feature rows that can matter, those with an event time in
+``[first entity time - view TTL, last entity time]``. The answer is the same by construction (a
+point-in-time join with a TTL never reads a row outside that range); on the reference split
+(7 + 7 days of a 183-day store) it cuts the join's CPU time about threefold.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from stages.shared.schemas import CUSTOMER_FEATURES, MODEL_FEATURES, TERMINAL_FEATURES
@@ -120,18 +137,102 @@ def _tie_free_batches(entity_df: pd.DataFrame) -> list[pd.DataFrame]:
     return batches
 
 
+SNAPSHOT_PART = "part-snapshot.parquet"
+
+
+def _snapshot_sources(store: FeatureStore) -> dict[str, tuple[Path, str, pd.Timedelta]] | None:
+    """Per relative source path: (resolved folder, timestamp field, longest TTL of its views).
+
+    None when some view is not backed by a relative-path Parquet FileSource (nothing to narrow
+    then: the caller joins against the store as it is).
+    """
+    from feast.infra.offline_stores.file_source import FileSource
+
+    out: dict[str, tuple[Path, str, pd.Timedelta]] = {}
+    for fv in store.list_feature_views():
+        src = fv.batch_source
+        if not isinstance(src, FileSource) or Path(src.path).is_absolute() or "://" in src.path:
+            return None
+        if not fv.ttl:
+            return None  # no TTL: every older row may matter
+        folder = Path(FileSource.get_uri_for_file_path(store.config.repo_path, src.path))
+        ttl = pd.Timedelta(fv.ttl)
+        prev = out.get(src.path)
+        out[src.path] = (folder, src.timestamp_field, max(ttl, prev[2]) if prev else ttl)
+    return out
+
+
+@contextmanager
+def offline_snapshot(
+    store: FeatureStore, start: pd.Timestamp, end: pd.Timestamp
+) -> Iterator[FeatureStore]:
+    """The store restricted to the feature rows a point-in-time join over ``[start, end]`` reads.
+
+    A temporary repo folder gets, for each view's Parquet source, the rows with event time in
+    ``[start - TTL, end]`` (one part file, same schema) and a copy of the registry; the store
+    opened there has the same project, views and feature services. Falls back to ``store``
+    itself when a source is not a relative-path Parquet folder or a view has no TTL.
+
+    Args:
+        store: the feature store (its registry and offline folders are only read).
+        start: earliest entity timestamp of the join (tz-aware).
+        end: latest entity timestamp of the join (inclusive).
+    """
+    from feast import FeatureStore
+
+    sources = _snapshot_sources(store)
+    if sources is None:
+        logger.info("offline store not narrowable (non-file source or no TTL): full join")
+        yield store
+        return
+    repo_path = Path(str(store.config.repo_path))
+    tmp = Path(tempfile.mkdtemp(prefix="rtpipe-pit-"))
+    try:
+        for rel, (folder, ts_field, ttl) in sources.items():
+            dataset = pds.dataset(folder, format="parquet")
+            ts_type = dataset.schema.field(ts_field).type
+            lo = pa.scalar((start - ttl).to_pydatetime(), ts_type)
+            hi = pa.scalar(end.to_pydatetime(), ts_type)
+            field = pds.field(ts_field)
+            table = dataset.to_table(filter=(field >= lo) & (field <= hi))
+            (tmp / rel).mkdir(parents=True)
+            pq.write_table(table, tmp / rel / SNAPSHOT_PART)
+        registry = Path(store.config.registry.path)
+        if not registry.is_absolute():
+            (tmp / registry).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo_path / registry, tmp / registry)
+        config = store.config.model_copy(deep=True)
+        config.repo_path = tmp
+        yield FeatureStore(repo_path=str(tmp), config=config)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _time_chunks(batch: pd.DataFrame, chunk_rows: int) -> list[pd.DataFrame]:
+    """Equal consecutive slices of at most ``chunk_rows`` rows, in time order (narrow snapshots)."""
+    ordered = batch.sort_values("event_timestamp", kind="stable")
+    n = -(-len(ordered) // max(1, chunk_rows))
+    bounds = np.linspace(0, len(ordered), n + 1).round().astype(int)
+    return [ordered.iloc[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+
+
 def point_in_time_features(
     store: FeatureStore,
     window: pd.DataFrame,
     feature_service: str,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: bool = True,
+    allow_missing: bool = False,
 ) -> pd.DataFrame:
     """Stored features of each transaction by a Feast point-in-time join, in ``window`` order.
 
-    Feast's file (Dask) offline store merges every entity row with the whole history of its key
-    before filtering on time, so cost and memory grow with rows x history; the entity frame is
-    sent in chunks of ``chunk_rows`` to bound memory (time is about linear either way).
+    Feast's file (Dask) offline store merges every entity row with the history of its key
+    before filtering on time, so cost and memory grow with rows x history: the entity frame is
+    sent in time-ordered chunks of ``chunk_rows``, each against an :func:`offline_snapshot`
+    holding only the feature rows of its time range.
+
+    With ``allow_missing``, transactions without a stored row get NaN instead of an error
+    (the skew check counts them).
 
     Raises:
         MissingFeaturesError: if some transaction has no stored feature row.
@@ -146,14 +247,14 @@ def point_in_time_features(
         }
     )
     t0 = time.perf_counter()
-    step = max(1, chunk_rows)
     calls: list[pd.DataFrame] = []
     for batch in _tie_free_batches(entity_df):
-        calls.extend(batch.iloc[lo : lo + step] for lo in range(0, len(batch), step))
-    parts = [
-        store.get_historical_features(entity_df=call, features=service).to_df()
-        for call in tqdm(calls, desc="point-in-time join", unit="call", disable=not progress)
-    ]
+        calls.extend(_time_chunks(batch, chunk_rows))
+    parts = []
+    for call in tqdm(calls, desc="point-in-time join", unit="call", disable=not progress):
+        ts = call["event_timestamp"]
+        with offline_snapshot(store, ts.min(), ts.max()) as snapshot:
+            parts.append(snapshot.get_historical_features(entity_df=call, features=service).to_df())
     joined = pd.concat(parts, ignore_index=True)
     logger.info("point-in-time join of %d rows in %.1f s", len(joined), time.perf_counter() - t0)
     joined = joined.set_index("transaction_id").reindex(window["transaction_id"].to_numpy())
@@ -163,7 +264,7 @@ def point_in_time_features(
             raise KeyError(f"feature service {feature_service} did not return {name}")
         col = pd.to_numeric(joined[name], errors="raise").astype("float64").to_numpy()
         n_missing = int(np.isnan(col).sum())
-        if n_missing:
+        if n_missing and not allow_missing:
             raise MissingFeaturesError(name, n_missing, len(col))
         out[name] = col
     return out
@@ -177,7 +278,7 @@ def build_datasets(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: bool = True,
 ) -> list[Dataset]:
-    """Datasets of several ``(start day, number of days)`` windows with one point-in-time join.
+    """Datasets of several ``(start day, number of days)`` windows by point-in-time joins.
 
     Args:
         store: an open feature store whose offline store holds the feature history.
@@ -205,7 +306,14 @@ def build_datasets(
         spans.append((begin, end))
         frames.append(window)
     union = pd.concat(frames, ignore_index=True)
-    stored = point_in_time_features(store, union, feature_service, chunk_rows, progress)
+    # One join per window: a snapshot spanning two windows would also hold the gap between them.
+    stored = pd.concat(
+        [
+            point_in_time_features(store, window, feature_service, chunk_rows, progress)
+            for window in frames
+        ],
+        ignore_index=True,
+    )
     X_all = pd.concat([request_features(union), stored], axis=1)[list(MODEL_FEATURES)]
     X_all = X_all.astype("float64")
     out = []
