@@ -1,0 +1,320 @@
+"""Training report: side-by-side metrics of every model, plots, and the Markdown around them.
+
+Pure functions over metrics and scores, plus the plot writers (matplotlib's Agg backend, no
+display needed). ``train.py`` calls :func:`write_report` with the version folder.
+
+Plots (PNG, in the version folder):
+
+* ``roc.png`` and ``precision_recall.png``: the curves of every model on the test rows that the
+  metrics are computed on (known compromised cards removed);
+* ``feature_importance.png``: LightGBM gain share per feature;
+* ``score_distribution.png``: LightGBM test scores by class (log-scaled counts).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.table import Table
+
+from training.evaluate import Metrics
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "report.md"
+PLOT_FILES = {
+    "roc": "roc.png",
+    "precision_recall": "precision_recall.png",
+    "feature_importance": "feature_importance.png",
+    "score_distribution": "score_distribution.png",
+}
+PRIMARY_MODEL = "lightgbm"
+
+
+def comparison_frame(metrics: Mapping[str, Metrics]) -> pd.DataFrame:
+    """One row per model (in the given order): ROC AUC, AP, card precision@k."""
+    rows = [
+        {
+            "model": name,
+            "roc_auc": m.roc_auc,
+            "average_precision": m.average_precision,
+            "card_precision_at_k": m.card_precision_at_k,
+            "k": m.k,
+        }
+        for name, m in metrics.items()
+    ]
+    return pd.DataFrame(
+        rows, columns=["model", "roc_auc", "average_precision", "card_precision_at_k", "k"]
+    )
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def _k(metrics: Mapping[str, Metrics]) -> int:
+    ks = {m.k for m in metrics.values()}
+    return ks.pop() if len(ks) == 1 else 0
+
+
+def markdown_table(metrics: Mapping[str, Metrics], best_marker: str = " **") -> str:
+    """The side-by-side table in Markdown; the best value of each column is in bold."""
+    frame = comparison_frame(metrics)
+    k = _k(metrics)
+    cols = ("roc_auc", "average_precision", "card_precision_at_k")
+    best = {c: frame[c].max(skipna=True) for c in cols}
+    head = f"| model | ROC AUC | average precision | card precision@{k or 'k'} |"
+    lines = [head, "|---|---|---|---|"]
+    for _, row in frame.iterrows():
+        cells = []
+        for c in cols:
+            text = _fmt(row[c])
+            if best_marker and not math.isnan(row[c]) and row[c] == best[c]:
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def text_table(metrics: Mapping[str, Metrics]) -> str:
+    """The side-by-side table as aligned plain text (for logs and ``str(result)``)."""
+    k = _k(metrics)
+    header = ("model", "ROC AUC", "AP", f"CP@{k or 'k'}")
+    rows = [
+        (name, _fmt(m.roc_auc), _fmt(m.average_precision), _fmt(m.card_precision_at_k))
+        for name, m in metrics.items()
+    ]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            [r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True))]
+        )
+        for r in (header, *rows)
+    ]
+    return "\n".join(lines)
+
+
+def rich_table(metrics: Mapping[str, Metrics], title: str | None = None) -> Table:
+    """The side-by-side table for a rich console; the best value per column is bold."""
+    k = _k(metrics)
+    table = Table(title=title)
+    table.add_column("model")
+    for col in ("ROC AUC", "average precision", f"card precision@{k or 'k'}"):
+        table.add_column(col, justify="right")
+    frame = comparison_frame(metrics)
+    cols = ("roc_auc", "average_precision", "card_precision_at_k")
+    best = {c: frame[c].max(skipna=True) for c in cols}
+    for _, row in frame.iterrows():
+        cells = [
+            f"[bold]{_fmt(row[c])}[/bold]" if row[c] == best[c] else _fmt(row[c]) for c in cols
+        ]
+        table.add_row(str(row["model"]), *cells)
+    return table
+
+
+def timings_table(timings: Mapping[str, float]) -> str:
+    """Wall time per step as a Markdown table, with the total."""
+    lines = ["| step | seconds |", "|---|---|"]
+    lines += [f"| {step} | {sec:.1f} |" for step, sec in timings.items()]
+    lines.append(f"| **total** | **{sum(timings.values()):.1f}** |")
+    return "\n".join(lines)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(
+    y: np.ndarray, scores: Mapping[str, np.ndarray], roc_path: Path, pr_path: Path
+) -> None:
+    """ROC and precision-recall curves of every model on the same labelled rows."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
+
+    plt = _pyplot()
+    y = np.asarray(y)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name, s in scores.items():
+        fpr, tpr, _ = roc_curve(y, s)
+        auc = float(np.trapezoid(tpr, fpr))
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})", lw=2 if name == PRIMARY_MODEL else 1)
+    ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test window)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(roc_path, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name, s in scores.items():
+        precision, recall, _ = precision_recall_curve(y, s)
+        ap = float(average_precision_score(y, s))
+        ax.step(
+            recall,
+            precision,
+            where="post",
+            label=f"{name} (AP {ap:.3f})",
+            lw=2 if name == PRIMARY_MODEL else 1,
+        )
+    ax.axhline(float(np.mean(y)), ls=":", c="grey", lw=1, label="fraud rate")
+    ax.set(
+        xlabel="recall",
+        ylabel="precision",
+        title="Precision-recall (test window)",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(pr_path, dpi=110)
+    plt.close(fig)
+
+
+def plot_importance(importance: pd.Series, path: Path) -> None:
+    """Horizontal bars of the gain share per feature, largest on top."""
+    plt = _pyplot()
+    imp = importance.sort_values()
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(imp) + 1.2))
+    ax.barh(list(imp.index), imp.to_numpy())
+    ax.set(xlabel="share of total gain", title="LightGBM feature importance (gain)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_score_distribution(y: np.ndarray, score: np.ndarray, path: Path) -> None:
+    """Histograms of the scores of legitimate and fraudulent test rows (log counts)."""
+    plt = _pyplot()
+    y = np.asarray(y)
+    bins = np.linspace(0.0, 1.0, 51)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(score[y == 0], bins=bins, alpha=0.6, label=f"legitimate ({int((y == 0).sum())})")
+    ax.hist(score[y == 1], bins=bins, alpha=0.6, label=f"fraud ({int((y == 1).sum())})")
+    ax.set_yscale("log")
+    ax.set(
+        xlabel="LightGBM score",
+        ylabel="transactions (log)",
+        title="Score distribution by class (test window)",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(
+    folder: Path,
+    y: np.ndarray,
+    scores: Mapping[str, np.ndarray],
+    importance: pd.Series,
+    primary: str = PRIMARY_MODEL,
+) -> dict[str, Path]:
+    """Write every plot into ``folder``; returns the path per plot key of :data:`PLOT_FILES`."""
+    paths = {key: folder / name for key, name in PLOT_FILES.items()}
+    if np.unique(np.asarray(y)).size == 2:
+        plot_curves(y, scores, paths["roc"], paths["precision_recall"])
+    else:
+        logger.warning("one class only in the test rows: no ROC/PR curves")
+        del paths["roc"], paths["precision_recall"]
+    plot_importance(importance, paths["feature_importance"])
+    plot_score_distribution(np.asarray(y), np.asarray(scores[primary]), paths["score_distribution"])
+    return paths
+
+
+def render_report(
+    meta: Mapping[str, Any],
+    metrics: Mapping[str, Metrics],
+    importance: pd.Series,
+    timings: Mapping[str, float],
+    plots: Mapping[str, Path],
+    primary: str = PRIMARY_MODEL,
+) -> str:
+    """The Markdown report of one training run.
+
+    Args:
+        meta: the registered metadata (name, version, windows, counts, tuning...).
+        metrics: test metrics per model, the primary (registered) model included.
+        importance: the primary model's gain share per feature, largest first.
+        timings: wall seconds per step.
+        plots: plot paths by :data:`PLOT_FILES` key (linked relatively).
+    """
+    m = metrics[primary]
+    tuning = meta.get("tuning") or {}
+    lines = [
+        f"# {meta['name']} {meta['version']}",
+        "",
+        f"- feature service: `{meta['feature_service']}` ({len(meta['features'])} features)",
+        f"- training window: {meta['training_window']['start']} .. "
+        f"{meta['training_window']['end_inclusive']} ({meta['n_train']} transactions, "
+        f"{meta['n_train_frauds']} frauds)",
+        f"- test window: {meta['test_window']['start']} .. {meta['test_window']['end_inclusive']}"
+        f" ({m.n_transactions} transactions and {m.n_frauds} frauds after removing "
+        f"{m.n_removed_known_compromised} rows of known compromised cards)",
+        f"- registered model: LightGBM, {meta['best_iteration']} boosting rounds, "
+        f"monotone increasing in {', '.join(meta.get('monotone_increasing', [])) or 'nothing'}",
+        f"- data fingerprint: `{meta['data_fingerprint'][:16]}`",
+        "",
+        "## Test metrics, side by side",
+        "",
+        "Same training rows and features for every model; the test window is only scored.",
+        "",
+        markdown_table(metrics),
+        "",
+        f"LightGBM card precision@{m.k} per test day: "
+        + ", ".join(f"{d}: {v:.2f}" for d, v in m.card_precision_per_day.items()),
+        "",
+    ]
+    if "roc" in plots:
+        lines += [
+            f"![ROC]({plots['roc'].name})",
+            "",
+            f"![Precision-recall]({plots['precision_recall'].name})",
+            "",
+        ]
+    if tuning:
+        trials = tuning.get("trials", [])
+        keys = list(trials[0]["params"]) if trials else []
+        lines += [
+            "## LightGBM tuning (time-based validation)",
+            "",
+            f"Fitted on the training days before {tuning.get('validation_start')}, early "
+            f"stopping and selection on average precision over the last "
+            f"{meta['validation_days']} training days ({tuning.get('validation_rows')} rows, "
+            f"{tuning.get('validation_frauds')} frauds); then refitted on the whole training "
+            "window with the chosen number of rounds. The test window plays no part.",
+            "",
+            "| " + " | ".join(keys) + " | validation AP | rounds |",
+            "|" + "---|" * (len(keys) + 2),
+        ]
+        for t in trials:
+            mark = " (chosen)" if t["params"] == tuning.get("best", {}).get("params") else ""
+            lines.append(
+                "| "
+                + " | ".join(str(t["params"][k]) for k in keys)
+                + f" | {t['validation_ap']:.4f}{mark} | {t['best_iteration']} |"
+            )
+        lines.append("")
+    lines += [
+        "## LightGBM feature importance (gain)",
+        "",
+        "| feature | gain share |",
+        "|---|---|",
+        *(f"| {name} | {share:.3f} |" for name, share in importance.items()),
+        "",
+    ]
+    if "feature_importance" in plots:
+        lines += [f"![Feature importance]({plots['feature_importance'].name})", ""]
+    if "score_distribution" in plots:
+        lines += [f"![Score distribution]({plots['score_distribution'].name})", ""]
+    lines += ["## Wall time per step", "", timings_table(timings), ""]
+    return "\n".join(lines)
