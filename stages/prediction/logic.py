@@ -13,6 +13,7 @@ import orjson
 
 from stages.shared.schemas import (
     DAY_MS,
+    MAX_AMOUNT,
     MAX_ID,
     REQUEST_FEATURES,
     InvalidMessage,
@@ -50,6 +51,54 @@ def _stage_ms(value: object) -> int:
     return value
 
 
+def _fast_row(
+    i: int, obj: dict[str, object]
+) -> tuple[int, int, int, int, float, int, int, int] | None:
+    """The common case, checked with exact type tests only; ``None`` sends the message to
+    the slow path, which names what is wrong (or accepts an unusual but valid message)."""
+    try:
+        tid, cid, term = obj["transaction_id"], obj["customer_id"], obj["terminal_id"]
+        amount, event_ms = obj["amount"], obj["event_ms"]
+    except KeyError:
+        return None
+    if not (
+        type(tid) is int
+        and type(cid) is int
+        and type(term) is int
+        and type(event_ms) is int
+        and type(amount) is float
+    ):
+        return None
+    if not (
+        0 <= tid < MAX_ID
+        and 0 <= cid < MAX_ID
+        and 0 <= term < MAX_ID
+        and 0 < event_ms < MAX_ID
+        and 0.0 <= amount <= MAX_AMOUNT
+    ):
+        return None
+    ts = obj.get("ts")
+    enriched = ingest = 0
+    if type(ts) is dict:
+        enriched = _stage_ms(ts.get("enriched_ms"))
+        ingest = _stage_ms(ts.get("ingest_ms"))
+    return (i, tid, cid, term, amount, event_ms, enriched, ingest)
+
+
+def _fast_carried(feats: object) -> dict[str, dict[str, float]] | None:
+    """Carried aggregates when every value is a float (as the enrichment stage writes
+    them); ``None`` for anything else, which the slow path checks value by value."""
+    if type(feats) is not dict:
+        return None
+    for values in feats.values():
+        if type(values) is not dict:
+            return None
+        for v in values.values():
+            if type(v) is not float or v - v != 0.0:  # not a float, or inf/nan
+                return None
+    return feats  # type: ignore[return-value]
+
+
 def _carried(feats: object) -> dict[str, dict[str, float]]:
     """The aggregates the enrichment stage attached: per view, finite numbers only."""
     if feats is None:
@@ -83,6 +132,13 @@ def decode_enriched(
             obj = orjson.loads(raw)
             if not isinstance(obj, dict):
                 raise InvalidMessage("not_object", type(obj).__name__)
+            fast = _fast_row(i, obj)
+            if fast is not None:
+                fast_feats = _fast_carried(obj.get("features"))
+                if fast_feats is not None:
+                    rows.append(fast)
+                    carried.append(fast_feats)
+                    continue
             missing = [k for k in _REQUIRED if k not in obj]
             if missing:
                 raise InvalidMessage("missing_field", ",".join(missing))
@@ -156,19 +212,25 @@ def point_in_time(
     column = {name: j for j, name in enumerate(feature_names)}
     replaced: dict[str, int] = {}
     for view, ts in event_ts_ms.items():
-        future = np.flatnonzero(found[view] & (ts > batch.event_ms))
-        done = 0
-        for i in future.tolist():
-            snap = batch.carried[i].get(view)
-            if not snap:
-                continue
-            for name, v in snap.items():
-                j = column.get(name)
-                if j is not None:
-                    values[i, j] = v
-            ts[i] = batch.event_ms[i]
-            done += 1
-        replaced[view] = done
+        future = np.flatnonzero(found[view] & (ts > batch.event_ms)).tolist()
+        rows = [i for i in future if batch.carried[i].get(view)]
+        replaced[view] = len(rows)
+        if not rows:
+            continue
+        names = [n for n in batch.carried[rows[0]][view] if n in column]
+        try:
+            block = np.array(
+                [[batch.carried[i][view][n] for n in names] for i in rows], dtype=np.float64
+            )
+            values[np.ix_(rows, [column[n] for n in names])] = block
+        except KeyError:
+            # Snapshots with differing feature sets: fill row by row.
+            for i in rows:
+                for name, v in batch.carried[i][view].items():
+                    j = column.get(name)
+                    if j is not None:
+                        values[i, j] = v
+        ts[rows] = batch.event_ms[rows]
     return replaced
 
 
@@ -232,34 +294,52 @@ def prediction_records(
     model version where a canary scored some rows."""
     names = list(feature_names)
     views = list(feature_ts_ms)
-    ages = {
-        v: np.where(found[v], (batch.event_ms - feature_ts_ms[v]) / 1000.0, np.nan) for v in views
-    }
+    n = len(batch)
+    # Plain Python columns once (numpy scalar indexing per field is the slow part).
+    tid, cid, term = (
+        batch.transaction_id.tolist(),
+        batch.customer_id.tolist(),
+        batch.terminal_id.tolist(),
+    )
+    amount, event_ms = batch.amount.tolist(), batch.event_ms.tolist()
+    ingest, enriched = batch.ingest_ms.tolist(), batch.enriched_ms.tolist()
+    score = scores.tolist()
+    ver = list(versions) if versions is not None else [model_version] * n
+    found_l = {v: found[v].tolist() for v in views}
+    ts_l = {v: feature_ts_ms[v].astype(np.int64).tolist() for v in views}
+    age_l = {v: ((batch.event_ms - feature_ts_ms[v]) / 1000.0).tolist() for v in views}
+    shadow_l = shadow[1].tolist() if shadow is not None else None
+    has_nan = bool(np.isnan(matrix).any())
     matrix_list = matrix.tolist()
     out: list[bytes] = []
-    for i in range(len(batch)):
+    for i in range(n):
         row = matrix_list[i]
+        feats = (
+            {k: (None if v != v else v) for k, v in zip(names, row, strict=True)}
+            if has_nan
+            else dict(zip(names, row, strict=True))
+        )
         rec = {
-            "transaction_id": int(batch.transaction_id[i]),
-            "customer_id": int(batch.customer_id[i]),
-            "terminal_id": int(batch.terminal_id[i]),
-            "amount": float(batch.amount[i]),
-            "event_ms": int(batch.event_ms[i]),
-            "score": float(scores[i]),
+            "transaction_id": tid[i],
+            "customer_id": cid[i],
+            "terminal_id": term[i],
+            "amount": amount[i],
+            "event_ms": event_ms[i],
+            "score": score[i],
             "model": model,
-            "model_version": versions[i] if versions is not None else model_version,
+            "model_version": ver[i],
             "feature_service": feature_service,
-            "features": {n: (None if v != v else v) for n, v in zip(names, row, strict=True)},
-            "feature_ts_ms": {v: int(feature_ts_ms[v][i]) for v in views},
-            "feature_age_s": {v: (None if not found[v][i] else float(ages[v][i])) for v in views},
-            "missing_views": [v for v in views if not found[v][i]],
+            "features": feats,
+            "feature_ts_ms": {v: ts_l[v][i] for v in views},
+            "feature_age_s": {v: (age_l[v][i] if found_l[v][i] else None) for v in views},
+            "missing_views": [v for v in views if not found_l[v][i]],
             "ts": {
-                "ingest_ms": int(batch.ingest_ms[i]),
-                "enriched_ms": int(batch.enriched_ms[i]),
+                "ingest_ms": ingest[i],
+                "enriched_ms": enriched[i],
                 "predicted_ms": predicted_ms,
             },
         }
-        if shadow is not None:
-            rec["shadow"] = {"model_version": shadow[0], "score": float(shadow[1][i])}
+        if shadow_l is not None:
+            rec["shadow"] = {"model_version": shadow[0], "score": shadow_l[i]}  # type: ignore[index]
         out.append(orjson.dumps(rec))
     return out
