@@ -250,6 +250,54 @@ def bench(
     run_bench(settings, quick, out)
 
 
+@app.command("check-skew")
+def check_skew_cmd(
+    prefix: Annotated[str, typer.Option(help="Topic prefix of the run (the demo prints it).")] = "",
+    start: Annotated[str, typer.Option(help="First replayed day.")] = "2018-08-08",
+    days: Annotated[float, typer.Option(help="Days replayed.")] = 7,
+    offline: Annotated[bool, typer.Option(help="Also compare Feast's offline join.")] = True,
+) -> None:
+    """Recompute every feature from the raw data and compare with what was served online
+    (prediction records) and what Feast's point-in-time join returns."""
+    from stages.ops.demo import skew_check
+
+    settings = _settings()
+    if prefix:
+        settings = settings.model_copy(
+            update={"topics": settings.topics.model_copy(update={"prefix": prefix})}
+        )
+    report = skew_check(settings, start, days, offline=offline)
+    Console().print(str(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def chaos(
+    fault: Annotated[
+        list[str] | None, typer.Option(help="Fault to run (repeat); default all.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the report (JSON) here.")] = None,
+) -> None:
+    """Inject faults into the running pipeline (kills, rebalance, Redis and broker outages,
+    a bad model) and audit each: lost and duplicated must be 0."""
+    from stages.ops.chaos import run_chaos
+
+    settings = _settings()
+    report = run_chaos(
+        settings,
+        fault,
+        out,
+        progress=lambda r: Console().print(
+            f"{r.fault}: lost {r.lost}, duplicated {r.duplicated} ({r.seconds:.0f}s)"
+        ),
+    )
+    for line in report.lines():
+        Console().print(line)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @model_app.command("list")
 def model_list() -> None:
     """List registered versions; the promoted one is marked."""

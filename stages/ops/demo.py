@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+import orjson
 import pandas as pd
 import redis
 from confluent_kafka import Consumer, ConsumerGroupState, KafkaException
@@ -24,12 +25,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from stages.ops.audit import AuditReport, audit
+from stages.ops.audit import AuditReport, audit, read_topic
 from stages.ops.replay import ReplayPlan, replay
 from stages.ops.report import MetricsSampler, render_run_report
 from stages.shared.kafka import ensure_topics
 from stages.shared.schemas import CUSTOMER_VIEW, TERMINAL_VIEW
 from stages.shared.settings import Settings, settings_to_env
+from training.skew import SkewReport
 
 logger = logging.getLogger(__name__)
 console = Console()
@@ -252,6 +254,36 @@ def print_summary(settings: Settings, report: AuditReport, replay_seconds: float
     )
 
 
+def skew_check(
+    settings: Settings,
+    start: str | date,
+    days: float,
+    *,
+    offline: bool = True,
+    tx: pd.DataFrame | None = None,
+) -> SkewReport:
+    """Skew check of a replay: served features (prediction records) and Feast's offline
+    join, both against the batch definitions. The replay's customer windows start empty at
+    ``start`` (the replay sends no earlier transactions), so that is the history start."""
+    from training.simulate import read_dataset
+    from training.skew import check_skew, predictions_frame
+
+    tx = read_dataset(settings.data_dir) if tx is None else tx
+    begin = pd.Timestamp(start, tz="UTC")
+    sel = (tx["tx_datetime"] >= begin) & (tx["tx_datetime"] < begin + pd.Timedelta(days=days))
+    records = [
+        orjson.loads(v) for _, v, _ in read_topic(settings, settings.topics.name("predictions"))
+    ]
+    return check_skew(
+        settings,
+        tx,
+        predictions_frame(records),
+        tx.loc[sel, "transaction_id"],
+        history_start=begin,
+        offline=offline,
+    )
+
+
 def backfill(settings: Settings, tx: pd.DataFrame) -> None:
     """Replace the offline store's history with the batch features of ``tx``."""
     from training.features import backfill_offline_store
@@ -347,8 +379,15 @@ def run_demo(
         codes = stop_stages(procs)
     console.rule("6/6 summary")
     print_summary(settings, report, result.seconds)
+    console.rule("skew check: served and offline features vs the batch definitions")
+    skew = skew_check(settings, replay_start, replay_days, tx=tx)
+    console.print(str(skew))
     out_dir = settings.home / "runs" / run_id
     pictures = render_run_report(settings, report, out_dir, frames, title=f"rtpipe demo {run_id}")
     console.print(f"pictures: {', '.join(str(p) for p in pictures)}")
     console.print(f"stage exit codes: {codes}; logs in {procs[0].log.parent}")
-    return 0 if not report.lost and not report.duplicated else 1
+    console.print(
+        f"topic prefix of this run: {settings.topics.prefix}  (e.g. rtpipe check-skew "
+        f"--prefix {settings.topics.prefix})"
+    )
+    return 0 if not report.lost and not report.duplicated and skew.ok else 1
