@@ -2,29 +2,61 @@
 
 Windows, for ``train_start`` = day ``s``: training ``[s, s + train_days)``, then a gap of
 ``delay_days`` (labels of the last training days are only known by then), then the test window
-``[s + train_days + delay_days, ... + test_days)``. Early stopping uses the last
-``validation_days`` of the *training* window; the test window is only ever scored, after the
-model is final. The final model is refitted on the whole training window with the number of
-rounds chosen by early stopping.
+``[s + train_days + delay_days, ... + test_days)``.
+
+Steps (each timed; the times are in the result, the report and the log):
+
+1. load the transactions; 2. build both windows' features by Feast point-in-time joins
+   (``training.dataset``);
+3. tune LightGBM on time-based validation only: the last ``validation_days`` of the *training*
+   window are the validation days (``training.tune``); the winner is refitted on the whole
+   training window with the number of rounds early stopping chose;
+4. fit the baselines on the same rows and features (``training.baselines``);
+5. score the test window with every model and evaluate (``training.evaluate``): the test window
+   is only ever scored, after every model is final;
+6. register the LightGBM model (text format) with its metadata, write the report and plots into
+   the version folder (``training.report``), promote.
+
+**Monotone constraints.** The registered LightGBM is constrained to be non-decreasing in the
+terminal risk features (:data:`MONOTONE_INCREASING`): a terminal whose recent known fraud rate
+goes up must never make a transaction look safer. That is domain knowledge, not a fit to the
+test window; it also makes the behaviour testable (``tests/model``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
 from tqdm.auto import tqdm
 
 from stages.shared.schemas import MODEL_FEATURES
-from training import registry
+from training import registry, tune
+from training.baselines import BASELINES, BaselineName, fit_baselines
 from training.dataset import Dataset, build_datasets, utc_day
-from training.evaluate import Metrics, evaluate
+from training.evaluate import Metrics, evaluate, known_compromised_mask
+from training.reference import build_reference
+from training.report import (
+    PRIMARY_MODEL,
+    REPORT_FILE,
+    render_report,
+    rich_table,
+    text_table,
+    write_plots,
+)
 from training.simulate import read_dataset
 
 if TYPE_CHECKING:
@@ -34,6 +66,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Non-decreasing in these: more known fraud on the terminal never lowers the score.
+MONOTONE_INCREASING: tuple[str, ...] = ("terminal_risk_1d", "terminal_risk_7d", "terminal_risk_30d")
 DEFAULT_PARAMS: dict[str, Any] = {
     "objective": "binary",
     "learning_rate": 0.05,
@@ -43,6 +77,8 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "bagging_fraction": 0.8,
     "bagging_freq": 1,
     "lambda_l2": 1.0,
+    "monotone_constraints": [1 if f in MONOTONE_INCREASING else 0 for f in MODEL_FEATURES],
+    "monotone_constraints_method": "basic",
     "metric": "average_precision",
     "verbose": -1,
     "seed": 0,
@@ -51,14 +87,32 @@ DEFAULT_PARAMS: dict[str, Any] = {
 }
 MAX_ROUNDS = 2000
 EARLY_STOPPING_ROUNDS = 100
-QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
-HISTOGRAM_BINS = 10
-REPORT_FILE = "report.md"
+DEFAULT_TRIALS = tune.DEFAULT_TRIALS
+
+
+class StepTimer:
+    """Wall seconds per named step, in the order the steps ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - t0
+            logger.info("step %s: %.1f s", step, self.seconds[step])
 
 
 @dataclass(frozen=True, slots=True)
 class TrainResult:
-    """What one training run produced."""
+    """What one training run produced.
+
+    ``metrics`` is the registered LightGBM's; ``model_metrics`` has every model's, LightGBM
+    first, in report order; ``timings`` the wall seconds per step.
+    """
 
     version: str
     model_dir: Path
@@ -69,33 +123,44 @@ class TrainResult:
     report_path: Path
     predictions_path: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    model_metrics: dict[str, Metrics] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    plots: dict[str, Path] = field(default_factory=dict)
 
+    def _headline(self) -> str:
+        return (
+            f"{self.metadata.get('name', 'model')} {self.version}: trained on "
+            f"{self.train_window[0]}..{self.train_window[1]}, tested on "
+            f"{self.test_window[0]}..{self.test_window[1]}; report {self.report_path}"
+        )
 
-def distribution(values: np.ndarray) -> dict[str, Any]:
-    """Summary of a training distribution for later drift checks (PSI, quantile shift).
+    def __str__(self) -> str:
+        metrics = self.model_metrics or {PRIMARY_MODEL: self.metrics}
+        steps = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
+        total = sum(self.timings.values())
+        return "\n".join(
+            [
+                self._headline(),
+                text_table(metrics),
+                f"wall time: {steps} (total {total:.1f}s)" if self.timings else "",
+            ]
+        ).rstrip()
 
-    Returns:
-        ``quantiles`` (at ``QUANTILES``), ``histogram`` (``edges`` = unique deciles, open-ended
-        outer bins, and the ``fractions`` of training rows per bin), ``mean``, ``std`` and
-        ``null_fraction``.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    finite = v[np.isfinite(v)]
-    if finite.size == 0:
-        return {"quantiles": {}, "histogram": {"edges": [], "fractions": []}, "null_fraction": 1.0}
-    q = np.quantile(finite, QUANTILES)
-    edges = np.unique(np.quantile(finite, np.linspace(0, 1, HISTOGRAM_BINS + 1))[1:-1])
-    counts = np.bincount(np.searchsorted(edges, finite, side="right"), minlength=edges.size + 1)
-    return {
-        "quantiles": {f"{p:g}": float(x) for p, x in zip(QUANTILES, q, strict=True)},
-        "histogram": {
-            "edges": edges.tolist(),
-            "fractions": (counts / finite.size).tolist(),
-        },
-        "mean": float(finite.mean()),
-        "std": float(finite.std()),
-        "null_fraction": float(1 - finite.size / v.size),
-    }
+    def __rich__(self) -> Group:
+        metrics = self.model_metrics or {PRIMARY_MODEL: self.metrics}
+        parts: list[Any] = [
+            Text(self._headline()),
+            rich_table(metrics, title="test window, known compromised cards removed"),
+        ]
+        if self.timings:
+            t = Table(title="wall time per step")
+            t.add_column("step")
+            t.add_column("seconds", justify="right")
+            for step, sec in self.timings.items():
+                t.add_row(step, f"{sec:.1f}")
+            t.add_row("[bold]total[/bold]", f"[bold]{sum(self.timings.values()):.1f}[/bold]")
+            parts.append(t)
+        return Group(*parts)
 
 
 def fingerprint(ds: Dataset) -> str:
@@ -114,90 +179,39 @@ def _tqdm_callback(bar: tqdm) -> Any:
     return callback
 
 
+def refit(
+    train: Dataset, params: dict[str, Any], rounds: int, progress: bool = True
+) -> lgb.Booster:
+    """LightGBM on the whole training window with a fixed number of rounds."""
+    dall = lgb.Dataset(train.X, train.y, feature_name=list(MODEL_FEATURES), free_raw_data=False)
+    with tqdm(total=rounds, desc="boosting (refit)", disable=not progress) as bar:
+        return lgb.train(params, dall, num_boost_round=rounds, callbacks=[_tqdm_callback(bar)])
+
+
 def fit(
     train: Dataset,
     validation_days: int = 2,
     params: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> tuple[lgb.Booster, int]:
-    """Early-stop on the last ``validation_days`` of ``train``, then refit on all of it.
+    """Early-stop one configuration on the last ``validation_days`` of ``train``, then refit.
 
     Returns:
         The final booster and the number of boosting rounds it has.
+
+    Raises:
+        tune.ValidationSplitError: if the split has no rows or no fraud on either side.
     """
-    params = {**DEFAULT_PARAMS, **(params or {})}
-    cut = train.end - pd.Timedelta(days=validation_days)
-    fit_part, val_part = train.slice_time(train.start, cut), train.slice_time(cut, train.end)
-    if len(fit_part) == 0 or val_part.y.sum() == 0:
-        raise ValueError("validation split needs training rows and at least one fraud after it")
-    features = list(MODEL_FEATURES)
-    dtrain = lgb.Dataset(fit_part.X, fit_part.y, feature_name=features, free_raw_data=False)
-    dval = lgb.Dataset(val_part.X, val_part.y, reference=dtrain, free_raw_data=False)
-    with tqdm(total=MAX_ROUNDS, desc="boosting (early stopping)", disable=not progress) as bar:
-        booster = lgb.train(
-            params,
-            dtrain,
-            num_boost_round=MAX_ROUNDS,
-            valid_sets=[dval],
-            valid_names=["validation"],
-            callbacks=[
-                lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False),
-                _tqdm_callback(bar),
-            ],
-        )
-    best = max(1, booster.best_iteration)
-    logger.info(
-        "early stopping: best iteration %d, validation AP %.4f",
-        best,
-        booster.best_score["validation"]["average_precision"],
-    )
-    dall = lgb.Dataset(train.X, train.y, feature_name=features, free_raw_data=False)
-    with tqdm(total=best, desc="boosting (refit)", disable=not progress) as bar:
-        final = lgb.train(params, dall, num_boost_round=best, callbacks=[_tqdm_callback(bar)])
-    return final, best
-
-
-def render_report(meta: dict[str, Any], metrics: Metrics, importance: pd.Series) -> str:
-    """Short Markdown report of a training run."""
-    lines = [
-        f"# {meta['name']} {meta['version']}",
-        "",
-        f"- feature service: `{meta['feature_service']}`",
-        f"- training window: {meta['training_window']['start']} .. "
-        f"{meta['training_window']['end_inclusive']} ({meta['n_train']} transactions, "
-        f"{meta['n_train_frauds']} frauds)",
-        f"- test window: {meta['test_window']['start']} .. {meta['test_window']['end_inclusive']}",
-        f"- boosting rounds: {meta['best_iteration']} (early stopping on the last "
-        f"{meta['validation_days']} training days)",
-        f"- data fingerprint: `{meta['data_fingerprint'][:16]}`",
-        "",
-        "## Test metrics (known compromised cards removed)",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| ROC AUC | {metrics.roc_auc:.4f} |",
-        f"| average precision | {metrics.average_precision:.4f} |",
-        f"| card precision@{metrics.k} | {metrics.card_precision_at_k:.4f} |",
-        f"| test transactions | {metrics.n_transactions} |",
-        f"| test frauds | {metrics.n_frauds} |",
-        f"| rows removed (known compromised cards) | {metrics.n_removed_known_compromised} |",
-        "",
-        f"Card precision@{metrics.k} per test day: "
-        + ", ".join(f"{d}: {v:.2f}" for d, v in metrics.card_precision_per_day.items()),
-        "",
-        "## Feature importance (gain)",
-        "",
-        "| feature | gain share |",
-        "|---|---|",
-        *(f"| {name} | {share:.3f} |" for name, share in importance.items()),
-        "",
-    ]
-    return "\n".join(lines)
+    full = {**DEFAULT_PARAMS, **(params or {})}
+    fit_part, val_part = tune.split_validation(train, validation_days)
+    _, best, ap = tune.early_stopped(full, fit_part, val_part, MAX_ROUNDS, EARLY_STOPPING_ROUNDS)
+    logger.info("early stopping: best iteration %d, validation AP %.4f", best, ap)
+    return refit(train, full, best, progress), best
 
 
 def train(
     settings: Settings,
-    train_start: str | pd.Timestamp,
+    train_start: str | date | pd.Timestamp,
     train_days: int = 7,
     delay_days: int = 7,
     test_days: int = 7,
@@ -209,8 +223,11 @@ def train(
     transactions: pd.DataFrame | None = None,
     promote: bool = True,
     progress: bool = True,
+    n_trials: int = DEFAULT_TRIALS,
+    baselines: tuple[BaselineName, ...] = BASELINES,
+    plots: bool = True,
 ) -> TrainResult:
-    """Build the datasets through Feast, train, evaluate, register and (by default) promote.
+    """Build the datasets through Feast, tune and train, compare, register and promote.
 
     Args:
         settings: process settings (data, registry, feature service and model name).
@@ -218,48 +235,78 @@ def train(
         train_days: training window length in days.
         delay_days: gap between training and test (the label delay).
         test_days: test window length in days.
-        predictions_out: if set, write the test predictions there (Parquet: transaction_id,
-            customer_id, tx_datetime, is_fraud, score).
-        validation_days: last training days used for early stopping.
-        params: LightGBM parameters overriding :data:`DEFAULT_PARAMS`.
+        predictions_out: if set, write the LightGBM test predictions there (Parquet:
+            transaction_id, customer_id, tx_datetime, is_fraud, score).
+        validation_days: last training days used for tuning and early stopping.
+        params: LightGBM parameters overriding :data:`DEFAULT_PARAMS` (before the search).
         store: an open feature store (default: ``open_feature_store(settings)``).
         transactions: the transactions (default: read from ``settings.data_dir``).
         promote: promote the new version to current.
         progress: show progress bars.
+        n_trials: LightGBM configurations tried (1: the defaults only, no search).
+        baselines: baseline models to train and report next to LightGBM.
+        plots: write the PNG plots (and link them from the report).
 
     Returns:
-        The registered version, its metrics and where its files are.
+        The registered version, the metrics of every model, where the files are, step times.
     """
-    if store is None:
-        from stages.shared.feast_store import open_feature_store
+    timer = StepTimer()
+    with timer("load transactions"):
+        if store is None:
+            from stages.shared.feast_store import open_feature_store
 
-        store = open_feature_store(settings)
-    tx = transactions if transactions is not None else read_dataset(settings.data_dir)
-    start = utc_day(train_start)
+            store = open_feature_store(settings)
+        tx = transactions if transactions is not None else read_dataset(settings.data_dir)
+    start = utc_day(pd.Timestamp(train_start))
     test_start = start + pd.Timedelta(days=train_days + delay_days)
     service = settings.prediction.feature_service
-    train_ds, test_ds = build_datasets(
-        store, tx, [(start, train_days), (test_start, test_days)], service, progress=progress
-    )
+    with timer("point-in-time join"):
+        train_ds, test_ds = build_datasets(
+            store, tx, [(start, train_days), (test_start, test_days)], service, progress=progress
+        )
     logger.info(
         "train %d rows (%d frauds), test %d rows", len(train_ds), train_ds.y.sum(), len(test_ds)
     )
 
-    booster, best = fit(train_ds, validation_days, params, progress)
-    train_scores = booster.predict(train_ds.X.to_numpy(), num_threads=DEFAULT_PARAMS["num_threads"])
-    test_scores = booster.predict(test_ds.X.to_numpy(), num_threads=DEFAULT_PARAMS["num_threads"])
+    base = {**DEFAULT_PARAMS, **(params or {})}
+    with timer("tune lightgbm"):
+        search = tune.search(
+            train_ds, base, validation_days, n_trials, MAX_ROUNDS, tune.SEARCH_PATIENCE
+        )
+    final_params = {**base, **search.best.params}
+    best = search.best.best_iteration
+    with timer("fit lightgbm"):
+        booster = refit(train_ds, final_params, best, progress)
+    with timer("fit baselines"):
+        fitted = fit_baselines(train_ds.X, train_ds.y, baselines, n_jobs=base["num_threads"])
 
-    scored = test_ds.ids.assign(is_fraud=test_ds.y.to_numpy(), score=test_scores)
-    history = tx.loc[
-        (tx["tx_datetime"] >= start) & (tx["tx_datetime"] < test_ds.end),
-        ["customer_id", "tx_datetime", "is_fraud"],
-    ]
-    metrics = evaluate(scored, history, start, train_ds.end, delay_days=delay_days)
+    with timer("evaluate"):
+        threads = int(base["num_threads"])
+        train_scores = booster.predict(train_ds.X.to_numpy(), num_threads=threads)
+        test_X = test_ds.X.to_numpy()
+        scores: dict[str, np.ndarray] = {
+            PRIMARY_MODEL: np.asarray(booster.predict(test_X, num_threads=threads))
+        }
+        scores.update({b.name: b.predict(test_X) for b in fitted})
+        history = tx.loc[
+            (tx["tx_datetime"] >= start) & (tx["tx_datetime"] < test_ds.end),
+            ["customer_id", "tx_datetime", "is_fraud"],
+        ]
+        base_frame = test_ds.ids.assign(is_fraud=test_ds.y.to_numpy())
+        model_metrics = {
+            name: evaluate(
+                base_frame.assign(score=s), history, start, train_ds.end, delay_days=delay_days
+            )
+            for name, s in scores.items()
+        }
+        metrics = model_metrics[PRIMARY_MODEL]
+        kept = ~known_compromised_mask(base_frame, history, start, train_ds.end, delay_days)
 
     gain = pd.Series(booster.feature_importance("gain"), index=list(MODEL_FEATURES))
     importance = (gain / gain.sum() if gain.sum() > 0 else gain).sort_values(ascending=False)
     day = pd.Timedelta(days=1)
     meta: dict[str, Any] = {
+        "model_format": "lightgbm-text",
         "feature_service": service,
         "features": list(MODEL_FEATURES),
         "training_window": {
@@ -273,25 +320,41 @@ def train(
         "delay_days": delay_days,
         "validation_days": validation_days,
         "best_iteration": best,
-        "params": {**DEFAULT_PARAMS, **(params or {})},
+        "params": final_params,
+        "monotone_increasing": list(MONOTONE_INCREASING),
+        "tuning": {
+            "trials": [t.to_dict() for t in search.trials],
+            "best": search.best.to_dict(),
+            "validation_start": search.validation_start,
+            "validation_rows": search.validation_rows,
+            "validation_frauds": search.validation_frauds,
+        },
         "metrics": metrics.to_dict(),
+        "model_metrics": {name: m.to_dict() for name, m in model_metrics.items()},
         "n_train": len(train_ds),
         "n_train_frauds": int(train_ds.y.sum()),
         "data_fingerprint": fingerprint(train_ds),
         "feature_importance_gain": {k: float(v) for k, v in importance.items()},
-        "training_distribution": {
-            "features": {n: distribution(train_ds.X[n].to_numpy()) for n in MODEL_FEATURES},
-            "score": distribution(np.asarray(train_scores)),
-        },
+        "reference": build_reference(train_ds.X, np.asarray(train_scores), MODEL_FEATURES),
     }
-    # The report names the version, which register() assigns; it is added to the version
-    # folder right after (model.txt and metadata.json are already final and checksummed).
-    mv = registry.register(
-        settings.registry_dir, settings.prediction.model_name, booster.model_to_string(), meta
-    )
-    report = render_report(mv.metadata, metrics, importance)
-    report_path = mv.path / REPORT_FILE
-    report_path.write_text(report)
+    with timer("register"):
+        mv = registry.register(
+            settings.registry_dir, settings.prediction.model_name, booster.model_to_string(), meta
+        )
+    # The report names the version, which register() assigns; it and the plots are added to
+    # the version folder right after (model.txt and metadata.json are already final).
+    with timer("report"):
+        plot_paths: dict[str, Path] = {}
+        if plots:
+            y_kept = test_ds.y.to_numpy()[kept]
+            plot_paths = write_plots(
+                mv.path, y_kept, {n: s[kept] for n, s in scores.items()}, importance
+            )
+        report_path = mv.path / REPORT_FILE
+        # Timings up to here; the report step's own time is in the result and the log.
+        report_path.write_text(
+            render_report(mv.metadata, model_metrics, importance, dict(timer.seconds), plot_paths)
+        )
     if promote:
         registry.promote(settings.registry_dir, settings.prediction.model_name, mv.version)
 
@@ -299,12 +362,13 @@ def train(
     if predictions_out is not None:
         predictions_path = Path(predictions_out)
         predictions_path.parent.mkdir(parents=True, exist_ok=True)
+        scored = base_frame.assign(score=scores[PRIMARY_MODEL])
         scored[["transaction_id", "customer_id", "tx_datetime", "is_fraud", "score"]].to_parquet(
             predictions_path, index=False
         )
         logger.info("wrote %d test predictions to %s", len(scored), predictions_path)
 
-    return TrainResult(
+    result = TrainResult(
         version=mv.version,
         model_dir=mv.path,
         metrics=metrics,
@@ -314,4 +378,9 @@ def train(
         report_path=report_path,
         predictions_path=predictions_path,
         metadata=mv.metadata,
+        model_metrics=model_metrics,
+        timings=dict(timer.seconds),
+        plots=plot_paths,
     )
+    logger.info("trained %s\n%s", mv.version, result)
+    return result

@@ -31,11 +31,13 @@ logger = logging.getLogger(__name__)
 
 SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
     "num_leaves": (7, 15, 31, 63),
-    "learning_rate": (0.02, 0.05, 0.1),
+    "learning_rate": (0.05, 0.1),
     "min_child_samples": (20, 50, 100, 200),
     "feature_fraction": (0.6, 0.8, 1.0),
 }
-DEFAULT_TRIALS = 8
+DEFAULT_TRIALS = 6
+# Early-stopping patience while searching (the refit uses the round each trial found).
+SEARCH_PATIENCE = 50
 VALIDATION_METRIC = "average_precision"
 
 
