@@ -141,6 +141,8 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
     kafka = settings.kafka
     max_bytes = settings.max_message_bytes
     grace = cfg.grace_ms
+    skew = cfg.terminal_skew_ms
+    late_terminal = metrics.inexact_windows.labels(TERMINAL_VIEW)
 
     conn = ConnectionConfig.from_librdkafka_dict(kafka.client_config())
     app = Application(
@@ -293,11 +295,14 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
         ts_state = TerminalState.from_state(state.get("w"))
         if value.get("label"):
             if add_label(
-                ts_state, value["tx_ms"], value["transaction_id"], value["is_fraud"], grace
+                ts_state, value["tx_ms"], value["transaction_id"], value["is_fraud"], skew
             ):
                 state.set("w", ts_state.to_state())
             return None
-        value["features"][TERMINAL_VIEW] = terminal_features(ts_state, value["event_ms"], grace)
+        if value["event_ms"] < ts_state.max_ts - skew:
+            # Older than the labels kept: its terminal windows may miss some.
+            late_terminal.inc()
+        value["features"][TERMINAL_VIEW] = terminal_features(ts_state, value["event_ms"], skew)
         state.set("w", ts_state.to_state())
         return value
 

@@ -52,6 +52,7 @@ class Metrics:
     decisions: Counter
     feature_age: Histogram
     feature_missing: Counter
+    inexact_windows: Counter
     feature_source: Counter
     score: Histogram
     predictions: Counter
@@ -132,6 +133,12 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             ["view"],
             registry=reg,
         ),
+        inexact_windows=Counter(
+            "rtpipe_enrichment_inexact_windows",
+            "Events whose windows may be incomplete (arrived later than the state keeps)",
+            ["view"],
+            registry=reg,
+        ),
         feature_source=Counter(
             "rtpipe_feature_source",
             "Served feature rows by source: the online store, or "
@@ -159,8 +166,10 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             registry=reg,
         ),
         shadow_abs_diff=Histogram(
-            "rtpipe_shadow_abs_diff", "Mean |shadow score - served score| per batch",
-            ["shadow_version"], buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+            "rtpipe_shadow_abs_diff",
+            "Mean |shadow score - served score| per batch",
+            ["shadow_version"],
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
             registry=reg,
         ),
         model_load_failures=Counter(

@@ -188,3 +188,19 @@ def test_stable_fraction_is_deterministic_and_uniform() -> None:
     assert abs((f < 0.3).mean() - 0.3) < 0.01
     # Not just the id order: neighbours land far apart.
     assert abs(np.corrcoef(ids, f)[0, 1]) < 0.01
+
+
+def test_terminal_windows_are_exact_for_transactions_arriving_out_of_order() -> None:
+    # The terminal step merges customer partitions: a later transaction can arrive first.
+    s = TerminalState.from_state(None)
+    t = T0 + 60 * DAY_MS
+    add_label(s, t - 36 * DAY_MS, 1, 0, grace_ms=DAY_MS)  # needed by a transaction at t
+    late = terminal_features(s, t + 3 * 3_600_000, grace_ms=DAY_MS)  # arrives first
+    on_time = terminal_features(s, t, grace_ms=DAY_MS)
+    assert late["terminal_nb_tx_30d"] == 1
+    assert on_time["terminal_nb_tx_30d"] == 1
+    # Without the slack the label would have been pruned by the later transaction.
+    s2 = TerminalState.from_state(None)
+    add_label(s2, t - 36 * DAY_MS, 1, 0, grace_ms=0)
+    terminal_features(s2, t + 3 * 3_600_000 + DAY_MS, grace_ms=0)
+    assert terminal_features(s2, t, grace_ms=0)["terminal_nb_tx_30d"] == 0
