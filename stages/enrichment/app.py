@@ -33,6 +33,8 @@ from quixstreams.context import message_context
 from quixstreams.kafka.configuration import ConnectionConfig
 from quixstreams.models.serializers import JSONDeserializer, JSONSerializer
 from quixstreams.sinks.base import BatchingSink, SinkBackpressureError, SinkBatch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from stages.enrichment.logic import (
     CustomerState,
@@ -43,13 +45,7 @@ from stages.enrichment.logic import (
     update_customer,
 )
 from stages.shared.feast_store import open_feature_store
-from stages.shared.kafka import (
-    DLQ_DETAIL,
-    DLQ_REASON,
-    DLQ_SOURCE,
-    TRANSACTION_TIMEOUT_MS,
-    ensure_topics,
-)
+from stages.shared.kafka import DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE, ensure_topics
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.online import OnlineFeatureWriter, OnlineLayout, OnlineWriteError
 from stages.shared.schemas import (
@@ -68,6 +64,12 @@ STAGE = "enrichment"
 INGEST_HEADER = "rtpipe.ingest_ms"
 # How long partitions stay paused when Redis is unreachable before the batch is retried.
 SINK_RETRY_AFTER_S = 1.0
+# quixstreams keeps a Kafka transaction open from a checkpoint's first output to its commit,
+# which includes the sink flush to Redis. If the broker times the transaction out first, the
+# producer is fenced (fatal). Longer than the batch loop's, shorter than librdkafka's 60 s
+# (the stall a killed instance leaves its readers): the flush is bounded by the socket
+# timeouts below, with no client-side retries (backpressure retries instead).
+TRANSACTION_TIMEOUT_MS = 30_000
 
 
 def _key_loads(raw: bytes | bytearray) -> Any:
@@ -179,6 +181,12 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
         key_serializer=JSONSerializer(dumps=_key_dumps),
     )
     enriched = app.topic(topics.name("enriched"), value_serializer="json", key_serializer="string")
+    history_topic = app.topic(
+        topics.name("history"), value_deserializer="bytes", key_deserializer="bytes"
+    )
+    history_dlq = app.topic(
+        topics.dlq(topics.name("history")), value_serializer="bytes", key_serializer="bytes"
+    )
 
     store = open_feature_store(settings)
     r = settings.redis
@@ -190,6 +198,9 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
         ssl=r.ssl,
         socket_timeout=5.0,
         socket_connect_timeout=2.0,
+        # redis-py's default retries turn one refused connection into ~12 s inside the
+        # open Kafka transaction; a failed flush backpressures and is retried instead.
+        retry=Retry(NoBackoff(), 0),
     )
     writer = OnlineFeatureWriter(client, OnlineLayout.from_store(store))
 
@@ -227,7 +238,12 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
         try:
             feats = update_customer(cs, value["event_ms"], value["amount"], grace)
         except InvalidMessage as err:
-            return {"error": err.reason, "detail": err.detail, "raw": raw}
+            return {
+                "error": err.reason,
+                "detail": err.detail,
+                "raw": raw,
+                "history": value.get("history", False),
+            }
         state.set("w", cs.to_state())
         value["features"] = {CUSTOMER_VIEW: feats}
         return value
@@ -252,12 +268,24 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
             .to_topic(topic)
         )
 
+    def as_history(value: dict[str, Any]) -> dict[str, Any]:
+        value["history"] = True
+        return value
+
     sdf = app.dataframe(tx_topic).apply(parse, metadata=True)
     to_dlq(sdf[sdf.apply(lambda v: "error" in v)], tx_dlq)
-    good = sdf[sdf.apply(lambda v: "error" not in v)]
+    hist = app.dataframe(history_topic).apply(parse, metadata=True)
+    to_dlq(hist[hist.apply(lambda v: "error" in v)], history_dlq)
+    # History and live transactions share the customer windows, in event-time order.
+    good = sdf[sdf.apply(lambda v: "error" not in v)].concat(
+        hist[hist.apply(lambda v: "error" not in v)].apply(as_history)
+    )
     windowed = good.apply(customer_window, stateful=True)
-    to_dlq(windowed[windowed.apply(lambda v: "error" in v)], tx_dlq)
-    ok = windowed[windowed.apply(lambda v: "error" not in v)]
+    late = windowed[windowed.apply(lambda v: "error" in v)]
+    to_dlq(late[late.apply(lambda v: not v.get("history"))], tx_dlq)
+    to_dlq(late[late.apply(lambda v: bool(v.get("history")))], history_dlq)
+    # History only warms the windows up: it is not pushed, scored or routed.
+    ok = windowed[windowed.apply(lambda v: "error" not in v and not v.get("history"))]
     ok.apply(
         lambda v: {
             "customer_id": v["customer_id"],
@@ -329,7 +357,29 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
 
 
 def run(settings: Settings, metrics: Metrics | None = None) -> None:
-    """Run the enrichment stage until SIGTERM/SIGINT (quixstreams handles both)."""
+    """Run the enrichment stage until SIGTERM/SIGINT (quixstreams handles both).
+
+    quixstreams stops on a failed checkpoint (a broker down for longer than the transaction
+    timeout, a fenced producer) and leaves the restart to a supervisor. The stage is its own
+    supervisor: it rebuilds the application, which resumes from the committed offsets and
+    the changelogs (exactly-once), until it is asked to stop.
+    """
+    from stages.shared.kafka import StopFlag
+
     ensure_topics(settings.kafka, settings.topics)
-    app = build_app(settings, metrics)
-    app.run()
+    metrics = metrics or build_metrics()
+    stop = StopFlag()
+    backoff_s = 1.0
+    while not stop.is_set():
+        app = build_app(settings, metrics)
+        try:
+            app.run()
+            return  # stopped by a signal
+        except Exception:
+            # Between runs our handlers apply (quixstreams installs its own inside run()).
+            stop.install_signal_handlers()
+            logger.exception("enrichment failed; restarting in %.0fs", backoff_s)
+        deadline = time.monotonic() + backoff_s
+        while not stop.is_set() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        backoff_s = min(backoff_s * 2, 30.0)

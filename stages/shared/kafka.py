@@ -419,11 +419,19 @@ class TransactionalBatchLoop:
         logger.warning(
             "%s transaction aborted (%s); rewinding %d messages", self._stage, err, len(msgs)
         )
-        try:
-            self._producer.abort_transaction(30)
-        except KafkaException as abort_exc:
-            logger.error("%s abort failed: %s", self._stage, abort_exc)
-            raise
+        # With the broker down the abort times out too: librdkafka says retry the call to
+        # resume it, which is what keeps the stage alive through a broker restart.
+        while True:
+            try:
+                self._producer.abort_transaction(30)
+                break
+            except KafkaException as abort_exc:
+                abort_err = abort_exc.args[0]
+                if getattr(abort_err, "fatal", lambda: True)() or not abort_err.retriable():
+                    logger.error("%s abort failed: %s", self._stage, abort_exc)
+                    raise
+                logger.warning("%s abort not done yet (%s); retrying", self._stage, abort_err)
+                time.sleep(1.0)
         self._rewind(msgs)
 
     def _rewind(self, msgs: list[Message]) -> None:
