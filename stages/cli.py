@@ -170,6 +170,9 @@ def replay(
     start: Annotated[str, typer.Option(help="First day replayed, YYYY-MM-DD.")] = "2018-08-08",
     days: Annotated[float, typer.Option(help="Days of transactions to replay.")] = 7,
     rate: Annotated[float, typer.Option(help="Transactions per second; 0 = max speed.")] = 0,
+    history_days: Annotated[
+        int, typer.Option(help="Days before --start sent to the history topic (warm-up).")
+    ] = 0,
 ) -> None:
     """Produce transactions and their delayed labels to Kafka in event-time order."""
     import pandas as pd
@@ -182,7 +185,7 @@ def replay(
     settings = _settings()
     ensure_topics(settings.kafka, settings.topics)
     begin = pd.Timestamp(start, tz="UTC")
-    plan = ReplayPlan(begin, begin + pd.Timedelta(days=days))
+    plan = ReplayPlan(begin, begin + pd.Timedelta(days=days), history_days=history_days)
     result = run_replay(settings, read_dataset(settings.data_dir), plan, rate=rate or None)
     console.print(
         f"replayed {result.transactions:,} transactions and {result.labels:,} labels "
@@ -256,6 +259,7 @@ def check_skew_cmd(
     start: Annotated[str, typer.Option(help="First replayed day.")] = "2018-08-08",
     days: Annotated[float, typer.Option(help="Days replayed.")] = 7,
     offline: Annotated[bool, typer.Option(help="Also compare Feast's offline join.")] = True,
+    history_days: Annotated[int, typer.Option(help="History days the replay sent.")] = 30,
 ) -> None:
     """Recompute every feature from the raw data and compare with what was served online
     (prediction records) and what Feast's point-in-time join returns."""
@@ -266,7 +270,7 @@ def check_skew_cmd(
         settings = settings.model_copy(
             update={"topics": settings.topics.model_copy(update={"prefix": prefix})}
         )
-    report = skew_check(settings, start, days, offline=offline)
+    report = skew_check(settings, start, days, offline=offline, history_days=history_days)
     Console().print(str(report))
     if not report.ok:
         raise typer.Exit(1)
@@ -344,12 +348,17 @@ def demo(
     replay_start: Annotated[str, typer.Option(help="First replayed day.")] = "2018-08-08",
     replay_days: Annotated[float, typer.Option(help="Days replayed.")] = 7,
     fresh: Annotated[bool, typer.Option(help="Regenerate data and retrain.")] = False,
+    history_days: Annotated[
+        int, typer.Option(help="Days of earlier transactions that warm the windows up.")
+    ] = 30,
 ) -> None:
     """The whole story: stack up, data, Feast, training, three stages, a replay, a summary."""
     from stages.ops.demo import run_demo
 
     settings = _settings()
-    code = run_demo(settings, _day(replay_start), replay_days, fresh=fresh)
+    code = run_demo(
+        settings, _day(replay_start), replay_days, fresh=fresh, history_days=history_days
+    )
     raise typer.Exit(code)
 
 

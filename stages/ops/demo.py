@@ -261,6 +261,7 @@ def skew_check(
     *,
     offline: bool = True,
     tx: pd.DataFrame | None = None,
+    history_days: int = 0,
 ) -> SkewReport:
     """Skew check of a replay: served features (prediction records) and Feast's offline
     join, both against the batch definitions. The replay's customer windows start empty at
@@ -279,7 +280,7 @@ def skew_check(
         tx,
         predictions_frame(records),
         tx.loc[sel, "transaction_id"],
-        history_start=begin,
+        history_start=begin - pd.Timedelta(days=history_days),
         offline=offline,
     )
 
@@ -294,7 +295,11 @@ def backfill(settings: Settings, tx: pd.DataFrame) -> None:
 
 
 def run_demo(
-    settings: Settings, replay_start: date, replay_days: float, fresh: bool = False
+    settings: Settings,
+    replay_start: date,
+    replay_days: float,
+    fresh: bool = False,
+    history_days: int = 30,
 ) -> int:
     """Run the demo; returns the process exit code (0 when nothing was lost or duplicated)."""
     from infra import stack
@@ -354,7 +359,7 @@ def run_demo(
         console.print(f"stages ready after {waited:.1f}s: {', '.join(DEMO_STAGES)}")
         sampler.start()
         begin = pd.Timestamp(replay_start, tz="UTC")
-        plan = ReplayPlan(begin, begin + pd.Timedelta(days=replay_days))
+        plan = ReplayPlan(begin, begin + pd.Timedelta(days=replay_days), history_days=history_days)
         expected = tx.loc[
             (tx["tx_datetime"] >= plan.start) & (tx["tx_datetime"] < plan.end), "transaction_id"
         ].tolist()
@@ -368,8 +373,8 @@ def run_demo(
             task = bar.add_task("replay", total=len(expected))
             result = replay(settings, tx, plan, progress=lambda n: bar.advance(task, n))
         console.print(
-            f"replayed {result.transactions:,} transactions and {result.labels:,} "
-            f"labels in {result.seconds:.1f}s"
+            f"replayed {result.transactions:,} transactions, {result.labels:,} labels and "
+            f"{result.history:,} history transactions in {result.seconds:.1f}s"
         )
         report = wait_for_outcomes(settings, expected, procs, timeout_s=600)
         # Let the evaluation stage see the last decisions before the stages stop.
@@ -380,7 +385,7 @@ def run_demo(
     console.rule("6/6 summary")
     print_summary(settings, report, result.seconds)
     console.rule("skew check: served and offline features vs the batch definitions")
-    skew = skew_check(settings, replay_start, replay_days, tx=tx)
+    skew = skew_check(settings, replay_start, replay_days, tx=tx, history_days=history_days)
     console.print(str(skew))
     out_dir = settings.home / "runs" / run_id
     pictures = render_run_report(settings, report, out_dir, frames, title=f"rtpipe demo {run_id}")

@@ -35,6 +35,9 @@ class ReplayPlan:
     start: pd.Timestamp
     end: pd.Timestamp
     label_lookback_days: int = LABEL_DELAY_DAYS + max(WINDOWS_DAYS)
+    # Transactions of this many days before ``start`` go to the history topic, so the
+    # customer windows are complete from the first scored transaction.
+    history_days: int = 0
 
 
 @dataclass
@@ -44,6 +47,7 @@ class ReplayResult:
     seconds: float
     first_tx_id: int | None
     last_tx_id: int | None
+    history: int = 0
 
     @property
     def rate(self) -> float:
@@ -59,7 +63,8 @@ def build_events(tx: pd.DataFrame, plan: ReplayPlan) -> pd.DataFrame:
 
     Returns:
         Columns kind (0 = label, 1 = transaction, so a label known at ``t`` goes before a
-        transaction at ``t``), ts_ms, key, and the payload fields.
+        transaction at ``t``; 2 = history transaction, all before ``start``), ts_ms, key, and
+        the payload fields.
     """
     start_ms = int(plan.start.value // 1_000_000)
     end_ms = int(plan.end.value // 1_000_000)
@@ -67,10 +72,25 @@ def build_events(tx: pd.DataFrame, plan: ReplayPlan) -> pd.DataFrame:
     in_window = (tx_ms >= start_ms) & (tx_ms < end_ms)
     known_ms = tx_ms + LABEL_DELAY_DAYS * DAY_MS
     lab = (tx_ms >= start_ms - plan.label_lookback_days * DAY_MS) & (known_ms < end_ms)
+    hist = (tx_ms >= start_ms - plan.history_days * DAY_MS) & (tx_ms < start_ms)
     t = tx[in_window]
     lb = tx[lab]
+    h = tx[hist]
     events = pd.concat(
         [
+            pd.DataFrame(
+                {
+                    "kind": 2,
+                    "ts_ms": tx_ms[hist],
+                    "key": h["customer_id"].to_numpy(),
+                    "transaction_id": h["transaction_id"].to_numpy(),
+                    "customer_id": h["customer_id"].to_numpy(),
+                    "terminal_id": h["terminal_id"].to_numpy(),
+                    "amount": h["amount"].to_numpy(),
+                    "tx_ms": tx_ms[hist],
+                    "is_fraud": 0,
+                }
+            ),
             pd.DataFrame(
                 {
                     "kind": 0,
@@ -120,6 +140,7 @@ def replay(
     events = build_events(tx, plan)
     producer = Producer(producer_config(settings.kafka, **{"linger.ms": 5}))
     tx_topic = settings.topics.name("transactions")
+    history_topic = settings.topics.name("history")
     labels_topic = settings.topics.name("labels")
     failures: list[str] = []
 
@@ -140,14 +161,14 @@ def replay(
     started = time.perf_counter()
     sent_tx = 0
     for i in range(len(events)):
-        if kinds[i] == 1:
+        if kinds[i] != 0:
             value = b'{"transaction_id":%d,"customer_id":%d,"terminal_id":%d,"amount":%s}' % (
                 tids[i],
                 cids[i],
                 terms[i],
                 repr(float(amounts[i])).encode(),
             )
-            topic = tx_topic
+            topic = tx_topic if kinds[i] == 1 else history_topic
             headers = [(INGEST_HEADER, str(int(time.time() * 1000)).encode())]
         else:
             value = (
@@ -197,4 +218,5 @@ def replay(
         seconds=elapsed,
         first_tx_id=int(tx_ids.min()) if len(tx_ids) else None,
         last_tx_id=int(tx_ids.max()) if len(tx_ids) else None,
+        history=int((kinds == 2).sum()),
     )

@@ -84,6 +84,9 @@ class TopicSettings(BaseModel):
 
     prefix: str = ""
     transactions: str = "transactions"
+    # Earlier transactions that only warm the customer windows up (a replay's or a new
+    # deployment's history): consumed by enrichment, never scored or routed.
+    history: str = "transactions.history"
     labels: str = "labels"
     enriched: str = "transactions.enriched"
     predictions: str = "predictions"
@@ -116,7 +119,9 @@ class TopicSettings(BaseModel):
 
     def all_topics(self) -> list[str]:
         """Every topic the pipeline owns, DLQs included."""
-        base = [self.name(k) for k in ("transactions", "labels", "enriched", "predictions")]
+        base = [
+            self.name(k) for k in ("transactions", "history", "labels", "enriched", "predictions")
+        ]
         return [*base, *self.decision_topics(), *(self.dlq(t) for t in base)]
 
 
