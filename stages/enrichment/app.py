@@ -33,6 +33,8 @@ from quixstreams.context import message_context
 from quixstreams.kafka.configuration import ConnectionConfig
 from quixstreams.models.serializers import JSONDeserializer, JSONSerializer
 from quixstreams.sinks.base import BatchingSink, SinkBackpressureError, SinkBatch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from stages.enrichment.logic import (
     CustomerState,
@@ -43,13 +45,7 @@ from stages.enrichment.logic import (
     update_customer,
 )
 from stages.shared.feast_store import open_feature_store
-from stages.shared.kafka import (
-    DLQ_DETAIL,
-    DLQ_REASON,
-    DLQ_SOURCE,
-    TRANSACTION_TIMEOUT_MS,
-    ensure_topics,
-)
+from stages.shared.kafka import DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE, ensure_topics
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.online import OnlineFeatureWriter, OnlineLayout, OnlineWriteError
 from stages.shared.schemas import (
@@ -68,6 +64,12 @@ STAGE = "enrichment"
 INGEST_HEADER = "rtpipe.ingest_ms"
 # How long partitions stay paused when Redis is unreachable before the batch is retried.
 SINK_RETRY_AFTER_S = 1.0
+# quixstreams keeps a Kafka transaction open from a checkpoint's first output to its commit,
+# which includes the sink flush to Redis. If the broker times the transaction out first, the
+# producer is fenced (fatal). Longer than the batch loop's, shorter than librdkafka's 60 s
+# (the stall a killed instance leaves its readers): the flush is bounded by the socket
+# timeouts below, with no client-side retries (backpressure retries instead).
+TRANSACTION_TIMEOUT_MS = 30_000
 
 
 def _key_loads(raw: bytes | bytearray) -> Any:
@@ -196,6 +198,9 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
         ssl=r.ssl,
         socket_timeout=5.0,
         socket_connect_timeout=2.0,
+        # redis-py's default retries turn one refused connection into ~12 s inside the
+        # open Kafka transaction; a failed flush backpressures and is retried instead.
+        retry=Retry(NoBackoff(), 0),
     )
     writer = OnlineFeatureWriter(client, OnlineLayout.from_store(store))
 
@@ -352,7 +357,29 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
 
 
 def run(settings: Settings, metrics: Metrics | None = None) -> None:
-    """Run the enrichment stage until SIGTERM/SIGINT (quixstreams handles both)."""
+    """Run the enrichment stage until SIGTERM/SIGINT (quixstreams handles both).
+
+    quixstreams stops on a failed checkpoint (a broker down for longer than the transaction
+    timeout, a fenced producer) and leaves the restart to a supervisor. The stage is its own
+    supervisor: it rebuilds the application, which resumes from the committed offsets and
+    the changelogs (exactly-once), until it is asked to stop.
+    """
+    from stages.shared.kafka import StopFlag
+
     ensure_topics(settings.kafka, settings.topics)
-    app = build_app(settings, metrics)
-    app.run()
+    metrics = metrics or build_metrics()
+    stop = StopFlag()
+    backoff_s = 1.0
+    while not stop.is_set():
+        app = build_app(settings, metrics)
+        try:
+            app.run()
+            return  # stopped by a signal
+        except Exception:
+            # Between runs our handlers apply (quixstreams installs its own inside run()).
+            stop.install_signal_handlers()
+            logger.exception("enrichment failed; restarting in %.0fs", backoff_s)
+        deadline = time.monotonic() + backoff_s
+        while not stop.is_set() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        backoff_s = min(backoff_s * 2, 30.0)
