@@ -371,8 +371,10 @@ def run(settings: Settings, metrics: Metrics | None = None) -> None:
     stop = StopFlag()
     backoff_s = 1.0
     while not stop.is_set():
-        app = build_app(settings, metrics)
         try:
+            # Inside the try: building it fetches topic metadata, which fails while the
+            # broker is still down.
+            app = build_app(settings, metrics)
             app.run()
             return  # stopped by a signal
         except Exception:
