@@ -228,7 +228,7 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
             "terminal_id": tx.terminal_id,
             "amount": tx.amount,
             "event_ms": tx.event_ms,
-            "ts": {"ingest_ms": ingest_ms},
+            "ts": {"ingest_ms": ingest_ms, "consumed_ms": int(time.time() * 1000)},
             "raw": value,
         }
 
