@@ -4,6 +4,7 @@ separate processes, a replay through Kafka and a summary of what came out.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import shutil
@@ -141,7 +142,7 @@ def wait_until_ready(
         for fut in admin.describe_consumer_groups(wanted).values():
             try:
                 desc = fut.result(timeout=10)
-            except KafkaException:
+            except (KafkaException, concurrent.futures.TimeoutError):
                 continue
             assigned = any(m.assignment.topic_partitions for m in desc.members)
             if desc.state == ConsumerGroupState.STABLE and assigned:
