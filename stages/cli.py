@@ -142,7 +142,7 @@ def run_stage(
     if stage not in STAGES:
         raise typer.BadParameter(f"unknown stage {stage!r}; choose from {STAGES}")
     metrics = build_metrics()
-    metrics.serve(settings.metrics.host, settings.metrics.port(stage))  # type: ignore[arg-type]
+    metrics.serve(settings.metrics.host, settings.metrics.port(stage))
     if stage == "enrichment":
         from stages.enrichment.app import run as run_enrichment
 

@@ -113,10 +113,10 @@ def clear_online_store(settings: Settings) -> int:
     for key in client.scan_iter(match=b"*" + settings.feast_project.encode(), count=10_000):
         batch.append(key)
         if len(batch) >= 10_000:
-            deleted += client.unlink(*batch)
+            deleted += int(client.unlink(*batch))  # type: ignore[arg-type]
             batch.clear()
     if batch:
-        deleted += client.unlink(*batch)
+        deleted += int(client.unlink(*batch))  # type: ignore[arg-type]
     return deleted
 
 
@@ -273,9 +273,8 @@ def skew_check(
     tx = read_dataset(settings.data_dir) if tx is None else tx
     begin = pd.Timestamp(start, tz="UTC")
     sel = (tx["tx_datetime"] >= begin) & (tx["tx_datetime"] < begin + pd.Timedelta(days=days))
-    records = [
-        orjson.loads(v) for _, v, _ in read_topic(settings, settings.topics.name("predictions"))
-    ]
+    topic = settings.topics.name("predictions")
+    records = [orjson.loads(v) for _, v, _ in read_topic(settings, topic) if v is not None]
     return check_skew(
         settings,
         tx,
@@ -374,10 +373,10 @@ def run_demo(
             console=console,
         ) as bar:
             task = bar.add_task("replay", total=len(expected))
-            result = replay(settings, tx, plan, progress=lambda n: bar.advance(task, n))
+            replayed = replay(settings, tx, plan, progress=lambda n: bar.advance(task, n))
         console.print(
-            f"replayed {result.transactions:,} transactions, {result.labels:,} labels and "
-            f"{result.history:,} history transactions in {result.seconds:.1f}s"
+            f"replayed {replayed.transactions:,} transactions, {replayed.labels:,} labels and "
+            f"{replayed.history:,} history transactions in {replayed.seconds:.1f}s"
         )
         report = wait_for_outcomes(settings, expected, procs, timeout_s=600)
         # Let the evaluation stage see the last decisions before the stages stop.
@@ -386,7 +385,7 @@ def run_demo(
         frames = sampler.stop()
         codes = stop_stages(procs)
     console.rule("6/6 summary")
-    print_summary(settings, report, result.seconds)
+    print_summary(settings, report, replayed.seconds)
     console.rule("skew check: served and offline features vs the batch definitions")
     # Served features vs the batch definitions; `rtpipe check-skew` adds Feast's offline join.
     skew = skew_check(

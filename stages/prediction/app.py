@@ -97,8 +97,10 @@ class PredictionStage:
         shadow = None
         if self.models.shadow is not None:
             sm = self.models.shadow
-            sx = matrix if sm.features == model.features else assemble_matrix(
-                sm.features, request, online.values, online.feature_names
+            sx = (
+                matrix
+                if sm.features == model.features
+                else assemble_matrix(sm.features, request, online.values, online.feature_names)
             )
             shadow = (sm.version, sm.predict(sx))
             self.metrics.shadow_abs_diff.labels(sm.version).observe(
@@ -158,8 +160,10 @@ class PredictionStage:
         mask = stable_fraction(batch.transaction_id) < fraction
         if not mask.any():
             return None
-        cx = matrix if canary.features == model.features else assemble_matrix(
-            canary.features, request, online.values, online.feature_names
+        cx = (
+            matrix
+            if canary.features == model.features
+            else assemble_matrix(canary.features, request, online.values, online.feature_names)
         )
         scores[mask] = canary.predict(cx[mask])
         return np.where(mask, canary.version, model.version).tolist()

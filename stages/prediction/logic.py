@@ -96,7 +96,7 @@ def _fast_carried(feats: object) -> dict[str, dict[str, float]] | None:
         for v in values.values():
             if type(v) is not float or v - v != 0.0:  # not a float, or inf/nan
                 return None
-    return feats  # type: ignore[return-value]
+    return feats
 
 
 def _carried(feats: object) -> dict[str, dict[str, float]]:

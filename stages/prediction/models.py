@@ -89,9 +89,7 @@ class ModelHolder:
             return None
         try:
             return _load(self._settings, version)
-        except (
-            registry.RegistryError, OSError, ValueError, lgb.basic.LightGBMError
-        ) as exc:
+        except (registry.RegistryError, OSError, ValueError, lgb.basic.LightGBMError) as exc:
             self._metrics.model_load_failures.labels(
                 self._settings.prediction.model_name, role
             ).inc()

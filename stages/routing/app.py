@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from confluent_kafka import Message, TopicPartition
@@ -61,7 +62,8 @@ class RoutingStage:
                 outputs.append(dead_letter(self._dlq, msg, err.reason, err.detail))
                 continue
             decision, reason = decide(rec, cfg)
-            ts = rec.get("ts") if isinstance(rec.get("ts"), dict) else {}
+            found_ts = rec.get("ts")
+            ts: dict[str, Any] = found_ts if isinstance(found_ts, dict) else {}
             ts["routed_ms"] = now_ms
             rec["ts"] = ts
             rec["decision"] = decision

@@ -37,18 +37,27 @@ def tx() -> pd.DataFrame:
 def _prepare(base: Settings, tmp: Path, tx: pd.DataFrame, **prediction: object) -> Settings:
     settings = isolated_settings(base, tmp)
     settings = settings.model_copy(
-        update={"prediction": settings.prediction.model_copy(
-            update={"reload_interval_s": 0.2, "max_wait_ms": 5, **prediction})}
+        update={
+            "prediction": settings.prediction.model_copy(
+                update={"reload_interval_s": 0.2, "max_wait_ms": 5, **prediction}
+            )
+        }
     )
     apply_repo(settings)
     ensure_topics(settings.kafka, settings.topics)
     return settings
 
 
-def _run(settings: Settings, tx: pd.DataFrame, plan: ReplayPlan, rate: float | None,
-         during: threading.Thread | None = None) -> tuple[list[int], list[dict[str, object]]]:
-    expected = tx.loc[(tx["tx_datetime"] >= plan.start) & (tx["tx_datetime"] < plan.end),
-                      "transaction_id"].tolist()
+def _run(
+    settings: Settings,
+    tx: pd.DataFrame,
+    plan: ReplayPlan,
+    rate: float | None,
+    during: threading.Thread | None = None,
+) -> tuple[list[int], list[dict[str, object]]]:
+    expected = tx.loc[
+        (tx["tx_datetime"] >= plan.start) & (tx["tx_datetime"] < plan.end), "transaction_id"
+    ].tolist()
     procs = start_stages(settings)
     try:
         if during is not None:
@@ -90,8 +99,9 @@ def test_promotion_is_hot_swapped_between_batches(
             time.sleep(0.2)
         registry.promote(settings.registry_dir, name, v2)
 
-    _, decisions = _run(settings, tx, plan, rate=150.0,
-                        during=threading.Thread(target=promote_when_scoring))
+    _, decisions = _run(
+        settings, tx, plan, rate=150.0, during=threading.Thread(target=promote_when_scoring)
+    )
     by_time = sorted(decisions, key=lambda d: d["ts"]["predicted_ms"])  # type: ignore[index]
     versions = [d["model_version"] for d in by_time]
     assert set(versions) == {v1, v2}
@@ -103,14 +113,20 @@ def test_promotion_is_hot_swapped_between_batches(
 def test_shadow_scores_every_row_and_canary_takes_a_stable_slice(
     unique_topics: Settings, tx: pd.DataFrame, tmp_path: Path
 ) -> None:
-    settings = _prepare(unique_topics, tmp_path, tx, shadow_version="v0002",
-                        canary_version="v0002", canary_fraction=0.3)
+    settings = _prepare(
+        unique_topics,
+        tmp_path,
+        tx,
+        shadow_version="v0002",
+        canary_version="v0002",
+        canary_fraction=0.3,
+    )
     v1 = register_tiny_model(settings, tx, num_trees=10, seed=1)
     v2 = register_tiny_model(settings, tx, promote=False, num_trees=30, seed=2)
     assert (v1, v2) == ("v0001", "v0002")
     start = pd.Timestamp("2018-05-01", tz="UTC")
     plan = ReplayPlan(start, start + pd.Timedelta(days=2))
-    expected, decisions = _run(settings, tx, plan, rate=None)
+    _, decisions = _run(settings, tx, plan, rate=None)
 
     ids = np.array([d["transaction_id"] for d in decisions], dtype=np.int64)
     in_canary = stable_fraction(ids) < 0.3

@@ -115,14 +115,21 @@ def test_parse_transaction_and_request_features_agree_with_calendar() -> None:
 
 
 def test_decode_enriched_separates_bad_rows() -> None:
-    good = orjson.dumps({"transaction_id": 1, "customer_id": 2, "terminal_id": 3, "amount": 4.0,
-                         "event_ms": T0, "ts": {"ingest_ms": 9, "enriched_ms": 10},
-                         "features": {"v": {"f": 1.0}}})
+    good = orjson.dumps(
+        {
+            "transaction_id": 1,
+            "customer_id": 2,
+            "terminal_id": 3,
+            "amount": 4.0,
+            "event_ms": T0,
+            "ts": {"ingest_ms": 9, "enriched_ms": 10},
+            "features": {"v": {"f": 1.0}},
+        }
+    )
     batch, bad = decode_enriched([good, b"{", None, b'{"transaction_id": 1}', good])
     assert batch.index.tolist() == [0, 4]
     assert batch.ingest_ms.tolist() == [9, 9]
-    assert [(i, e.reason) for i, e in bad] == [(1, "not_json"), (2, "empty"),
-                                               (3, "missing_field")]
+    assert [(i, e.reason) for i, e in bad] == [(1, "not_json"), (2, "empty"), (3, "missing_field")]
 
 
 def test_assemble_matrix_orders_columns_and_rejects_unknown_features() -> None:
@@ -136,8 +143,16 @@ def test_assemble_matrix_orders_columns_and_rejects_unknown_features() -> None:
 
 def test_point_in_time_replaces_rows_newer_than_the_event() -> None:
     raw = [
-        orjson.dumps({"transaction_id": i, "customer_id": 1, "terminal_id": 1, "amount": 1.0,
-                      "event_ms": T0 + i, "features": {"v": {"a": 100.0 + i}}})
+        orjson.dumps(
+            {
+                "transaction_id": i,
+                "customer_id": 1,
+                "terminal_id": 1,
+                "amount": 1.0,
+                "event_ms": T0 + i,
+                "features": {"v": {"a": 100.0 + i}},
+            }
+        )
         for i in range(3)
     ]
     batch, _ = decode_enriched(raw)
@@ -159,8 +174,7 @@ def test_point_in_time_replaces_rows_newer_than_the_event() -> None:
         ({"score": None, "error": "features_unavailable"}, ("review", "features_unavailable")),
         ({"score": float("nan")}, ("review", "model_error")),
         ({"score": 1.5}, ("review", "model_error")),
-        ({"score": 0.01, "missing_views": ["customer_spending"]},
-         ("review", "missing_features")),
+        ({"score": 0.01, "missing_views": ["customer_spending"]}, ("review", "missing_features")),
         ({"score": 0.01, "feature_age_s": {"v": 10 * 86_400.0}}, ("review", "stale_features")),
     ],
 )
@@ -171,8 +185,12 @@ def test_routing_decisions(rec: dict[str, object], expected: tuple[str, str]) ->
 
 def test_parse_prediction_requires_an_id_and_a_score() -> None:
     assert parse_prediction(b'{"transaction_id": 1, "score": 0.5}')["score"] == 0.5
-    for raw, reason in [(b"x", "not_json"), (b'{"score": 1}', "missing_field"),
-                        (b'{"transaction_id": 1}', "missing_field"), (None, "empty")]:
+    for raw, reason in [
+        (b"x", "not_json"),
+        (b'{"score": 1}', "missing_field"),
+        (b'{"transaction_id": 1}', "missing_field"),
+        (None, "empty"),
+    ]:
         with pytest.raises(InvalidMessage) as err:
             parse_prediction(raw)
         assert err.value.reason == reason
