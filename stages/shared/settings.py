@@ -151,10 +151,12 @@ class EnrichmentSettings(BaseModel):
     grace_ms: int = Field(default=60_000, ge=0)
     # The terminal windows see transactions after a repartition by terminal, which merges
     # several customer partitions: a terminal's transactions can arrive out of event-time
-    # order by as much as the partitions are apart (hours in a backlog, milliseconds live).
-    # Labels are kept this much longer than the longest window needs, so a transaction up to
-    # this far behind the terminal's newest still gets exact features.
-    terminal_skew_ms: int = Field(default=2 * 86_400_000, ge=0)
+    # order by as much as those partitions are apart (milliseconds live; days in a backlog
+    # replay, where 2 days of slack still left 4 % of 30-day counts short). Labels are kept
+    # this much longer than the longest window needs, so a transaction up to this far behind
+    # the terminal's newest still gets exact features (rtpipe_enrichment_inexact_windows
+    # counts the ones that do not).
+    terminal_skew_ms: int = Field(default=30 * 86_400_000, ge=0)
     # Events stamped more than this ahead of the wall clock go to the DLQ (future_event);
     # None accepts any future time.
     max_clock_skew_ms: int | None = Field(default=3_600_000, ge=0)
