@@ -64,6 +64,14 @@ class AuditReport:
             "max_ms": float(lat.max()),
         }
 
+    def span_seconds(self) -> float | None:
+        """Seconds from the first ingest to the last routed decision."""
+        firsts = [t.first_ingest_ms for t in self.per_topic.values() if t.first_ingest_ms]
+        lasts = [t.last_routed_ms for t in self.per_topic.values() if t.last_routed_ms]
+        if not firsts or not lasts:
+            return None
+        return (max(lasts) - min(firsts)) / 1000.0
+
     def throughput(self) -> float | None:
         """Decisions per second from the first ingest to the last routing."""
         firsts = [t.first_ingest_ms for t in self.per_topic.values() if t.first_ingest_ms]
