@@ -189,13 +189,7 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
     )
 
     store = open_feature_store(settings)
-    r = settings.redis
-    client = redis.Redis(
-        host=r.host,
-        port=r.port,
-        db=r.db,
-        password=r.password.get_secret_value() if r.password else None,
-        ssl=r.ssl,
+    client = settings.redis.client(
         socket_timeout=5.0,
         socket_connect_timeout=2.0,
         # redis-py's default retries turn one refused connection into ~12 s inside the

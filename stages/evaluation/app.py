@@ -279,13 +279,7 @@ class EvaluationStage:
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    r = settings.redis
-    return redis.Redis(
-        host=r.host,
-        port=r.port,
-        db=r.db,
-        password=r.password.get_secret_value() if r.password else None,
-        ssl=r.ssl,
+    return settings.redis.client(
         socket_timeout=5.0,
         socket_connect_timeout=2.0,
     )

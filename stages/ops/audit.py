@@ -220,7 +220,6 @@ def check_online_features(
     Raises:
         redis.RedisError: Redis is unreachable.
     """
-    import redis
 
     from stages.shared.feast_store import open_feature_store
     from stages.shared.online import OnlineFeatureReader
@@ -244,15 +243,7 @@ def check_online_features(
         ordered = window.sort_values([key, "ms", "transaction_id"], ascending=[True, False, True])
         return ordered.drop_duplicates(key, keep="first").set_index(key)
 
-    r = settings.redis
-    client = redis.Redis(
-        host=r.host,
-        port=r.port,
-        db=r.db,
-        password=r.password.get_secret_value() if r.password else None,
-        ssl=r.ssl,
-        socket_timeout=10.0,
-    )
+    client = settings.redis.client(socket_timeout=10.0)
     reader = OnlineFeatureReader(
         client, open_feature_store(settings), settings.prediction.feature_service
     )

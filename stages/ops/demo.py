@@ -19,7 +19,6 @@ from pathlib import Path
 
 import orjson
 import pandas as pd
-import redis
 from confluent_kafka import Consumer, ConsumerGroupState, KafkaException
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
@@ -100,14 +99,7 @@ def stop_stages(procs: list[StageProcess], timeout_s: float = 30.0) -> dict[str,
 def clear_online_store(settings: Settings) -> int:
     """Delete this project's online rows, so a replay starts from an empty online store
     (the writer never lets an older row replace a newer one left by an earlier run)."""
-    r = settings.redis
-    client = redis.Redis(
-        host=r.host,
-        port=r.port,
-        db=r.db,
-        password=r.password.get_secret_value() if r.password else None,
-        ssl=r.ssl,
-    )
+    client = settings.redis.client()
     deleted = 0
     batch = []
     for key in client.scan_iter(match=b"*" + settings.feast_project.encode(), count=10_000):

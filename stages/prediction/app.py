@@ -205,13 +205,7 @@ def build_stage(settings: Settings, metrics: Metrics | None = None) -> Predictio
     """Open the feature store registry, the Redis client and the current model."""
     metrics = metrics or build_metrics()
     store = open_feature_store(settings)
-    r = settings.redis
-    client = redis.Redis(
-        host=r.host,
-        port=r.port,
-        db=r.db,
-        password=r.password.get_secret_value() if r.password else None,
-        ssl=r.ssl,
+    client = settings.redis.client(
         socket_timeout=2.0,
         socket_connect_timeout=2.0,
     )

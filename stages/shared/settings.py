@@ -7,10 +7,13 @@ Nested groups use ``__`` as the delimiter, e.g. ``RTPIPE_KAFKA__BOOTSTRAP_SERVER
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    import redis
 
 StageName = Literal["enrichment", "prediction", "routing", "evaluation"]
 STAGES: tuple[StageName, ...] = ("enrichment", "prediction", "routing", "evaluation")
@@ -66,6 +69,19 @@ class RedisSettings(BaseModel):
     db: int = 0
     password: SecretStr | None = None
     ssl: bool = False
+
+    def client(self, **options: Any) -> redis.Redis:
+        """A redis-py client for this server; ``options`` (timeouts, retry) are passed on."""
+        import redis as redis_py
+
+        return redis_py.Redis(
+            host=self.host,
+            port=self.port,
+            db=self.db,
+            password=self.password.get_secret_value() if self.password else None,
+            ssl=self.ssl,
+            **options,
+        )
 
     def feast_connection_string(self) -> str:
         """Connection string in the form Feast's Redis online store expects."""
