@@ -37,7 +37,7 @@ from typing import cast
 
 import orjson
 import redis
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import Message
 
 from stages.evaluation.logic import (
     Drift,
@@ -64,8 +64,8 @@ from stages.shared.kafka import (
     Output,
     RetryBatch,
     StopFlag,
-    TransactionalBatchLoop,
     ensure_topics,
+    instrumented_loop,
 )
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.schemas import MODEL_FEATURES, InvalidMessage
@@ -304,25 +304,15 @@ def run(
     ensure_topics(settings.kafka, settings.topics, [stage.retrain_topic])
     cfg = settings.evaluation
 
-    def on_rebalance(kind: str, parts: list[TopicPartition]) -> None:
-        stage.metrics.rebalances.labels(STAGE, kind).inc()
-
-    def on_batch(n: int, seconds: float) -> None:
-        stage.metrics.batch_seconds.labels(STAGE).observe(seconds)
-
-    loop = TransactionalBatchLoop(
+    loop = instrumented_loop(
         settings,
+        stage.metrics,
+        stage=STAGE,
         group_id=settings.topics.group(cfg.consumer_group),
         input_topics=[settings.topics.name("predictions"), settings.topics.name("labels")],
         handler=stage.handle,
         max_batch=cfg.max_batch,
         max_wait_ms=cfg.max_wait_ms,
-        stage=STAGE,
-        on_batch_done=on_batch,
-        on_rebalance=on_rebalance,
-        on_lag=lambda topic, part, lag: stage.metrics.consumer_lag.labels(
-            STAGE, topic, str(part)
-        ).set(lag),
     )
     stats = loop.run(stop, max_idle_s=max_idle_s)
     # Export the state as of the last batch (no request: there is no transaction left).

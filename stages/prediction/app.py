@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 import redis
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import Message
 
 from stages.prediction.logic import (
     EnrichedBatch,
@@ -30,9 +30,9 @@ from stages.shared.kafka import (
     Output,
     RetryBatch,
     StopFlag,
-    TransactionalBatchLoop,
     dead_letter,
     ensure_topics,
+    instrumented_loop,
     where,
 )
 from stages.shared.metrics import Metrics, build_metrics
@@ -226,24 +226,14 @@ def run(
     ensure_topics(settings.kafka, settings.topics)
     cfg = settings.prediction
 
-    def on_rebalance(kind: str, parts: list[TopicPartition]) -> None:
-        stage.metrics.rebalances.labels(STAGE, kind).inc()
-
-    def on_batch(n: int, seconds: float) -> None:
-        stage.metrics.batch_seconds.labels(STAGE).observe(seconds)
-
-    loop = TransactionalBatchLoop(
+    loop = instrumented_loop(
         settings,
+        stage.metrics,
+        stage=STAGE,
         group_id=settings.topics.group(cfg.consumer_group),
         input_topics=[settings.topics.name("enriched")],
         handler=stage.handle,
         max_batch=cfg.max_batch,
         max_wait_ms=cfg.max_wait_ms,
-        stage=STAGE,
-        on_batch_done=on_batch,
-        on_rebalance=on_rebalance,
-        on_lag=lambda topic, part, lag: stage.metrics.consumer_lag.labels(
-            STAGE, topic, str(part)
-        ).set(lag),
     )
     return loop.run(stop, max_idle_s=max_idle_s)

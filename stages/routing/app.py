@@ -10,16 +10,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import Message
 
 from stages.routing.logic import decide, parse_prediction
 from stages.shared.kafka import (
     LoopStats,
     Output,
     StopFlag,
-    TransactionalBatchLoop,
     dead_letter,
     ensure_topics,
+    instrumented_loop,
     where,
 )
 from stages.shared.metrics import Metrics, build_metrics
@@ -97,24 +97,14 @@ def run(
     ensure_topics(settings.kafka, settings.topics)
     cfg = settings.routing
 
-    def on_rebalance(kind: str, parts: list[TopicPartition]) -> None:
-        stage.metrics.rebalances.labels(STAGE, kind).inc()
-
-    def on_batch(n: int, seconds: float) -> None:
-        stage.metrics.batch_seconds.labels(STAGE).observe(seconds)
-
-    loop = TransactionalBatchLoop(
+    loop = instrumented_loop(
         settings,
+        stage.metrics,
+        stage=STAGE,
         group_id=settings.topics.group(cfg.consumer_group),
         input_topics=[settings.topics.name("predictions")],
         handler=stage.handle,
         max_batch=cfg.max_batch,
         max_wait_ms=cfg.max_wait_ms,
-        stage=STAGE,
-        on_batch_done=on_batch,
-        on_rebalance=on_rebalance,
-        on_lag=lambda topic, part, lag: stage.metrics.consumer_lag.labels(
-            STAGE, topic, str(part)
-        ).set(lag),
     )
     return loop.run(stop, max_idle_s=max_idle_s)

@@ -25,6 +25,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from stages.shared.metrics import Metrics
 from stages.shared.settings import KafkaSettings, Settings, TopicSettings
 
 logger = logging.getLogger(__name__)
@@ -448,3 +449,32 @@ class TransactionalBatchLoop:
                 # The partition was revoked meanwhile: its new owner starts from the
                 # committed offset, which is at or before this batch.
                 logger.info("%s seek %s[%d] skipped: %s", self._stage, topic, partition, exc)
+
+
+def instrumented_loop(
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    stage: str,
+    group_id: str,
+    input_topics: Sequence[str],
+    handler: BatchHandler,
+    max_batch: int,
+    max_wait_ms: int,
+) -> TransactionalBatchLoop:
+    """A :class:`TransactionalBatchLoop` whose rebalances, batch times and consumer lag are
+    exported under ``stage``'s labels."""
+    return TransactionalBatchLoop(
+        settings,
+        group_id=group_id,
+        input_topics=input_topics,
+        handler=handler,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        stage=stage,
+        on_batch_done=lambda n, seconds: metrics.batch_seconds.labels(stage).observe(seconds),
+        on_rebalance=lambda kind, parts: metrics.rebalances.labels(stage, kind).inc(),
+        on_lag=lambda topic, part, lag: metrics.consumer_lag.labels(stage, topic, str(part)).set(
+            lag
+        ),
+    )
