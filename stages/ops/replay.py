@@ -94,7 +94,11 @@ def build_events(tx: pd.DataFrame, plan: ReplayPlan) -> pd.DataFrame:
             pd.DataFrame(
                 {
                     "kind": 0,
-                    "ts_ms": known_ms[lab],
+                    # Stamped 1 ms before it becomes known: quixstreams orders equal
+                    # timestamps of different topics arbitrarily, and a transaction at the
+                    # very instant a label becomes known must see it (the window includes
+                    # t - 7 days). The label's own transaction time is in its value.
+                    "ts_ms": known_ms[lab] - 1,
                     "key": lb["terminal_id"].to_numpy(),
                     "transaction_id": lb["transaction_id"].to_numpy(),
                     "customer_id": lb["customer_id"].to_numpy(),

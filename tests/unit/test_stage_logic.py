@@ -222,3 +222,31 @@ def test_terminal_windows_are_exact_for_transactions_arriving_out_of_order() -> 
     add_label(s2, t - 36 * DAY_MS, 1, 0, grace_ms=0)
     terminal_features(s2, t + 3 * 3_600_000 + DAY_MS, grace_ms=0)
     assert terminal_features(s2, t, grace_ms=0)["terminal_nb_tx_30d"] == 0
+
+
+def test_replay_puts_a_label_before_a_transaction_at_the_instant_it_becomes_known() -> None:
+    import pandas as pd
+
+    from stages.ops.replay import ReplayPlan, build_events
+
+    t0 = pd.Timestamp("2018-05-01", tz="UTC")
+    tx = pd.DataFrame(
+        {
+            "transaction_id": [1, 2],
+            "customer_id": [10, 11],
+            "terminal_id": [5, 5],
+            "amount": [1.0, 2.0],
+            "is_fraud": [1, 0],
+            "tx_datetime": [
+                t0,
+                t0 + pd.Timedelta(days=7),
+            ],  # tx 2 at the instant 1's label is known
+        }
+    )
+    plan = ReplayPlan(t0 + pd.Timedelta(days=7), t0 + pd.Timedelta(days=8), history_days=7)
+    ev = build_events(tx, plan)
+    kinds = ev["kind"].tolist()
+    assert kinds.index(0) < kinds.index(1)  # the label (kind 0) goes first
+    label = ev[ev["kind"] == 0].iloc[0]
+    assert label["tx_ms"] == int(t0.value // 1_000_000)
+    assert (ev["kind"] == 2).sum() == 1  # tx 1 also warms the customer windows up
