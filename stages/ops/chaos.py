@@ -255,7 +255,7 @@ class _Run:
     def produced(self, topics: list[str]) -> int:
         """Records in ``topics`` (high minus low watermarks, transaction markers included):
         cheap, and close enough to say how far a stage has got."""
-        from confluent_kafka import Consumer, TopicPartition
+        from confluent_kafka import Consumer, KafkaException, TopicPartition
 
         if self._watermarks is None:
             self._watermarks = Consumer(
@@ -268,7 +268,7 @@ class _Run:
                     low, high = self._watermarks.get_watermark_offsets(
                         TopicPartition(topic, p), timeout=2
                     )
-                except Exception:  # broker down (kafka-restart): no progress to report
+                except KafkaException:  # broker down (kafka-restart): no progress to report
                     return 0
                 total += high - low
         return total
