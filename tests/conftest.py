@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from stages.shared.settings import (
     KafkaSettings,
@@ -22,6 +23,12 @@ from stages.shared.settings import (
     StackSettings,
     TopicSettings,
 )
+
+# In CI the property tests replay a fixed sequence of examples (derandomized), so a run is
+# reproducible; locally each run explores new inputs (and saves failures to .hypothesis/).
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parent.parent
 # Test stack ports are BASE+92 (Kafka), +93 (controller), +379 (Redis), +90 (Prometheus),

@@ -63,6 +63,9 @@ def decide(rec: dict[str, Any], cfg: RoutingSettings) -> tuple[Decision, str]:
     if rec.get("missing_views"):
         return "review", "missing_features"
     ages = rec.get("feature_age_s") or {}
+    if not isinstance(ages, dict):
+        # Staleness cannot be checked on a malformed record: not trustworthy enough to approve.
+        return "review", "prediction_error"
     if any(isinstance(a, int | float) and a > cfg.max_feature_age_s for a in ages.values()):
         return "review", "stale_features"
     if score >= cfg.action_threshold:

@@ -250,3 +250,9 @@ def test_replay_puts_a_label_before_a_transaction_at_the_instant_it_becomes_know
     label = ev[ev["kind"] == 0].iloc[0]
     assert label["tx_ms"] == int(t0.value // 1_000_000)
     assert (ev["kind"] == 2).sum() == 1  # tx 1 also warms the customer windows up
+
+
+@pytest.mark.parametrize("ages", [True, 3, "old", [1, 2]])
+def test_a_malformed_feature_age_goes_to_review(ages: object) -> None:
+    rec = {"transaction_id": 1, "score": 0.01, "feature_age_s": ages}
+    assert decide(rec, RoutingSettings()) == ("review", "prediction_error")
