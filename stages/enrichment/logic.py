@@ -17,14 +17,13 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from stages.shared.schemas import (
     DAY_MS,
     LABEL_DELAY_DAYS,
     MAX_ID,
     WINDOWS_DAYS,
     InvalidMessage,
+    json_object,
 )
 
 _MAX_CUSTOMER_SPAN_MS = max(WINDOWS_DAYS) * DAY_MS
@@ -167,16 +166,9 @@ def parse_label(obj: Any, max_bytes: int | None = None) -> tuple[int, int, int, 
     Raises:
         InvalidMessage: naming the problem.
     """
-    if obj is None:
-        raise InvalidMessage("empty", "message has no value")
-    if isinstance(obj, bytes | bytearray):
-        if max_bytes is not None and len(obj) > max_bytes:
-            raise InvalidMessage("too_large", f"{len(obj)} bytes > {max_bytes}")
-        try:
-            obj = orjson.loads(obj)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidMessage("not_json", str(exc)) from None
-    if not isinstance(obj, dict):
+    if obj is None or isinstance(obj, bytes | bytearray):
+        obj = json_object(obj, max_bytes)
+    elif not isinstance(obj, dict):
         raise InvalidMessage("not_object", type(obj).__name__)
     out = []
     for name in ("transaction_id", "terminal_id", "tx_ms", "is_fraud"):

@@ -12,9 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
-import orjson
 
-from stages.shared.schemas import InvalidMessage
+from stages.shared.schemas import InvalidMessage, json_object
 from stages.shared.settings import EvaluationSettings, RoutingSettings
 from training.evaluate import average_precision, roc_auc
 from training.reference import Reference, psi_against
@@ -46,18 +45,6 @@ class LabelRow:
     is_fraud: int
 
 
-def _json_object(raw: bytes | None) -> dict[str, Any]:
-    if raw is None:
-        raise InvalidMessage("empty", "message has no value")
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidMessage("not_json", str(exc)) from None
-    if not isinstance(obj, dict):
-        raise InvalidMessage("not_object", type(obj).__name__)
-    return obj
-
-
 def _int(obj: Mapping[str, Any], name: str) -> int:
     v = obj.get(name)
     if v is None:
@@ -74,7 +61,7 @@ def parse_prediction(raw: bytes | None) -> PredictionRow:
         InvalidMessage: unreadable, or without a usable score (``no_score`` for the records
             the prediction stage writes when features were unavailable).
     """
-    obj = _json_object(raw)
+    obj = json_object(raw)
     tid = _int(obj, "transaction_id")
     score = obj.get("score")
     if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
@@ -101,7 +88,7 @@ def parse_label(raw: bytes | None) -> LabelRow:
     Raises:
         InvalidMessage: unreadable or out of range.
     """
-    obj = _json_object(raw)
+    obj = json_object(raw)
     tid = _int(obj, "transaction_id")
     is_fraud = _int(obj, "is_fraud")
     if is_fraud not in (0, 1) or tid < 0:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import orjson
-
-from stages.shared.schemas import MAX_ID, Decision, InvalidMessage
+from stages.shared.schemas import MAX_ID, Decision, InvalidMessage, json_object
 from stages.shared.settings import RoutingSettings
 
 # Error codes the prediction stage writes on a record it could not score.
@@ -20,14 +18,7 @@ def parse_prediction(raw: bytes | None) -> dict[str, Any]:
     Raises:
         InvalidMessage: when the record cannot be routed at all (it goes to the DLQ).
     """
-    if raw is None:
-        raise InvalidMessage("empty", "message has no value")
-    try:
-        rec = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidMessage("not_json", str(exc)) from None
-    if not isinstance(rec, dict):
-        raise InvalidMessage("not_object", type(rec).__name__)
+    rec = json_object(raw)
     tid = rec.get("transaction_id")
     if isinstance(tid, bool) or not isinstance(tid, int):
         raise InvalidMessage("missing_field", "transaction_id")

@@ -70,7 +70,12 @@ MAX_AMOUNT: Final = 1_000_000.0
 MAX_ID: Final = 2**53
 
 
-def _int_field(obj: dict[str, Any], name: str) -> int:
+def int_field(obj: dict[str, Any], name: str) -> int:
+    """A required non-negative integer id below ``MAX_ID``.
+
+    Raises:
+        InvalidMessage: missing_field, wrong_type or out_of_range.
+    """
     if name not in obj:
         raise InvalidMessage("missing_field", name)
     value = obj[name]
@@ -82,13 +87,23 @@ def _int_field(obj: dict[str, Any], name: str) -> int:
     return value
 
 
-def int_field(obj: dict[str, Any], name: str) -> int:
-    """A required non-negative integer id below ``MAX_ID``.
+def json_object(raw: bytes | bytearray | None, max_bytes: int | None = None) -> dict[str, Any]:
+    """Decode a message value that must be a JSON object.
 
     Raises:
-        InvalidMessage: missing_field, wrong_type or out_of_range.
+        InvalidMessage: empty, too_large (over ``max_bytes``), not_json or not_object.
     """
-    return _int_field(obj, name)
+    if raw is None:
+        raise InvalidMessage("empty", "message has no value")
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise InvalidMessage("too_large", f"{len(raw)} bytes > {max_bytes}")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage("not_json", str(exc)) from None
+    if not isinstance(obj, dict):
+        raise InvalidMessage("not_object", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def amount_field(obj: dict[str, Any]) -> float:
@@ -130,16 +145,7 @@ def parse_transaction(
     Raises:
         InvalidMessage: with a reason code naming what is wrong.
     """
-    if raw is None:
-        raise InvalidMessage("empty", "message has no value")
-    if len(raw) > max_bytes:
-        raise InvalidMessage("too_large", f"{len(raw)} bytes > {max_bytes}")
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidMessage("not_json", str(exc)) from None
-    if not isinstance(obj, dict):
-        raise InvalidMessage("not_object", f"expected a JSON object, got {type(obj).__name__}")
+    obj = json_object(raw, max_bytes)
     if event_ms <= 0:
         raise InvalidMessage("no_timestamp", f"event time {event_ms}")
     if now_ms is not None and max_skew_ms is not None and event_ms > now_ms + max_skew_ms:
@@ -148,9 +154,9 @@ def parse_transaction(
         )
     amount = amount_field(obj)
     return Transaction(
-        transaction_id=_int_field(obj, "transaction_id"),
-        customer_id=_int_field(obj, "customer_id"),
-        terminal_id=_int_field(obj, "terminal_id"),
+        transaction_id=int_field(obj, "transaction_id"),
+        customer_id=int_field(obj, "customer_id"),
+        terminal_id=int_field(obj, "terminal_id"),
         amount=amount,
         event_ms=event_ms,
     )
