@@ -6,6 +6,7 @@ rates, with where the time goes (per-stage timestamps on every decision).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -24,38 +25,42 @@ from stages.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Per-stage hops between the timestamps every decision carries.
+# Per-stage hops between the timestamps every decision carries, and the time the decision
+# became visible to a read_committed reader (after the routing stage's commit).
 HOPS = (
     ("ingest -> enriched", "ingest_ms", "enriched_ms"),
     ("enriched -> predicted", "enriched_ms", "predicted_ms"),
     ("predicted -> routed", "predicted_ms", "routed_ms"),
-    ("ingest -> routed (total)", "ingest_ms", "routed_ms"),
+    ("routed -> visible", "routed_ms", "visible_ms"),
+    ("ingest -> visible (total)", "ingest_ms", "visible_ms"),
 )
+TOTAL = "ingest -> visible (total)"
+_COLS = {"ingest_ms": 0, "enriched_ms": 1, "predicted_ms": 2, "routed_ms": 3, "visible_ms": 4}
 
 
 @dataclass
 class Decisions:
     """Stage timestamps of decided transactions, by transaction id."""
 
-    ts: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
+    ts: dict[int, tuple[int, int, int, int, int]] = field(default_factory=dict)
 
     def of(self, ids: Iterable[int]) -> np.ndarray:
-        """``(n, 4)`` int64: ingest, enriched, predicted, routed ms of the decided ``ids``."""
+        """``(n, 5)`` int64: ingest, enriched, predicted, routed, visible ms of the decided
+        ``ids``."""
         rows = [self.ts[i] for i in ids if i in self.ts]
-        return np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+        return np.asarray(rows, dtype=np.int64).reshape(-1, len(_COLS))
 
 
 def decision_stats(ts: np.ndarray) -> dict[str, float]:
-    """Events/s from the first ingest to the last decision, and latency percentiles (ms) of
-    each hop of ``ts`` (rows of ingest, enriched, predicted, routed ms)."""
+    """Events/s from the first ingest to the last visible decision, and latency percentiles
+    (ms) of each hop of ``ts`` (rows of ingest, enriched, predicted, routed, visible ms)."""
     out: dict[str, float] = {"events": float(len(ts))}
     if not len(ts):
         return out
-    span_s = (ts[:, 3].max() - ts[:, 0].min()) / 1000.0
+    span_s = (ts[:, _COLS["visible_ms"]].max() - ts[:, 0].min()) / 1000.0
     out["eps"] = len(ts) / span_s if span_s > 0 else float("nan")
-    cols = {"ingest_ms": 0, "enriched_ms": 1, "predicted_ms": 2, "routed_ms": 3}
     for name, a, b in HOPS:
-        lat = ts[:, cols[b]] - ts[:, cols[a]]
+        lat = ts[:, _COLS[b]] - ts[:, _COLS[a]]
         p50, p99 = np.percentile(lat, [50, 99])
         out[f"{name} p50"] = float(p50)
         out[f"{name} p99"] = float(p99)
@@ -63,7 +68,9 @@ def decision_stats(ts: np.ndarray) -> dict[str, float]:
 
 
 class DecisionCollector:
-    """Reads the decision topics (read_committed) incrementally from the beginning."""
+    """Reads the decision topics (read_committed) from the beginning on its own thread, and
+    stamps each decision with the wall-clock time it became readable: the event-to-decision
+    latency a downstream consumer sees, all commits included."""
 
     def __init__(self, settings: Settings) -> None:
         self._consumer = Consumer(
@@ -73,39 +80,60 @@ class DecisionCollector:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
-                "fetch.wait.max.ms": 10,
+                "fetch.wait.max.ms": settings.kafka.fetch_wait_max_ms,
             }
         )
         self._consumer.subscribe(list(settings.topics.decision_topics()))
         self.decisions = Decisions()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="decision-collector", daemon=True)
+        self._thread.start()
 
-    def poll(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            for msg in self._consumer.consume(10_000, 0.2):
+    def _run(self) -> None:
+        consumer = self._consumer
+        while not self._stop.is_set():
+            # poll() returns as soon as one decision is readable; consume(n, 0) then takes
+            # the rest already fetched (a consume with a timeout would wait it out in full).
+            first = consumer.poll(0.1)
+            if first is None:
+                continue
+            now = int(time.time() * 1000)
+            rows = {}
+            for msg in (first, *consumer.consume(10_000, 0)):
                 if msg.error() is not None:
                     continue
                 obj = orjson.loads(msg.value())
                 ts = obj.get("ts") or {}
-                self.decisions.ts[int(obj["transaction_id"])] = (
+                rows[int(obj["transaction_id"])] = (
                     int(ts.get("ingest_ms", 0)),
                     int(ts.get("enriched_ms", 0)),
                     int(ts.get("predicted_ms", 0)),
                     int(ts.get("routed_ms", 0)),
+                    now,
                 )
+            with self._lock:
+                self.decisions.ts.update(rows)
 
-    def wait_for(self, ids: list[int], timeout_s: float, alive: Iterable[object] = ()) -> bool:
-        """Poll until every id is decided; False on timeout."""
+    def stats_of(self, ids: Iterable[int]) -> dict[str, float]:
+        with self._lock:
+            return decision_stats(self.decisions.of(ids))
+
+    def wait_for(self, ids: list[int], timeout_s: float) -> bool:
+        """Wait until every id is decided; False on timeout."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            self.poll(0.5)
-            if all(i in self.decisions.ts for i in ids):
+            with self._lock:
+                missing = sum(1 for i in ids if i not in self.decisions.ts)
+            if not missing:
                 return True
-        missing = sum(1 for i in ids if i not in self.decisions.ts)
+            time.sleep(0.2)
         logger.warning("%d of %d transactions undecided after %.0fs", missing, len(ids), timeout_s)
         return False
 
     def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
         self._consumer.close()
 
 
@@ -214,7 +242,7 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
             dead = [sp.name for sp in procs if sp.proc.poll() is not None]
             if dead:
                 raise RuntimeError(f"stage(s) died during the bench: {dead}; see {procs[0].log}")
-            stats = decision_stats(collector.decisions.of(ids))
+            stats = collector.stats_of(ids)
             stats["replay_eps"] = result.transactions / result.seconds if result.seconds else 0
             logger.info("pipeline phase %s: %s", name, stats)
             return Phase(name, rate, stats)

@@ -70,15 +70,16 @@ def test_results_markdown_records_command_machine_and_goals() -> None:
 
 
 def test_decision_stats_per_hop() -> None:
-    # ingest, enriched, predicted, routed (ms)
-    ts = np.array([[1_000, 1_050, 1_060, 1_070], [2_000, 2_100, 2_120, 2_130]])
+    # ingest, enriched, predicted, routed, visible (ms)
+    ts = np.array([[1_000, 1_050, 1_060, 1_070, 1_090], [2_000, 2_100, 2_120, 2_130, 2_140]])
     st = decision_stats(ts)
     assert st["events"] == 2
-    assert st["eps"] == 2 / 1.13
+    assert st["eps"] == 2 / 1.14
     assert st["ingest -> enriched p50"] == 75.0
     assert st["predicted -> routed p99"] == 10.0
-    assert st["ingest -> routed (total) p50"] == 100.0
-    assert decision_stats(np.empty((0, 4), dtype=np.int64)) == {"events": 0.0}
+    assert st["routed -> visible p50"] == 15.0
+    assert st["ingest -> visible (total) p50"] == 115.0
+    assert decision_stats(np.empty((0, 5), dtype=np.int64)) == {"events": 0.0}
 
 
 def test_plans_are_consecutive_windows_of_the_asked_sizes() -> None:
