@@ -27,10 +27,11 @@ def build_app(settings: Settings) -> Application:
         consumer_group=topics.group(cfg.consumer_group),
         auto_offset_reset="earliest",
         commit_interval=cfg.commit_interval_s,
+        consumer_poll_timeout=cfg.poll_timeout_ms / 1000.0,
         processing_guarantee=cfg.processing_guarantee,
         state_dir=str(settings.home / "state" / topics.group(cfg.consumer_group)),
         producer_extra_config={"linger.ms": 2, "compression.type": "lz4"},
-        consumer_extra_config={"fetch.wait.max.ms": 10},
+        consumer_extra_config={"fetch.wait.max.ms": settings.kafka.fetch_wait_max_ms},
         loglevel=None,
     )
     tx_topic = app.topic(

@@ -56,6 +56,7 @@ def bench_settings(base: Settings, port_base: int = PORT_BASE) -> Settings:
                 prediction_port=port_base + 2,
                 routing_port=port_base + 3,
                 evaluation_port=port_base + 4,
+                enrichment_terminal_port=port_base + 5,
             ),
         }
     )

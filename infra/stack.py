@@ -526,7 +526,9 @@ def _write_prometheus_config(settings: Settings) -> Path:
         lines += [
             f"  - job_name: {stage}",
             "    static_configs:",
-            f"      - targets: ['{host}:{settings.metrics.port(stage)}']",
+            "      - targets: ["
+            + ", ".join(f"'{host}:{port}'" for port in settings.metrics.ports(stage))
+            + "]",
         ]
     conf.write_text("\n".join(lines) + "\n")
     return conf

@@ -133,8 +133,12 @@ def train(
 @app.command("run")
 def run_stage(
     stage: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES)}.")],
+    part: Annotated[
+        str | None,
+        typer.Option(hidden=True, help="Enrichment only: run just its terminal-window app."),
+    ] = None,
 ) -> None:
-    """Run one pipeline stage in this process until SIGTERM."""
+    """Run one pipeline stage until SIGTERM (enrichment: in two processes)."""
     from stages.shared.kafka import StopFlag
     from stages.shared.metrics import build_metrics
 
@@ -142,6 +146,15 @@ def run_stage(
     if stage not in STAGES:
         raise typer.BadParameter(f"unknown stage {stage!r}; choose from {STAGES}")
     metrics = build_metrics()
+    if part is not None:
+        if (stage, part) != ("enrichment", "terminal"):
+            raise typer.BadParameter("--part terminal is for the enrichment stage only")
+        from stages.enrichment.app import die_with_supervisor, run_part
+
+        die_with_supervisor()
+        metrics.serve(settings.metrics.host, settings.metrics.enrichment_terminal_port)
+        run_part(settings, "terminal", metrics)
+        return
     metrics.serve(settings.metrics.host, settings.metrics.port(stage))
     if stage == "enrichment":
         from stages.enrichment.app import run as run_enrichment
@@ -245,12 +258,16 @@ def bench(
     out: Annotated[Path, typer.Option(help="Where to write the results table.")] = Path(
         "bench/RESULTS.md"
     ),
+    only: Annotated[
+        list[str] | None,
+        typer.Option(help="Run just this part: online, prediction, enrichment or pipeline."),
+    ] = None,
 ) -> None:
     """Benchmarks side by side (ratios of medians): online I/O, prediction, pipeline."""
     from bench.run import main as run_bench
 
     settings = _settings()
-    run_bench(settings, quick, out)
+    run_bench(settings, quick, out, frozenset(only) if only else None)
 
 
 @app.command("check-skew")

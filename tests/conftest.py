@@ -32,7 +32,7 @@ if os.environ.get("CI"):
 
 REPO = Path(__file__).resolve().parent.parent
 # Test stack ports are BASE+92 (Kafka), +93 (controller), +379 (Redis), +90 (Prometheus),
-# stage metrics +1..+4; override to run two suites side by side.
+# stage metrics +1..+5; override to run two suites side by side.
 BASE = int(os.environ.get("RTPIPE_TEST_PORT_BASE", "29000"))
 TEST_HOME = REPO / ".rtpipe" / f"test-{BASE}"
 
@@ -55,6 +55,7 @@ def make_test_settings(**overrides: object) -> Settings:
             prediction_port=BASE + 2,
             routing_port=BASE + 3,
             evaluation_port=BASE + 4,
+            enrichment_terminal_port=BASE + 5,
         ),
     }
     base.update(overrides)

@@ -2,16 +2,26 @@
 stores with changelog topics, aggregates pushed to Feast's online store, then the event is
 forwarded to ``transactions.enriched``.
 
-Topology::
+Two quixstreams applications, each its own consumer group and process (``rtpipe run
+enrichment`` starts the second as its child and supervises it)::
 
-    transactions (key customer) ─ parse ─┬─ bad ─────────────────────────► transactions.dlq
-                                         └─ customer window ─┬─ late ────► transactions.dlq
-                                                             ├─ row ─────► Feast online (customer)
-                                                             └─ group_by terminal ─┐
-    labels (key terminal) ─ parse ─┬─ bad ─────────────────────────► labels.dlq     │
-                                   └──────────────── concat (time-aligned) ◄────────┘
-                                   └─ terminal window ─┬─ row ───────────► Feast online (terminal)
-                                                       └─ forward ───────► transactions.enriched
+    customer app (group enrichment)
+    transactions (key customer) ─ parse ─┬─ bad ──────────────────────────► transactions.dlq
+    transactions.history ────────────────┤ (time-aligned; history only warms windows up)
+                                         └─ customer window ─┬─ late ───► transactions.dlq
+                                                             ├─ row ────► Feast online (customer)
+                                                             └─ by terminal ─► (by_terminal)
+
+    terminal app (group enrichment-terminal)
+    transactions.by_terminal ─ decode ─┬─ bad ────────────────────────────► transactions.dlq
+    labels (key terminal) ─ parse ─────┤ (time-aligned) ─ bad ─────────────► labels.dlq
+                                       └─ terminal window ─┬─ row ─────────► Feast online (terminal)
+                                                           └─ forward ─────► transactions.enriched
+
+One application reading its own repartition topic in a time-aligned group stalled every
+event until its own transaction committed: while a transaction is open, librdkafka's cached
+high watermark of that partition is past what a read_committed reader can fetch, so
+quixstreams waited for it. Split in two, each app's aligned inputs are written by others.
 
 With exactly-once processing, sinks are flushed before the Kafka transaction that makes the
 forwarded event visible commits, so a read_committed reader of ``transactions.enriched``
@@ -21,7 +31,13 @@ always finds the aggregates that include its event (read-your-writes).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from typing import Any
 
@@ -56,7 +72,7 @@ from stages.shared.schemas import (
     InvalidMessage,
     parse_transaction,
 )
-from stages.shared.settings import Settings
+from stages.shared.settings import Settings, settings_to_env
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +86,10 @@ SINK_RETRY_AFTER_S = 1.0
 # (the stall a killed instance leaves its readers): the flush is bounded by the socket
 # timeouts below, with no client-side retries (backpressure retries instead).
 TRANSACTION_TIMEOUT_MS = 30_000
+
+
+# What the customer app hands the terminal app for each transaction.
+_HANDOVER_FIELDS = ("transaction_id", "terminal_id", "event_ms", "ts", "features")
 
 
 def _key_loads(raw: bytes | bytearray) -> Any:
@@ -135,59 +155,29 @@ def _dlq_headers(reason: str, detail: str) -> Any:
     return set_headers
 
 
-def build_app(settings: Settings, metrics: Metrics | None = None) -> Application:
-    """Build the quixstreams application (topology above); ``app.run()`` starts it."""
-    metrics = metrics or build_metrics()
+def _application(settings: Settings, group: str) -> Application:
     cfg = settings.enrichment
-    topics = settings.topics
     kafka = settings.kafka
-    max_bytes = settings.max_message_bytes
-    grace = cfg.grace_ms
-    skew = cfg.terminal_skew_ms
-    late_terminal = metrics.inexact_windows.labels(TERMINAL_VIEW)
-
-    conn = ConnectionConfig.from_librdkafka_dict(kafka.client_config())
-    app = Application(
-        broker_address=conn,
-        consumer_group=topics.group(cfg.consumer_group),
+    group_id = settings.topics.group(group)
+    return Application(
+        broker_address=ConnectionConfig.from_librdkafka_dict(kafka.client_config()),
+        consumer_group=group_id,
         auto_offset_reset="earliest",
         commit_interval=cfg.commit_interval_s,
+        consumer_poll_timeout=cfg.poll_timeout_ms / 1000.0,
         processing_guarantee=cfg.processing_guarantee,
-        state_dir=str(cfg.state_dir or settings.home / "state" / topics.group(cfg.consumer_group)),
+        state_dir=str((cfg.state_dir or settings.home / "state") / group_id),
         producer_extra_config={
             "linger.ms": 2,
             "compression.type": "lz4",
             "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
         },
-        consumer_extra_config={"fetch.wait.max.ms": 10},
+        consumer_extra_config={"fetch.wait.max.ms": kafka.fetch_wait_max_ms},
         loglevel=None,
     )
 
-    tx_topic = app.topic(
-        topics.name("transactions"), value_deserializer="bytes", key_deserializer="bytes"
-    )
-    # Bytes in, so a label that is not JSON reaches the DLQ with its original bytes.
-    labels_topic = app.topic(
-        topics.name("labels"),
-        value_deserializer="bytes",
-        key_deserializer=JSONDeserializer(loads=_key_loads),
-    )
-    tx_dlq = app.topic(
-        topics.dlq(topics.name("transactions")), value_serializer="bytes", key_serializer="bytes"
-    )
-    labels_dlq = app.topic(
-        topics.dlq(topics.name("labels")),
-        value_serializer="bytes",
-        key_serializer=JSONSerializer(dumps=_key_dumps),
-    )
-    enriched = app.topic(topics.name("enriched"), value_serializer="json", key_serializer="string")
-    history_topic = app.topic(
-        topics.name("history"), value_deserializer="bytes", key_deserializer="bytes"
-    )
-    history_dlq = app.topic(
-        topics.dlq(topics.name("history")), value_serializer="bytes", key_serializer="bytes"
-    )
 
+def _redis_writer(settings: Settings) -> OnlineFeatureWriter:
     store = open_feature_store(settings)
     client = settings.redis.client(
         socket_timeout=5.0,
@@ -196,7 +186,62 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
         # open Kafka transaction; a failed flush backpressures and is retried instead.
         retry=Retry(NoBackoff(), 0),
     )
-    writer = OnlineFeatureWriter(client, OnlineLayout.from_store(store))
+    return OnlineFeatureWriter(client, OnlineLayout.from_store(store))
+
+
+def _to_dlq(metrics: Metrics, sdf: Any, topic: Any) -> None:
+    """Dead-letter the rows of ``sdf`` (``error``, ``detail``, ``raw``) with their reason."""
+
+    def count(value: dict[str, Any]) -> bytes:
+        metrics.dlq.labels(STAGE, value["error"]).inc()
+        ctx = message_context()
+        logger.warning(
+            "dead letter %s[%d]@%d: %s: %s",
+            ctx.topic,
+            ctx.partition,
+            ctx.offset,
+            value["error"],
+            value["detail"],
+        )
+        return value["raw"] if value["raw"] is not None else b""
+
+    (
+        sdf.set_headers(lambda v, k, t, h: _dlq_headers(v["error"], v["detail"])(v, k, t, h))
+        .apply(count)
+        .to_topic(topic)
+    )
+
+
+def build_customer_app(settings: Settings, metrics: Metrics | None = None) -> Application:
+    """The customer-window application (topology above); ``app.run()`` starts it."""
+    metrics = metrics or build_metrics()
+    cfg = settings.enrichment
+    topics = settings.topics
+    max_bytes = settings.max_message_bytes
+    grace = cfg.grace_ms
+    app = _application(settings, cfg.consumer_group)
+
+    tx_topic = app.topic(
+        topics.name("transactions"), value_deserializer="bytes", key_deserializer="bytes"
+    )
+    tx_dlq = app.topic(
+        topics.dlq(topics.name("transactions")), value_serializer="bytes", key_serializer="bytes"
+    )
+    # Keyed by the terminal id in the labels' key format (JSON), so the same murmur2
+    # partitioner puts a terminal's transactions and labels in partitions of one number.
+    by_terminal_topic = app.topic(
+        topics.name("by_terminal"),
+        value_serializer="json",
+        key_serializer=JSONSerializer(dumps=_key_dumps),
+    )
+    history_topic = app.topic(
+        topics.name("history"), value_deserializer="bytes", key_deserializer="bytes"
+    )
+    history_dlq = app.topic(
+        topics.dlq(topics.name("history")), value_serializer="bytes", key_serializer="bytes"
+    )
+
+    writer = _redis_writer(settings)
 
     # -- transactions: parse, customer window ------------------------------------------------
     def parse(value: bytes, key: Any, timestamp: int, headers: Any) -> dict[str, Any]:
@@ -243,24 +288,7 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
         return value
 
     def to_dlq(sdf: Any, topic: Any) -> None:
-        def count(value: dict[str, Any]) -> bytes:
-            metrics.dlq.labels(STAGE, value["error"]).inc()
-            ctx = message_context()
-            logger.warning(
-                "dead letter %s[%d]@%d: %s: %s",
-                ctx.topic,
-                ctx.partition,
-                ctx.offset,
-                value["error"],
-                value["detail"],
-            )
-            return value["raw"] if value["raw"] is not None else b""
-
-        (
-            sdf.set_headers(lambda v, k, t, h: _dlq_headers(v["error"], v["detail"])(v, k, t, h))
-            .apply(count)
-            .to_topic(topic)
-        )
+        _to_dlq(metrics, sdf, topic)
 
     def as_history(value: dict[str, Any]) -> dict[str, Any]:
         value["history"] = True
@@ -288,7 +316,65 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
         }
     ).sink(FeastOnlineSink(writer, CUSTOMER_VIEW, "customer_id", CUSTOMER_FEATURES))
 
-    by_terminal = ok.group_by(lambda v: v["terminal_id"], name="terminal")
+    ok.to_topic(by_terminal_topic, key=lambda v: v["terminal_id"])
+    return app
+
+
+def build_terminal_app(settings: Settings, metrics: Metrics | None = None) -> Application:
+    """The terminal-window application (topology above); ``app.run()`` starts it."""
+    metrics = metrics or build_metrics()
+    cfg = settings.enrichment
+    topics = settings.topics
+    max_bytes = settings.max_message_bytes
+    skew = cfg.terminal_skew_ms
+    late_terminal = metrics.inexact_windows.labels(TERMINAL_VIEW)
+    app = _application(settings, cfg.terminal_consumer_group)
+
+    by_terminal_topic = app.topic(
+        topics.name("by_terminal"),
+        value_deserializer="bytes",
+        key_deserializer=JSONDeserializer(loads=_key_loads),
+    )
+    # Bytes in, so a label that is not JSON reaches the DLQ with its original bytes.
+    labels_topic = app.topic(
+        topics.name("labels"),
+        value_deserializer="bytes",
+        key_deserializer=JSONDeserializer(loads=_key_loads),
+    )
+    tx_dlq = app.topic(
+        topics.dlq(topics.name("transactions")), value_serializer="bytes", key_serializer="bytes"
+    )
+    labels_dlq = app.topic(
+        topics.dlq(topics.name("labels")),
+        value_serializer="bytes",
+        key_serializer=JSONSerializer(dumps=_key_dumps),
+    )
+    enriched = app.topic(topics.name("enriched"), value_serializer="json", key_serializer="string")
+    writer = _redis_writer(settings)
+
+    def to_dlq(sdf: Any, topic: Any) -> None:
+        _to_dlq(metrics, sdf, topic)
+
+    def decode(value: bytes) -> dict[str, Any]:
+        # Written by the customer app only; anything else is dead-lettered, not fatal.
+        try:
+            out = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            return {"error": "bad_internal_record", "detail": str(exc), "raw": value}
+        missing = (
+            [k for k in _HANDOVER_FIELDS if k not in out]
+            if isinstance(out, dict)
+            else list(_HANDOVER_FIELDS)
+        )
+        if not missing and not isinstance(out["features"], dict):
+            missing = ["features"]
+        if missing:
+            return {"error": "bad_internal_record", "detail": f"missing {missing}", "raw": value}
+        return out
+
+    by_terminal = app.dataframe(by_terminal_topic).apply(decode)
+    to_dlq(by_terminal[by_terminal.apply(lambda v: "error" in v)], tx_dlq)
+    good_tx = by_terminal[by_terminal.apply(lambda v: "error" not in v)]
 
     # -- labels: parse ------------------------------------------------------------------------
     def parse_label_msg(value: bytes, key: Any, timestamp: int, headers: Any) -> dict[str, Any]:
@@ -328,7 +414,7 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
         state.set("w", ts_state.to_state())
         return value
 
-    merged = by_terminal.concat(good_labels).apply(terminal_window, stateful=True)
+    merged = good_tx.concat(good_labels).apply(terminal_window, stateful=True)
     txs = merged[merged.apply(lambda v: v is not None)]
     txs.apply(
         lambda v: {
@@ -350,8 +436,15 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Application
     return app
 
 
-def run(settings: Settings, metrics: Metrics | None = None) -> None:
-    """Run the enrichment stage until SIGTERM/SIGINT (quixstreams handles both).
+BUILDERS = {"customer": build_customer_app, "terminal": build_terminal_app}
+# Set in the terminal process's environment: the pid of the stage process supervising it.
+SUPERVISOR_PID_ENV = "RTPIPE_ENRICHMENT_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def run_part(settings: Settings, part: str, metrics: Metrics | None = None) -> None:
+    """Run one of the stage's applications (``customer`` or ``terminal``) until SIGTERM or
+    SIGINT (quixstreams handles both).
 
     quixstreams stops on a failed checkpoint (a broker down for longer than the transaction
     timeout, a fenced producer) and leaves the restart to a supervisor. The stage is its own
@@ -360,7 +453,7 @@ def run(settings: Settings, metrics: Metrics | None = None) -> None:
     """
     from stages.shared.kafka import StopFlag
 
-    ensure_topics(settings.kafka, settings.topics)
+    build = BUILDERS[part]
     metrics = metrics or build_metrics()
     stop = StopFlag()
     backoff_s = 1.0
@@ -368,14 +461,105 @@ def run(settings: Settings, metrics: Metrics | None = None) -> None:
         try:
             # Inside the try: building it fetches topic metadata, which fails while the
             # broker is still down.
-            app = build_app(settings, metrics)
+            app = build(settings, metrics)
             app.run()
             return  # stopped by a signal
         except Exception:
             # Between runs our handlers apply (quixstreams installs its own inside run()).
             stop.install_signal_handlers()
-            logger.exception("enrichment failed; restarting in %.0fs", backoff_s)
+            logger.exception("enrichment %s failed; restarting in %.0fs", part, backoff_s)
         deadline = time.monotonic() + backoff_s
         while not stop.is_set() and time.monotonic() < deadline:
             time.sleep(0.1)
         backoff_s = min(backoff_s * 2, 30.0)
+
+
+def die_with_supervisor() -> None:
+    """In the terminal process: exit (SIGTERM) when the stage process that started it dies,
+    even by SIGKILL, so a crashed stage never leaves an orphan consuming in its group."""
+    expected = os.environ.get(SUPERVISOR_PID_ENV)
+    if not expected:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != int(expected):
+        # The supervisor died before prctl took effect.
+        logger.error("enrichment supervisor %s is gone; exiting", expected)
+        raise SystemExit(1)
+
+
+class TerminalProcess:
+    """Starts the terminal-window application as a child process and restarts it (with
+    backoff) whenever it exits while the stage is running."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._env = {
+            **os.environ,
+            **settings_to_env(settings),
+            SUPERVISOR_PID_ENV: str(os.getpid()),
+        }
+        self._stop = threading.Event()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        # The child is started from this thread, which lives as long as the stage does:
+        # PR_SET_PDEATHSIG fires when the *thread* that forked the child ends.
+        self._thread = threading.Thread(target=self._supervise, name="enrichment-terminal")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        backoff_s = 1.0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            with self._lock:
+                if self._stop.is_set():
+                    break
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "stages.cli", "run", STAGE, "--part", "terminal"],
+                    env=self._env,
+                )
+            logger.info("enrichment terminal process %d started", self._proc.pid)
+            code = self._proc.wait()
+            if self._stop.is_set():
+                break
+            if time.monotonic() - started > 60:
+                backoff_s = 1.0
+            logger.error(
+                "enrichment terminal process exited with %s; restarting in %.0fs", code, backoff_s
+            )
+            self._stop.wait(backoff_s)
+            backoff_s = min(backoff_s * 2, 30.0)
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """Ask the child to finish (SIGTERM), kill it after ``timeout_s``; its exit code."""
+        with self._lock:
+            self._stop.set()
+            proc = self._proc
+        if proc is None:
+            self._thread.join(timeout_s)
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.error("enrichment terminal process %d did not stop; killing it", proc.pid)
+            proc.kill()
+            code = proc.wait()
+        self._thread.join(timeout_s)
+        return code
+
+
+def run(settings: Settings, metrics: Metrics | None = None) -> None:
+    """Run the whole enrichment stage until SIGTERM/SIGINT: the customer-window application
+    in this process and the terminal-window application in a supervised child process."""
+    ensure_topics(settings.kafka, settings.topics)
+    terminal = TerminalProcess(settings)
+    terminal.start()
+    try:
+        run_part(settings, "customer", metrics)
+    finally:
+        code = terminal.stop()
+        logger.info("enrichment terminal process stopped (exit code %s)", code)

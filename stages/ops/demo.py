@@ -30,7 +30,7 @@ from stages.ops.replay import ReplayPlan, ReplayResult, replay
 from stages.ops.report import MetricsSampler, render_run_report
 from stages.shared.kafka import ensure_topics
 from stages.shared.schemas import CUSTOMER_VIEW, TERMINAL_VIEW
-from stages.shared.settings import Settings, settings_to_env
+from stages.shared.settings import Settings, settings_to_env, stage_groups
 from training.skew import SkewReport
 
 logger = logging.getLogger(__name__)
@@ -117,13 +117,7 @@ def wait_until_ready(
 ) -> float:
     """Wait until every stage's consumer group is stable with partitions assigned, so the
     replay measures the pipeline rather than its start-up. Returns the seconds waited."""
-    groups = {
-        "enrichment": settings.enrichment.consumer_group,
-        "prediction": settings.prediction.consumer_group,
-        "routing": settings.routing.consumer_group,
-        "evaluation": settings.evaluation.consumer_group,
-    }
-    wanted = [settings.topics.group(groups[sp.name]) for sp in procs]
+    wanted = [g for sp in procs for g in stage_groups(settings, sp.name)]  # type: ignore[arg-type]
     admin = AdminClient(settings.kafka.client_config())
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:

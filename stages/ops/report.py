@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from stages.shared.settings import STAGES, Settings, StageName
+from stages.shared.settings import STAGES, Settings, StageName, stage_groups
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -77,15 +77,6 @@ def parse_metrics(text: str, names: Iterable[str] = DEFAULT_METRICS) -> dict[Ser
     return out
 
 
-# Input topics of each stage's consumer group (TopicSettings field names).
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "enrichment": ("transactions", "labels"),
-    "prediction": ("enriched",),
-    "routing": ("predictions",),
-    "evaluation": ("predictions", "labels"),
-}
-
-
 class KafkaLagProbe:
     """Consumer lag of each stage's group read from Kafka itself: high watermark minus the
     group's committed offset, summed over the input partitions.
@@ -96,61 +87,65 @@ class KafkaLagProbe:
     joins the groups (``committed()`` only queries the coordinator).
     """
 
-    def __init__(self, settings: Settings, stages: Sequence[str] = tuple(STAGE_INPUTS)) -> None:
+    def __init__(self, settings: Settings, stages: Sequence[StageName] = STAGES) -> None:
         from confluent_kafka import Consumer
 
-        t = settings.topics
-        groups = {
-            "enrichment": settings.enrichment.consumer_group,
-            "prediction": settings.prediction.consumer_group,
-            "routing": settings.routing.consumer_group,
-            "evaluation": settings.evaluation.consumer_group,
-        }
         self._settings = settings
-        self._topics = {s: [t.name(k) for k in STAGE_INPUTS[s]] for s in stages}
+        # (stage, group) -> the group's input topics; one probe consumer per group.
+        self._topics = {
+            (stage, group): topics
+            for stage in stages
+            for group, topics in stage_groups(settings, stage).items()
+        }
         self._consumers = {
-            s: Consumer(
+            key: Consumer(
                 {
                     **settings.kafka.client_config(),
-                    "group.id": t.group(groups[s]),
+                    "group.id": key[1],
                     "enable.auto.commit": False,
                 }
             )
-            for s in stages
+            for key in self._topics
         }
-        self._partitions: dict[str, list[Any]] = {}
+        self._partitions: dict[tuple[StageName, str], list[Any]] = {}
 
-    def _parts(self, stage: str) -> list[Any]:
+    def _parts(self, key: tuple[StageName, str]) -> list[Any]:
         from confluent_kafka import TopicPartition
 
-        if not self._partitions.get(stage):
-            consumer = self._consumers[stage]
+        if not self._partitions.get(key):
+            consumer = self._consumers[key]
             parts: list[Any] = []
-            for topic in self._topics[stage]:
+            for topic in self._topics[key]:
                 meta = consumer.list_topics(topic, timeout=5).topics.get(topic)
                 if meta is not None and meta.error is None:
                     parts.extend(TopicPartition(topic, p) for p in meta.partitions)
-            self._partitions[stage] = parts
-        return self._partitions[stage]
+            self._partitions[key] = parts
+        return self._partitions[key]
 
     def poll(self, timeout_s: float = 2.0) -> list[Frame]:
         from confluent_kafka import KafkaException
 
-        frames = []
-        for stage, consumer in self._consumers.items():
-            now = time.time()
+        lags: dict[str, float] = {}
+        failed: set[str] = set()
+        for (stage, group), consumer in self._consumers.items():
             try:
-                committed = consumer.committed(self._parts(stage), timeout=timeout_s)
+                committed = consumer.committed(self._parts((stage, group)), timeout=timeout_s)
                 lag = 0
                 for tp in committed:
                     _, high = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
                     lag += max(0, high - tp.offset) if tp.offset >= 0 else high
             except KafkaException as exc:
-                logger.debug("lag of %s unavailable: %s", stage, exc)
+                logger.debug("lag of %s (%s) unavailable: %s", stage, group, exc)
+                failed.add(stage)
                 continue
-            key: SeriesKey = (KAFKA_LAG, (("stage", stage),))
-            frames.append(Frame(now, stage, True, {key: float(lag)}))
-        return frames
+            lags[stage] = lags.get(stage, 0.0) + lag
+        # A stage's lag is the sum over its groups, or nothing if one could not be read.
+        lags = {stage: lag for stage, lag in lags.items() if stage not in failed}
+        now = time.time()
+        return [
+            Frame(now, stage, True, {(KAFKA_LAG, (("stage", stage),)): lag})
+            for stage, lag in lags.items()
+        ]
 
     def close(self) -> None:
         for consumer in self._consumers.values():
@@ -162,7 +157,8 @@ class MetricsSampler:
     """Polls each stage's ``/metrics`` every ``interval_s`` in a daemon thread.
 
     Args:
-        urls: stage name -> metrics URL, e.g. ``{"routing": "http://127.0.0.1:8003/metrics"}``.
+        urls: stage name -> metrics URL, e.g. ``{"routing": "http://127.0.0.1:8003/metrics"}``,
+            or a tuple of URLs for a stage of several processes (their samples are summed).
         interval_s: time between polls.
         names: metric sample names kept (default :data:`DEFAULT_METRICS`).
         timeout_s: HTTP timeout per scrape; a stage that does not answer gives ``up=False``.
@@ -170,13 +166,13 @@ class MetricsSampler:
 
     def __init__(
         self,
-        urls: Mapping[str, str],
+        urls: Mapping[str, str | tuple[str, ...]],
         interval_s: float = 1.0,
         names: Iterable[str] = DEFAULT_METRICS,
         timeout_s: float = 2.0,
         lag_probe: KafkaLagProbe | None = None,
     ) -> None:
-        self.urls = dict(urls)
+        self.urls = {k: (v,) if isinstance(v, str) else tuple(v) for k, v in urls.items()}
         self.lag_probe = lag_probe
         self.interval_s = interval_s
         self.names = tuple(names)
@@ -198,22 +194,29 @@ class MetricsSampler:
         ``kafka_lag``, of their consumer groups' lag as Kafka reports it."""
         m = settings.metrics
         probe = KafkaLagProbe(settings, stages) if kafka_lag else None
-        urls: dict[str, str] = {s: f"http://{m.host}:{m.port(s)}/metrics" for s in stages}
+        urls: dict[str, str | tuple[str, ...]] = {
+            s: tuple(f"http://{m.host}:{p}/metrics" for p in m.ports(s)) for s in stages
+        }
         return cls(urls, interval_s, lag_probe=probe)
 
     def poll_once(self) -> list[Frame]:
         """Scrape every URL once and keep the frames."""
         frames = []
-        for stage, url in self.urls.items():
+        for stage, urls in self.urls.items():
             now = time.time()
-            try:
-                with urllib.request.urlopen(url, timeout=self.timeout_s) as resp:
-                    text = resp.read().decode()
-            except (urllib.error.URLError, OSError) as exc:
-                logger.debug("metrics of %s at %s unavailable: %s", stage, url, exc)
-                frames.append(Frame(now, stage, False))
-                continue
-            frames.append(Frame(now, stage, True, parse_metrics(text, self.names)))
+            samples: dict[SeriesKey, float] = {}
+            up = True
+            for url in urls:
+                try:
+                    with urllib.request.urlopen(url, timeout=self.timeout_s) as resp:
+                        text = resp.read().decode()
+                except (urllib.error.URLError, OSError) as exc:
+                    logger.debug("metrics of %s at %s unavailable: %s", stage, url, exc)
+                    up = False
+                    break
+                for key, value in parse_metrics(text, self.names).items():
+                    samples[key] = samples.get(key, 0.0) + value
+            frames.append(Frame(now, stage, True, samples) if up else Frame(now, stage, False))
         if self.lag_probe is not None:
             frames.extend(self.lag_probe.poll(self.timeout_s))
         with self._lock:
@@ -238,7 +241,8 @@ class MetricsSampler:
         """Stop polling (after one last scrape) and return the frames."""
         if self._thread is not None:
             self._stop.set()
-            self._thread.join(self.timeout_s * len(self.urls) + self.interval_s + 1)
+            n_urls = sum(len(u) for u in self.urls.values())
+            self._thread.join(self.timeout_s * n_urls + self.interval_s + 1)
             self._thread = None
             self.poll_once()
         if self.lag_probe is not None:

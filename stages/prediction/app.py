@@ -235,5 +235,7 @@ def run(
         handler=stage.handle,
         max_batch=cfg.max_batch,
         max_wait_ms=cfg.max_wait_ms,
+        # A promoted model is loaded (or rejected) while no events flow, not on the next one.
+        on_idle=stage.models.maybe_reload,
     )
     return loop.run(stop, max_idle_s=max_idle_s)

@@ -42,6 +42,8 @@ DLQ_SOURCE = "rtpipe.source"
 # broker aborts it, read_committed readers of its output partitions and the offset fetch of
 # its successor wait: librdkafka's 60 s default turned each crash into a minute-long stall.
 TRANSACTION_TIMEOUT_MS = 10_000
+# How long the batch loop waits for a first message before it checks its stop flag again.
+IDLE_POLL_S = 0.1
 
 
 class KafkaUnavailableError(RuntimeError):
@@ -122,7 +124,7 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **extra: Any) -> dict[s
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
         "partition.assignment.strategy": "cooperative-sticky",
-        "fetch.wait.max.ms": 10,
+        "fetch.wait.max.ms": kafka.fetch_wait_max_ms,
         "session.timeout.ms": 10_000,
         "heartbeat.interval.ms": 1_000,
         "max.poll.interval.ms": 60_000,
@@ -219,8 +221,10 @@ class TransactionalBatchLoop:
     Kafka transaction, so each input yields its outputs exactly once for read_committed
     readers, including across crashes and rebalances.
 
-    A batch closes when it holds ``max_batch`` messages or ``max_wait_ms`` has passed since
-    the poll started, whichever comes first.
+    Batches form naturally: the loop waits for a first message, then takes whatever else has
+    already been fetched, waiting at most ``max_wait_ms`` more for the batch to reach
+    ``max_batch``. A lone event is not held for a fixed window, and under load batches grow
+    by themselves while the previous one is being processed and committed.
     """
 
     def __init__(
@@ -237,6 +241,7 @@ class TransactionalBatchLoop:
         on_rebalance: Callable[[str, list[TopicPartition]], None] | None = None,
         on_lag: Callable[[str, int, int], None] | None = None,
         lag_interval_s: float = 5.0,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._group_id = group_id
@@ -249,6 +254,9 @@ class TransactionalBatchLoop:
         self._on_rebalance = on_rebalance
         self._on_lag = on_lag
         self._lag_interval_s = lag_interval_s
+        # Called (outside any transaction) whenever a poll brings no input, so periodic work
+        # such as loading a newly promoted model happens while the stage is idle too.
+        self._on_idle = on_idle
         self._next_lag = 0.0
         self.stats = LoopStats()
         self._consumer: Consumer | None = None
@@ -304,9 +312,10 @@ class TransactionalBatchLoop:
         try:
             while not stop.is_set():
                 self._report_lag()
-                msgs = self._consumer.consume(self._max_batch, self._max_wait_s)
-                msgs = [m for m in msgs if self._usable(m)]
+                msgs = [m for m in self._next_batch() if self._usable(m)]
                 if not msgs:
+                    if self._on_idle is not None:
+                        self._on_idle()
                     if max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
                         break
                     continue
@@ -315,6 +324,16 @@ class TransactionalBatchLoop:
         finally:
             self.close()
         return self.stats
+
+    def _next_batch(self) -> list[Message]:
+        assert self._consumer is not None
+        first = self._consumer.poll(IDLE_POLL_S)
+        if first is None:
+            return []
+        if self._max_batch == 1:
+            return [first]
+        # consume() returns when it has this many messages or when the wait is over.
+        return [first, *self._consumer.consume(self._max_batch - 1, self._max_wait_s)]
 
     def _report_lag(self) -> None:
         """Lag per assigned partition: high watermark minus our position. (librdkafka's
@@ -461,6 +480,7 @@ def instrumented_loop(
     handler: BatchHandler,
     max_batch: int,
     max_wait_ms: int,
+    on_idle: Callable[[], None] | None = None,
 ) -> TransactionalBatchLoop:
     """A :class:`TransactionalBatchLoop` whose rebalances, batch times and consumer lag are
     exported under ``stage``'s labels."""
@@ -477,4 +497,5 @@ def instrumented_loop(
         on_lag=lambda topic, part, lag: metrics.consumer_lag.labels(stage, topic, str(part)).set(
             lag
         ),
+        on_idle=on_idle,
     )

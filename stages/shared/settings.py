@@ -35,6 +35,10 @@ class KafkaSettings(BaseModel):
     ssl_certificate_location: Path | None = None
     ssl_key_location: Path | None = None
     ssl_key_password: SecretStr | None = None
+    # The longest a consumer's fetch waits at the broker when there is no new data. Data
+    # (or, for read_committed readers, a commit) answers a waiting fetch at once, so this
+    # does not add latency; lower values only multiply idle fetch requests.
+    fetch_wait_max_ms: int = Field(default=100, ge=1)
 
     def client_config(self) -> dict[str, str]:
         """librdkafka connection properties shared by every client."""
@@ -104,6 +108,10 @@ class TopicSettings(BaseModel):
     # deployment's history): consumed by enrichment, never scored or routed.
     history: str = "transactions.history"
     labels: str = "labels"
+    # Internal: the enrichment stage's customer-window app hands each transaction, with its
+    # customer features, to its terminal-window app through this topic (keyed by terminal,
+    # co-partitioned with labels).
+    by_terminal: str = "transactions.by_terminal"
     enriched: str = "transactions.enriched"
     predictions: str = "predictions"
     action: str = "decisions.action"
@@ -138,7 +146,12 @@ class TopicSettings(BaseModel):
         base = [
             self.name(k) for k in ("transactions", "history", "labels", "enriched", "predictions")
         ]
-        return [*base, *self.decision_topics(), *(self.dlq(t) for t in base)]
+        return [
+            *base,
+            self.name("by_terminal"),
+            *self.decision_topics(),
+            *(self.dlq(t) for t in base),
+        ]
 
 
 class StackSettings(BaseModel):
@@ -159,9 +172,17 @@ class StackSettings(BaseModel):
 class EnrichmentSettings(BaseModel):
     model_config = _FROZEN
 
+    # The customer windows run in this group; the terminal windows in their own group and
+    # process (a quixstreams app that read its own output in a time-aligned group stalled
+    # until its transaction committed).
     consumer_group: str = "enrichment"
+    terminal_consumer_group: str = "enrichment-terminal"
     # quixstreams checkpoint interval: bounds the latency added by exactly-once commits.
     commit_interval_s: float = Field(default=0.1, gt=0)
+    # How long one fetch waits for more messages. quixstreams' time-aligned reads fetch with
+    # consume(10_000, timeout), which returns only when 10,000 messages are in or the timeout
+    # passes: its 1 s default put 1-2 s in front of every event at live rates.
+    poll_timeout_ms: int = Field(default=5, ge=1)
     processing_guarantee: Literal["exactly-once", "at-least-once"] = "exactly-once"
     # Events older than this (event time) behind the partition's newest are late.
     grace_ms: int = Field(default=60_000, ge=0)
@@ -254,9 +275,17 @@ class MetricsSettings(BaseModel):
     prediction_port: int = 8002
     routing_port: int = 8003
     evaluation_port: int = 8004
+    # The enrichment stage's terminal-window process.
+    enrichment_terminal_port: int = 8005
 
     def port(self, stage: StageName) -> int:
         return int(getattr(self, f"{stage}_port"))
+
+    def ports(self, stage: StageName) -> tuple[int, ...]:
+        """Every port a stage's processes serve metrics on (enrichment runs two)."""
+        if stage == "enrichment":
+            return (self.enrichment_port, self.enrichment_terminal_port)
+        return (self.port(stage),)
 
 
 class Settings(BaseSettings):
@@ -324,3 +353,22 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
     for name in Settings.model_fields:
         put(f"RTPIPE_{name.upper()}", getattr(settings, name))
     return env
+
+
+def stage_groups(settings: Settings, stage: StageName) -> dict[str, tuple[str, ...]]:
+    """Each consumer group of a stage (full id) with its input topics (full names)."""
+    t = settings.topics
+
+    def names(*keys: str) -> tuple[str, ...]:
+        return tuple(t.name(k) for k in keys)
+
+    if stage == "enrichment":
+        return {
+            t.group(settings.enrichment.consumer_group): names("transactions", "history"),
+            t.group(settings.enrichment.terminal_consumer_group): names("by_terminal", "labels"),
+        }
+    if stage == "prediction":
+        return {t.group(settings.prediction.consumer_group): names("enriched")}
+    if stage == "routing":
+        return {t.group(settings.routing.consumer_group): names("predictions")}
+    return {t.group(settings.evaluation.consumer_group): names("predictions", "labels")}

@@ -3,8 +3,8 @@ lost or scored twice, each decision records its version), shadow scoring, canary
 
 from __future__ import annotations
 
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ import orjson
 import pandas as pd
 import pytest
 
-from stages.ops.audit import audit, read_topic
+from stages.ops.audit import AuditReport, audit, read_topic
 from stages.ops.demo import start_stages, stop_stages
 from stages.ops.replay import ReplayPlan, replay
 from stages.prediction.logic import stable_fraction
@@ -53,21 +53,32 @@ def _run(
     tx: pd.DataFrame,
     plan: ReplayPlan,
     rate: float | None,
-    during: threading.Thread | None = None,
+    then: tuple[Callable[[], None], ReplayPlan] | None = None,
 ) -> tuple[list[int], list[dict[str, object]]]:
-    expected = tx.loc[
-        (tx["tx_datetime"] >= plan.start) & (tx["tx_datetime"] < plan.end), "transaction_id"
-    ].tolist()
-    procs = start_stages(settings)
-    try:
-        if during is not None:
-            during.start()
-        replay(settings, tx, plan, rate=rate)
+    """Replay ``plan`` through the three stages and wait until every transaction is decided;
+    with ``then``, call its function and replay its plan after that."""
+
+    def ids(p: ReplayPlan) -> list[int]:
+        sel = (tx["tx_datetime"] >= p.start) & (tx["tx_datetime"] < p.end)
+        return tx.loc[sel, "transaction_id"].tolist()
+
+    def drain(expected: list[int]) -> AuditReport:
         deadline = time.monotonic() + 120
         while (report := audit(settings, expected)).lost and time.monotonic() < deadline:
             time.sleep(1)
-        if during is not None:
-            during.join()
+        return report
+
+    expected = ids(plan)
+    procs = start_stages(settings)
+    try:
+        replay(settings, tx, plan, rate=rate)
+        report = drain(expected)
+        if then is not None:
+            between, second = then
+            between()
+            replay(settings, tx, second, rate=rate)
+            expected += ids(second)
+            report = drain(expected)
     finally:
         codes = stop_stages(procs)
     assert codes == {"enrichment": 0, "prediction": 0, "routing": 0}
@@ -88,20 +99,16 @@ def test_promotion_is_hot_swapped_between_batches(
     v2 = register_tiny_model(settings, tx, promote=False, num_trees=30, seed=2)
     name = settings.prediction.model_name
     start = pd.Timestamp("2018-05-01", tz="UTC")
-    plan = ReplayPlan(start, start + pd.Timedelta(days=2))
+    first = ReplayPlan(start, start + pd.Timedelta(days=1))
+    second = ReplayPlan(first.end, first.end + pd.Timedelta(days=1), label_lookback_days=0)
 
-    def promote_when_scoring() -> None:
-        # Promote once the first decisions are out, i.e. mid-stream.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if read_topic(settings, settings.topics.name("predictions"), idle_s=0.2):
-                break
-            time.sleep(0.2)
+    def promote() -> None:
+        # Mid-stream: the first day is decided, the stage keeps running; the second day
+        # follows once the stage has had time to notice (reload interval 0.2 s).
         registry.promote(settings.registry_dir, name, v2)
+        time.sleep(2.0)
 
-    _, decisions = _run(
-        settings, tx, plan, rate=150.0, during=threading.Thread(target=promote_when_scoring)
-    )
+    _, decisions = _run(settings, tx, first, rate=150.0, then=(promote, second))
     by_time = sorted(decisions, key=lambda d: d["ts"]["predicted_ms"])  # type: ignore[index]
     versions = [d["model_version"] for d in by_time]
     assert set(versions) == {v1, v2}

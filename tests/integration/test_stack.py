@@ -164,15 +164,19 @@ def test_prometheus_scrapes_the_four_stages_and_loads_the_alert_rules(
     # Target discovery runs just after readiness: give it a few seconds.
     deadline = time.monotonic() + 15
     targets: list[dict[str, Any]] = []
-    while len(targets) < 4 and time.monotonic() < deadline:
+    while len(targets) < 5 and time.monotonic() < deadline:
         time.sleep(0.2)
         with urllib.request.urlopen(f"{base}/targets", timeout=5) as resp:
             targets = json.load(resp)["data"]["activeTargets"]
-    scraped = {t["labels"]["job"]: t["scrapeUrl"] for t in targets}
+    scraped: dict[str, set[str]] = {}
+    for t in targets:
+        scraped.setdefault(t["labels"]["job"], set()).add(t["scrapeUrl"])
     assert scraped == {
-        stage: f"http://127.0.0.1:{own_settings.metrics.port(stage)}/metrics"
+        stage: {f"http://127.0.0.1:{port}/metrics" for port in own_settings.metrics.ports(stage)}
         for stage in ("enrichment", "prediction", "routing", "evaluation")
     }
+    # The enrichment stage's two processes: customer windows and terminal windows.
+    assert len(scraped["enrichment"]) == 2
     with urllib.request.urlopen(f"{base}/rules", timeout=5) as resp:
         groups = json.load(resp)["data"]["groups"]
     alerts = {rule["name"] for group in groups for rule in group["rules"]}

@@ -145,6 +145,32 @@ def test_sampler_polls_a_live_endpoint() -> None:
     assert [f.up for f in frames if f.stage == "prediction"] == [False] * (len(frames) - len(up))
 
 
+def test_sampler_sums_the_processes_of_one_stage() -> None:
+    ports = []
+    registries = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+        m = build_metrics()
+        m.serve("127.0.0.1", ports[-1])
+        registries.append(m)
+    registries[0].messages_in.labels("enrichment").inc(5)
+    registries[1].messages_out.labels("enrichment", "transactions.enriched").inc(4)
+    registries[1].messages_in.labels("enrichment").inc(2)
+    sampler = MetricsSampler(
+        {"enrichment": tuple(f"http://127.0.0.1:{p}/metrics" for p in ports)}, interval_s=0.05
+    )
+    (frame,) = sampler.poll_once()
+    assert frame.up
+    assert frame.samples[("rtpipe_messages_in_total", (("stage", "enrichment"),))] == 7
+    key = (
+        "rtpipe_messages_out_total",
+        (("stage", "enrichment"), ("topic", "transactions.enriched")),
+    )
+    assert frame.samples[key] == 4
+
+
 def test_render_run_report_writes_pngs(tmp_path: Path) -> None:
     settings = Settings()
     paths = render_run_report(settings, audit_report(settings), tmp_path, synthetic_frames())

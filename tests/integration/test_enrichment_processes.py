@@ -1,0 +1,96 @@
+"""The enrichment stage runs as two processes (customer windows, and terminal windows in a
+supervised child): the child is restarted when it dies, dies with the stage, and events keep
+flowing through both consumer groups exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import orjson
+import pandas as pd
+import pytest
+
+from stages.ops.audit import read_topic
+from stages.ops.demo import start_stages, stop_stages, wait_until_ready
+from stages.ops.replay import ReplayPlan, replay
+from stages.shared.feast_store import apply_repo
+from stages.shared.kafka import ensure_topics
+from stages.shared.settings import Settings
+from tests.integration.test_pipeline import isolated_settings, small_tx  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(c) for c in text]
+    return out
+
+
+def _wait(cond: object, timeout_s: float, what: str) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()  # type: ignore[operator]
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purpose.
+    return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_terminal_process_is_restarted_and_dies_with_the_stage(
+    unique_topics: Settings,
+    small_tx: pd.DataFrame,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    settings = isolated_settings(unique_topics, tmp_path)
+    apply_repo(settings)
+    ensure_topics(settings.kafka, settings.topics)
+    (stage,) = start_stages(settings, ("enrichment",))
+    try:
+        first = _wait(lambda: _children(stage.proc.pid), 30, "the terminal process")
+        assert len(first) == 1  # type: ignore[arg-type]
+        wait_until_ready(settings, [stage])
+
+        # A crash of the terminal process: the stage starts a new one.
+        os.kill(first[0], signal.SIGKILL)  # type: ignore[index]
+        second = _wait(
+            lambda: [c for c in _children(stage.proc.pid) if c not in first],  # type: ignore[operator]
+            30,
+            "a new terminal process",
+        )
+        assert stage.proc.poll() is None
+
+        # Both groups still work: every replayed transaction is enriched exactly once.
+        start = pd.Timestamp("2018-05-05", tz="UTC")
+        plan = ReplayPlan(start, start + pd.Timedelta(hours=12))
+        result = replay(settings, small_tx, plan)
+        assert result.transactions > 50
+
+        def enriched() -> list[int] | None:
+            records = read_topic(settings, settings.topics.name("enriched"))
+            ids = [orjson.loads(value)["transaction_id"] for _, value, _ in records if value]
+            return ids if len(ids) >= result.transactions else None
+
+        ids = _wait(enriched, 120, "every transaction enriched")
+        assert len(ids) == len(set(ids)) == result.transactions  # type: ignore[arg-type]
+
+        # The stage killed outright: its terminal process does not outlive it.
+        os.kill(stage.proc.pid, signal.SIGKILL)
+        stage.proc.wait(10)
+        _wait(lambda: not _alive(second[0]), 30, "the orphaned terminal process to exit")  # type: ignore[index]
+    finally:
+        stop_stages([stage])
