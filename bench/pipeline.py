@@ -35,6 +35,8 @@ HOPS = (
     ("ingest -> visible (total)", "ingest_ms", "visible_ms"),
 )
 TOTAL = "ingest -> visible (total)"
+# The fixed low rate of the latency phases (events/s).
+LOW_RATE = 200.0
 _COLS = {"ingest_ms": 0, "enriched_ms": 1, "predicted_ms": 2, "routed_ms": 3, "visible_ms": 4}
 
 
@@ -251,9 +253,13 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
         top = run_phase("max speed", windows[1], None)
         phases.append(top)
         phases.append(run_phase("1,000 events/s", windows[2], 1_000.0))
+        # Well below saturation: the latency the commits themselves add.
+        (low_plan,) = plans(tx, windows[2].end, [int(LOW_RATE * latency_s)])
+        phases.append(run_phase(f"{LOW_RATE:,.0f} events/s", low_plan, LOW_RATE))
+        last_end = low_plan.end
         half = 0.5 * top.stats.get("eps", 0.0)
         if half > 0:
-            (half_plan,) = plans(tx, windows[2].end, [int(half * latency_s)])
+            (half_plan,) = plans(tx, last_end, [int(half * latency_s)])
             phases.append(run_phase("50% of max", half_plan, half))
     finally:
         codes = stop_stages(procs)

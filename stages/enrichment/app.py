@@ -61,7 +61,13 @@ from stages.enrichment.logic import (
     update_customer,
 )
 from stages.shared.feast_store import open_feature_store
-from stages.shared.kafka import DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE, ensure_topics
+from stages.shared.kafka import (
+    DLQ_DETAIL,
+    DLQ_REASON,
+    DLQ_SOURCE,
+    TRANSACTIONAL_LINGER_MS,
+    ensure_topics,
+)
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.online import OnlineFeatureWriter, OnlineLayout, OnlineWriteError
 from stages.shared.schemas import (
@@ -168,7 +174,7 @@ def _application(settings: Settings, group: str) -> Application:
         processing_guarantee=cfg.processing_guarantee,
         state_dir=str((cfg.state_dir or settings.home / "state") / group_id),
         producer_extra_config={
-            "linger.ms": 2,
+            "linger.ms": TRANSACTIONAL_LINGER_MS,
             "compression.type": "lz4",
             "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
         },

@@ -42,6 +42,11 @@ DLQ_SOURCE = "rtpipe.source"
 # broker aborts it, read_committed readers of its output partitions and the offset fetch of
 # its successor wait: librdkafka's 60 s default turned each crash into a minute-long stall.
 TRANSACTION_TIMEOUT_MS = 10_000
+# Outputs of a transaction become readable when it commits, and committing flushes the
+# producer at once whatever linger.ms says: a long linger costs no latency, and it stops
+# the producer from sending a request every couple of milliseconds while a batch is being
+# produced (small requests were most of the broker's CPU).
+TRANSACTIONAL_LINGER_MS = 100
 # How long the batch loop waits for a first message before it checks its stop flag again.
 IDLE_POLL_S = 0.1
 
@@ -271,7 +276,11 @@ class TransactionalBatchLoop:
         self._producer = Producer(
             producer_config(
                 kafka,
-                **{"transactional.id": txn_id, "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS},
+                **{
+                    "transactional.id": txn_id,
+                    "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+                    "linger.ms": TRANSACTIONAL_LINGER_MS,
+                },
             )
         )
         self._producer.init_transactions(30)
@@ -349,8 +358,10 @@ class TransactionalBatchLoop:
         if not assigned:
             return
         for tp in self._consumer.position(assigned):
+            # The high watermark the last fetch response carried: asking the broker instead
+            # (one round trip per partition) held up the batches behind it, the stages' p99.
             try:
-                _, high = self._consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
             except KafkaException:
                 continue
             if tp.offset >= 0 and high >= 0:
