@@ -169,6 +169,35 @@ def test_writer_output_is_what_feast_reads(env: Env) -> None:
     assert_same_as_feast(env, ids, ids)
 
 
+def test_a_write_spanning_several_script_calls_is_what_feast_reads(env: Env) -> None:
+    # 2,500 rows: three batched script calls (1,000 rows each at most) in one round trip,
+    # with some entities already holding newer rows that must survive.
+    rng = np.random.default_rng(12)
+    writer = OnlineFeatureWriter(env.client, env.layout)
+    ids = np.arange(20_000, 22_500, dtype=np.int64)
+    newer = ids[::7]
+    writer.write(
+        CUSTOMER_VIEW,
+        newer,
+        {f: np.full(len(newer), 99.0) for f in CUSTOMER_FEATURES},
+        np.full(len(newer), T0_MS + 10**10),
+    )
+    ts = T0_MS + rng.integers(0, 10**9, len(ids))
+    frame = random_frame(rng, CUSTOMER_VIEW, ids, ts)
+    written = writer.write(
+        CUSTOMER_VIEW, ids, {f: frame[f].to_numpy() for f in CUSTOMER_FEATURES}, ts
+    )
+    assert written == len(ids) - len(newer)
+    expected, expected_ts = feast_online(env.store, ids, ids)
+    kept = ~np.isin(ids, newer)
+    for name in CUSTOMER_FEATURES:
+        got = np.asarray(expected[name])
+        np.testing.assert_array_equal(frame[name].to_numpy(dtype=float)[kept], got[kept])
+        assert (got[~kept] == 99.0).all()
+    np.testing.assert_array_equal(expected_ts[CUSTOMER_VIEW][kept], ts[kept])
+    assert_same_as_feast(env, ids, ids)
+
+
 def test_writer_and_feast_push_write_identical_bytes(env: Env) -> None:
     rng = np.random.default_rng(3)
     ts = np.array([T0_MS, T0_MS + 1, T0_MS + 999], dtype=np.int64)
