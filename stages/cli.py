@@ -140,6 +140,11 @@ def run_stage(
 ) -> None:
     """Run one pipeline stage until SIGTERM (enrichment: in two processes)."""
     from stages.shared.kafka import StopFlag
+
+    # First of all: a SIGTERM during the seconds of start-up ends the stage cleanly (exit 0)
+    # instead of killing it half-started.
+    stop = StopFlag()
+    stop.install_signal_handlers()
     from stages.shared.metrics import build_metrics
 
     settings = _settings()
@@ -153,16 +158,14 @@ def run_stage(
 
         die_with_supervisor()
         metrics.serve(settings.metrics.host, settings.metrics.enrichment_terminal_port)
-        run_part(settings, "terminal", metrics)
+        run_part(settings, "terminal", metrics, stop)
         return
     metrics.serve(settings.metrics.host, settings.metrics.port(stage))
     if stage == "enrichment":
         from stages.enrichment.app import run as run_enrichment
 
-        run_enrichment(settings, metrics)
+        run_enrichment(settings, metrics, stop)
         return
-    stop = StopFlag()
-    stop.install_signal_handlers()
     if stage == "prediction":
         from stages.prediction.app import run as run_prediction
 

@@ -66,6 +66,7 @@ from stages.shared.kafka import (
     DLQ_REASON,
     DLQ_SOURCE,
     TRANSACTIONAL_LINGER_MS,
+    StopFlag,
     ensure_topics,
 )
 from stages.shared.metrics import Metrics, build_metrics
@@ -448,26 +449,31 @@ SUPERVISOR_PID_ENV = "RTPIPE_ENRICHMENT_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1
 
 
-def run_part(settings: Settings, part: str, metrics: Metrics | None = None) -> None:
+def run_part(
+    settings: Settings, part: str, metrics: Metrics | None = None, stop: StopFlag | None = None
+) -> None:
     """Run one of the stage's applications (``customer`` or ``terminal``) until SIGTERM or
     SIGINT (quixstreams handles both).
 
     quixstreams stops on a failed checkpoint (a broker down for longer than the transaction
     timeout, a fenced producer) and leaves the restart to a supervisor. The stage is its own
     supervisor: it rebuilds the application, which resumes from the committed offsets and
-    the changelogs (exactly-once), until it is asked to stop.
+    the changelogs (exactly-once), until it is asked to stop. Until quixstreams installs its
+    own handlers (in ``app.run()``), SIGTERM/SIGINT set ``stop``, checked before each run.
     """
-    from stages.shared.kafka import StopFlag
-
     build = BUILDERS[part]
     metrics = metrics or build_metrics()
-    stop = StopFlag()
+    if stop is None:
+        stop = StopFlag()
+        stop.install_signal_handlers()
     backoff_s = 1.0
     while not stop.is_set():
         try:
             # Inside the try: building it fetches topic metadata, which fails while the
             # broker is still down.
             app = build(settings, metrics)
+            if stop.is_set():
+                return  # asked to stop while starting
             app.run()
             return  # stopped by a signal
         except Exception:
@@ -558,14 +564,17 @@ class TerminalProcess:
         return code
 
 
-def run(settings: Settings, metrics: Metrics | None = None) -> None:
+def run(settings: Settings, metrics: Metrics | None = None, stop: StopFlag | None = None) -> None:
     """Run the whole enrichment stage until SIGTERM/SIGINT: the customer-window application
     in this process and the terminal-window application in a supervised child process."""
+    if stop is None:
+        stop = StopFlag()
+        stop.install_signal_handlers()
     ensure_topics(settings.kafka, settings.topics)
     terminal = TerminalProcess(settings)
     terminal.start()
     try:
-        run_part(settings, "customer", metrics)
+        run_part(settings, "customer", metrics, stop)
     finally:
         code = terminal.stop()
         logger.info("enrichment terminal process stopped (exit code %s)", code)

@@ -204,7 +204,10 @@ def point_in_time(
     (a replay, a backlog), the enrichment stage may already have pushed a row for a *later*
     event of the same entity; serving it would leak the future into this prediction. For
     those rows, the aggregates pushed for this very event (carried on the message) are used
-    instead, with this event's timestamp.
+    instead, with this event's timestamp. A row stamped with the event's own time may be
+    another transaction's: two events of one entity in the same millisecond, of which the
+    store keeps the first written (Feast skips equal timestamps). Where such a row differs
+    from the event's own aggregates, those are used too.
 
     Returns:
         Per view, how many rows were taken from the event instead of the online store.
@@ -212,9 +215,9 @@ def point_in_time(
     column = {name: j for j, name in enumerate(feature_names)}
     replaced: dict[str, int] = {}
     for view, ts in event_ts_ms.items():
-        future = np.flatnonzero(found[view] & (ts > batch.event_ms)).tolist()
-        rows = [i for i in future if batch.carried[i].get(view)]
-        replaced[view] = len(rows)
+        candidates = np.flatnonzero(found[view] & (ts >= batch.event_ms)).tolist()
+        rows = [i for i in candidates if batch.carried[i].get(view)]
+        replaced[view] = 0
         if not rows:
             continue
         names = [n for n in batch.carried[rows[0]][view] if n in column]
@@ -222,16 +225,43 @@ def point_in_time(
             block = np.array(
                 [[batch.carried[i][view][n] for n in names] for i in rows], dtype=np.float64
             )
-            values[np.ix_(rows, [column[n] for n in names])] = block
         except KeyError:
-            # Snapshots with differing feature sets: fill row by row.
-            for i in rows:
-                for name, v in batch.carried[i][view].items():
-                    j = column.get(name)
-                    if j is not None:
-                        values[i, j] = v
-        ts[rows] = batch.event_ms[rows]
+            # Snapshots with differing feature sets: row by row.
+            replaced[view] = sum(_take_carried(values, ts, column, batch, view, i) for i in rows)
+            continue
+        idx = np.asarray(rows)
+        cols = np.asarray([column[n] for n in names])
+        current = values[np.ix_(idx, cols)]
+        same = (current == block) | (np.isnan(current) & np.isnan(block))
+        take = (ts[idx] > batch.event_ms[idx]) | ~same.all(axis=1)
+        sel = idx[take]
+        values[np.ix_(sel, cols)] = block[take]
+        ts[sel] = batch.event_ms[sel]
+        replaced[view] = int(take.sum())
     return replaced
+
+
+def _take_carried(
+    values: np.ndarray,
+    ts: np.ndarray,
+    column: dict[str, int],
+    batch: EnrichedBatch,
+    view: str,
+    i: int,
+) -> bool:
+    """One row of :func:`point_in_time`: use the carried aggregates if the online row is
+    newer than the event or differs from them. Returns whether it did."""
+    carried = {column[n]: float(v) for n, v in batch.carried[i][view].items() if n in column}
+    differs = any(
+        not (values[i, j] == v or (np.isnan(values[i, j]) and np.isnan(v)))
+        for j, v in carried.items()
+    )
+    if not (ts[i] > batch.event_ms[i] or differs):
+        return False
+    for j, v in carried.items():
+        values[i, j] = v
+    ts[i] = batch.event_ms[i]
+    return True
 
 
 def stable_fraction(ids: np.ndarray) -> np.ndarray:

@@ -48,7 +48,10 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     # A zombie is dead for our purpose.
-    return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
 
 
 def test_terminal_process_is_restarted_and_dies_with_the_stage(
@@ -94,3 +97,17 @@ def test_terminal_process_is_restarted_and_dies_with_the_stage(
         _wait(lambda: not _alive(second[0]), 30, "the orphaned terminal process to exit")  # type: ignore[index]
     finally:
         stop_stages([stage])
+
+
+def test_sigterm_during_start_up_is_a_clean_exit(unique_topics: Settings, tmp_path: Path) -> None:
+    # Stopped a second after launch: still importing, building its apps, or starting the
+    # terminal process. Every stage exits 0, and no terminal process is left behind.
+    settings = isolated_settings(unique_topics, tmp_path)
+    apply_repo(settings)
+    ensure_topics(settings.kafka, settings.topics)
+    procs = start_stages(settings, ("enrichment", "routing"))
+    time.sleep(1.0)
+    children = _children(procs[0].proc.pid)
+    assert stop_stages(procs) == {"enrichment": 0, "routing": 0}
+    for child in children:
+        _wait(lambda c=child: not _alive(c), 30, "the terminal process to exit")

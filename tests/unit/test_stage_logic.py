@@ -141,7 +141,7 @@ def test_assemble_matrix_orders_columns_and_rejects_unknown_features() -> None:
         assemble_matrix(["zzz"], req, online, ["a", "b"])
 
 
-def test_point_in_time_replaces_rows_newer_than_the_event() -> None:
+def test_point_in_time_replaces_rows_newer_than_the_event_or_another_events_tie() -> None:
     raw = [
         orjson.dumps(
             {
@@ -153,16 +153,40 @@ def test_point_in_time_replaces_rows_newer_than_the_event() -> None:
                 "features": {"v": {"a": 100.0 + i}},
             }
         )
-        for i in range(3)
+        for i in range(5)
     ]
     batch, _ = decode_enriched(raw)
-    values = np.array([[5.0], [5.0], [5.0]])
-    ts = {"v": np.array([T0 + 2, T0 + 1, T0 + 1])}  # row 0 is from the future
-    found = {"v": np.array([True, True, False])}
+    values = np.array([[5.0], [5.0], [102.0], [5.0], [5.0]])
+    # Row 0: a row from the future. Row 1: same time, another event's row (values differ).
+    # Row 2: same time, this event's own row. Row 3: missing. Row 4: an older row.
+    ts = {"v": np.array([T0 + 2, T0 + 1, T0 + 2, T0 + 1, T0 + 1])}
+    found = {"v": np.array([True, True, True, False, True])}
     replaced = point_in_time(values, ts, found, ["a"], batch)
-    assert replaced == {"v": 1}
-    np.testing.assert_array_equal(values[:, 0], [100.0, 5.0, 5.0])
-    assert ts["v"].tolist() == [T0, T0 + 1, T0 + 1]
+    assert replaced == {"v": 2}
+    np.testing.assert_array_equal(values[:, 0], [100.0, 101.0, 102.0, 5.0, 5.0])
+    assert ts["v"].tolist() == [T0, T0 + 1, T0 + 2, T0 + 1, T0 + 1]
+
+
+def test_point_in_time_row_by_row_when_snapshots_differ() -> None:
+    raw = [
+        orjson.dumps(
+            {
+                "transaction_id": i,
+                "customer_id": 1,
+                "terminal_id": 1,
+                "amount": 1.0,
+                "event_ms": T0,
+                "features": {"v": feats},
+            }
+        )
+        for i, feats in enumerate([{"a": 2.0, "b": 3.0}, {"a": 1.0}])
+    ]
+    batch, _ = decode_enriched(raw)
+    values = np.array([[9.0, 9.0], [1.0, 9.0]])
+    ts = {"v": np.array([T0, T0])}
+    found = {"v": np.array([True, True])}
+    assert point_in_time(values, ts, found, ["a", "b"], batch) == {"v": 1}
+    np.testing.assert_array_equal(values, [[2.0, 3.0], [1.0, 9.0]])
 
 
 @pytest.mark.parametrize(
