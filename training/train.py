@@ -382,5 +382,7 @@ def train(
         timings=dict(timer.seconds),
         plots=plot_paths,
     )
-    logger.info("trained %s\n%s", mv.version, result)
+    # The callers (CLI, demo) print the tables; the log keeps a line.
+    logger.info("trained %s", mv.version)
+    logger.debug("%s", result)
     return result

@@ -241,7 +241,8 @@ def print_summary(settings: Settings, report: AuditReport, replayed: ReplayResul
         f"-t {settings.topics.name('action')} -c 3 -e\n"
         f"Redis      127.0.0.1:{s.redis_port}\n"
         f"Prometheus http://127.0.0.1:{s.prometheus_port}\n"
-        f"Metrics    enrichment :{m.enrichment_port}  prediction :{m.prediction_port}  "
+        f"Metrics    enrichment :{m.enrichment_port} (+ :{m.enrichment_terminal_port})  "
+        f"prediction :{m.prediction_port}  "
         f"routing :{m.routing_port}\n"
         f"Stop with  rtpipe stack down"
     )
