@@ -202,12 +202,21 @@ class StopFlag:
     def is_set(self) -> bool:
         return self._event.is_set()
 
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True as soon as the flag is set."""
+        return self._event.wait(seconds)
+
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.set)
         signal.signal(signal.SIGINT, self.set)
 
 
 BatchHandler = Callable[[list[Message]], list[Output]]
+
+
+def _fatal(exc: KafkaException) -> bool:
+    err = exc.args[0] if exc.args else None
+    return bool(getattr(err, "fatal", lambda: False)())
 
 
 @dataclass
@@ -218,6 +227,8 @@ class LoopStats:
     aborted: int = 0
     last_batch_size: int = 0
     rebalances: int = 0
+    # Times the loop replaced its clients after a fatal error.
+    restarts: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -314,25 +325,71 @@ class TransactionalBatchLoop:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, stop: StopFlag, max_idle_s: float | None = None) -> LoopStats:
-        """Run until ``stop`` is set (or ``max_idle_s`` passes with no input, for tests)."""
+        """Run until ``stop`` is set (or ``max_idle_s`` passes with no input, for tests).
+
+        A fatal client error (the broker timed our transaction out while it was down, or
+        fenced us after a rebalance) leaves the producer unusable: the loop closes both
+        clients and opens new ones, which resume from the group's committed offsets (the
+        unfinished batch is processed again; its transaction was never committed).
+        """
         self._open()
-        assert self._consumer is not None
         idle_since = time.monotonic()
+        backoff_s = 1.0
         try:
             while not stop.is_set():
-                self._report_lag()
-                msgs = [m for m in self._next_batch() if self._usable(m)]
-                if not msgs:
-                    if self._on_idle is not None:
-                        self._on_idle()
-                    if max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
-                        break
-                    continue
-                idle_since = time.monotonic()
-                self._process(msgs)
+                try:
+                    self._report_lag()
+                    msgs = [m for m in self._next_batch() if self._usable(m)]
+                    if not msgs:
+                        if self._on_idle is not None:
+                            self._on_idle()
+                        if max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
+                            break
+                        continue
+                    idle_since = time.monotonic()
+                    self._process(msgs)
+                    backoff_s = 1.0
+                except KafkaException as exc:
+                    if not _fatal(exc):
+                        raise
+                    self.stats.restarts += 1
+                    logger.error(
+                        "%s fatal Kafka error (%s); new clients in %.0fs",
+                        self._stage,
+                        exc.args[0],
+                        backoff_s,
+                    )
+                    self._discard()
+                    backoff_s = self._reopen(stop, backoff_s)
         finally:
             self.close()
         return self.stats
+
+    def _reopen(self, stop: StopFlag, backoff_s: float) -> float:
+        """New clients after ``backoff_s``, retrying (with growing backoff) while the broker
+        cannot give the producer its transactional id yet. Returns the next backoff."""
+        while not stop.wait(backoff_s):
+            backoff_s = min(backoff_s * 2, 30.0)
+            try:
+                self._open()
+                return backoff_s
+            except KafkaException as exc:
+                logger.warning("%s clients not ready (%s); retrying", self._stage, exc.args[0])
+                self._discard()
+        return backoff_s
+
+    def _discard(self) -> None:
+        """Drop both clients after a fatal error (nothing left to flush or commit). A
+        transaction the broker still holds open is aborted by its timeout
+        (``TRANSACTION_TIMEOUT_MS``), until when read_committed readers of its partitions
+        wait."""
+        consumer, self._consumer = self._consumer, None
+        self._producer = None
+        if consumer is not None:
+            try:
+                consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                logger.warning("%s consumer close: %s", self._stage, exc)
 
     def _next_batch(self) -> list[Message]:
         assert self._consumer is not None
@@ -445,7 +502,7 @@ class TransactionalBatchLoop:
         self.stats.aborted += 1
         self.stats.errors.append(str(err))
         if getattr(err, "fatal", lambda: False)():
-            logger.error("%s fatal producer error, stopping: %s", self._stage, err)
+            # The loop replaces both clients (see run()).
             raise exc
         logger.warning(
             "%s transaction aborted (%s); rewinding %d messages", self._stage, err, len(msgs)

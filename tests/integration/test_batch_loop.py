@@ -1,0 +1,83 @@
+"""The transactional batch loop against the real broker: a fatal producer error (what a
+broker restart that timed our transaction out leaves behind) replaces both clients, and the
+batch is processed again with every input yielding its output exactly once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from stages.ops.audit import read_topic
+from stages.shared.kafka import (
+    Output,
+    StopFlag,
+    TransactionalBatchLoop,
+    ensure_topics,
+    producer_config,
+)
+from stages.shared.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+class _FailOnce:
+    """A producer whose first commit fails with a fatal error after producing the batch, its
+    transaction aborted on the broker (as when the broker restarted and timed it out)."""
+
+    def __init__(self, real: Producer, failed: list[bool]) -> None:
+        self._real = real
+        self._failed = failed
+
+    def commit_transaction(self, *args: Any) -> None:
+        if not self._failed:
+            self._failed.append(True)
+            # The broker's side of it: the transaction is gone (aborted, as its timeout does).
+            self._real.abort_transaction(10)
+            raise KafkaException(
+                KafkaError(KafkaError._FENCED, "injected: producer fenced", fatal=True)
+            )
+        self._real.commit_transaction(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class _Loop(TransactionalBatchLoop):
+    failed: list[bool]
+
+    def _open(self) -> None:
+        super()._open()
+        self._producer = _FailOnce(self._producer, self.failed)  # type: ignore[arg-type,assignment]
+
+
+def test_fatal_producer_error_gets_new_clients_and_loses_nothing(unique_topics: Settings) -> None:
+    settings = unique_topics
+    src, dst = settings.topics.name("transactions"), settings.topics.name("enriched")
+    ensure_topics(settings.kafka, settings.topics, [src, dst])
+    producer = Producer(producer_config(settings.kafka))
+    n = 300
+    for i in range(n):
+        producer.produce(src, key=b"%d" % i, value=b"%d" % i)
+    assert producer.flush(30) == 0
+
+    def handler(msgs: list[Message]) -> list[Output]:
+        return [Output(dst, m.key(), m.value() + b"!") for m in msgs]
+
+    loop = _Loop(
+        settings,
+        group_id=settings.topics.group("loop"),
+        input_topics=[src],
+        handler=handler,
+        max_batch=50,
+        max_wait_ms=5,
+        stage="test",
+    )
+    loop.failed = []
+    stats = loop.run(StopFlag(), max_idle_s=5.0)
+
+    assert loop.failed == [True]
+    assert stats.restarts == 1
+    values = sorted(int(v[:-1]) for _, v, _ in read_topic(settings, dst) if v)
+    assert values == list(range(n))  # each exactly once, the failed batch's included
