@@ -35,20 +35,15 @@ def _assert_passed(r: FaultResult) -> None:
     assert r.ok
 
 
-# Open (issue #5): after a Redis outage quixstreams 3.28 drops the messages waiting in its
-# time-alignment buffer when a sink backpressures, and after a broker restart the batch loop
-# exits on a fatal INVALID_TXN_STATE. These scenarios reproduce both and fail today; they
-# run with RTPIPE_CHAOS_FULL=1 until fixed.
-OPEN_FAULTS = ("redis-pause", "redis-review", "kafka-restart")
-
-
 @pytest.mark.parametrize(
     "fault",
     [
         "kill-enrichment",
         "kill-prediction",
         "kill-routing",
-        *(pytest.param(f, marks=pytest.mark.slow) for f in OPEN_FAULTS),
+        "redis-pause",
+        "redis-review",
+        "kafka-restart",
         "bad-model",
     ],
 )
