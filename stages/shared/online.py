@@ -873,28 +873,35 @@ class OnlineFeatureReader:
 # ------------------------------------------------------------------------------------------
 # Writer
 
+# Lua: the stored Timestamp proto ``cur`` (non-empty) as seconds ``s`` and nanos ``n``.
+_LUA_DECODE_TS: Final = """
+local s, n, pos = 0, 0, 1
+local len = #cur
+while pos <= len do
+  local tag = string.byte(cur, pos)
+  pos = pos + 1
+  local v, mul = 0, 1
+  while true do
+    local b = string.byte(cur, pos)
+    pos = pos + 1
+    v = v + (b % 128) * mul
+    mul = mul * 128
+    if b < 128 then break end
+  end
+  if tag == 8 then s = v elseif tag == 16 then n = v end
+end
+"""
+
 # KEYS[1]: entity hash. ARGV: ts field, new seconds, new nanos, new ts proto, ttl seconds (0 =
 # none), then feature field/value pairs. Writes only if the stored _ts is absent or strictly
 # older, exactly Feast's rule (equal timestamps are skipped), so replays are no-ops.
-_WRITE_IF_NEWER: Final = """
+_WRITE_IF_NEWER: Final = (
+    """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and #cur > 0 then
-  local s, n, pos = 0, 0, 1
-  local len = #cur
-  while pos <= len do
-    local tag = string.byte(cur, pos)
-    pos = pos + 1
-    local v, mul = 0, 1
-    while true do
-      local b = string.byte(cur, pos)
-      pos = pos + 1
-      v = v + (b % 128) * mul
-      mul = mul * 128
-      if b < 128 then break end
-    end
-    if tag == 8 then s = v elseif tag == 16 then n = v end
-  end
-  local ns, nn = tonumber(ARGV[2]), tonumber(ARGV[3])
+"""
+    + _LUA_DECODE_TS
+    + """  local ns, nn = tonumber(ARGV[2]), tonumber(ARGV[3])
   if ns < s or (ns == s and nn <= n) then return 0 end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4], unpack(ARGV, 6))
@@ -902,6 +909,7 @@ local ttl = tonumber(ARGV[5])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 return 1
 """
+)
 
 
 # The same rule for many entities in one call (one script run instead of one per entity:
@@ -909,7 +917,8 @@ return 1
 # KEYS: entity hashes. ARGV: ts field, ttl seconds (0 = none), number of features F, the F
 # feature fields, then per key: new seconds, new nanos, new ts proto, the F values.
 # Returns the number of rows written.
-_WRITE_MANY_IF_NEWER: Final = """
+_WRITE_MANY_IF_NEWER: Final = (
+    """
 local tsf, ttl, f = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local stride = 3 + f
 local written = 0
@@ -920,22 +929,9 @@ for i = 1, #KEYS do
   local newer = true
   local cur = redis.call('HGET', KEYS[i], tsf)
   if cur and #cur > 0 then
-    local s, n, pos = 0, 0, 1
-    local len = #cur
-    while pos <= len do
-      local tag = string.byte(cur, pos)
-      pos = pos + 1
-      local v, mul = 0, 1
-      while true do
-        local b = string.byte(cur, pos)
-        pos = pos + 1
-        v = v + (b % 128) * mul
-        mul = mul * 128
-        if b < 128 then break end
-      end
-      if tag == 8 then s = v elseif tag == 16 then n = v end
-    end
-    local ns, nn = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+"""
+    + _LUA_DECODE_TS
+    + """    local ns, nn = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
     if ns < s or (ns == s and nn <= n) then newer = false end
   end
   if newer then
@@ -948,6 +944,7 @@ for i = 1, #KEYS do
 end
 return written
 """
+)
 # Rows per batched script call: bounds how long one call holds the (single-threaded) server.
 _WRITE_CHUNK: Final = 1_000
 
