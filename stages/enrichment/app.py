@@ -348,8 +348,11 @@ def build_terminal_app(settings: Settings, metrics: Metrics | None = None) -> Ap
         value_deserializer="bytes",
         key_deserializer=JSONDeserializer(loads=_key_loads),
     )
+    # Keys here are decoded terminal ids (JSON): written back the same way.
     tx_dlq = app.topic(
-        topics.dlq(topics.name("transactions")), value_serializer="bytes", key_serializer="bytes"
+        topics.dlq(topics.name("transactions")),
+        value_serializer="bytes",
+        key_serializer=JSONSerializer(dumps=_key_dumps),
     )
     labels_dlq = app.topic(
         topics.dlq(topics.name("labels")),

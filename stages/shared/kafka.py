@@ -43,9 +43,9 @@ DLQ_SOURCE = "rtpipe.source"
 # its successor wait: librdkafka's 60 s default turned each crash into a minute-long stall.
 TRANSACTION_TIMEOUT_MS = 10_000
 # Outputs of a transaction become readable when it commits, and committing flushes the
-# producer at once whatever linger.ms says: a long linger costs no latency, and it stops
-# the producer from sending a request every couple of milliseconds while a batch is being
-# produced (small requests were most of the broker's CPU).
+# producer at once whatever linger.ms says: a long linger costs no latency and sends a
+# batch's outputs in fewer, larger produce requests (broker CPU at 300 events/s through the
+# pipeline: 77 % of a core with 2 ms, 71 % with 100 ms).
 TRANSACTIONAL_LINGER_MS = 100
 # How long the batch loop waits for a first message before it checks its stop flag again.
 IDLE_POLL_S = 0.1

@@ -244,6 +244,17 @@ def test_malformed_input_lands_in_dlqs_and_valid_events_are_unaffected(
         late_rec = {**rec, "transaction_id": tid + 5_000}
         late.append(((b"%d" % cid, _dumps(late_rec), older), "late_event"))
     valid_ids = [*expected, *(orjson.loads(v)["transaction_id"] for _, v, _ in anchors)]
+    # The enrichment stage's internal handover topic: a record no app of ours wrote is
+    # dead-lettered (not fatal) by the terminal app.
+    internal: list[tuple[Record, str]] = [
+        ((b"7", value, START_MS + DAY_MS // 2), "bad_internal_record")
+        for value in (
+            b"not json",
+            b"[1, 2]",
+            b'{"transaction_id": 1, "terminal_id": 7}',
+            b'{"transaction_id": 1, "terminal_id": 7, "event_ms": 1, "ts": {}, "features": 3}',
+        )
+    ]
 
     procs = start_stages(settings)
     try:
@@ -271,13 +282,15 @@ def test_malformed_input_lands_in_dlqs_and_valid_events_are_unaffected(
                 assert producer.flush(30) == 0
                 for rec, _ in late:
                     send(t.name("transactions"), rec)
+                for rec, _ in internal:
+                    send(t.name("by_terminal"), rec)
             time.sleep(0.2)
         assert producer.flush(30) == 0
         replay_thread.join(120)
         assert not replay_thread.is_alive()
 
         wants = {
-            t.dlq(t.name("transactions")): [*bad[t.name("transactions")], *late],
+            t.dlq(t.name("transactions")): [*bad[t.name("transactions")], *late, *internal],
             t.dlq(t.name("labels")): bad[t.name("labels")],
             t.dlq(t.name("enriched")): bad[t.name("enriched")],
             t.dlq(t.name("predictions")): bad[t.name("predictions")],
