@@ -32,7 +32,7 @@ lint: ## ruff and mypy
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy stages training infra bench
 
-bench: ## Throughput and latency benchmarks
+bench: bootstrap ## Throughput and latency benchmarks (bench/RESULTS.md)
 	$(VENV)/bin/rtpipe bench
 
 stack-down: ## Stop the stack of RTPIPE_HOME (default .rtpipe); e.g. RTPIPE_HOME=.rtpipe/test-29000
