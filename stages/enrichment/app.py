@@ -162,7 +162,8 @@ def _dlq_headers(reason: str, detail: str) -> Any:
     return set_headers
 
 
-def _application(settings: Settings, group: str) -> Application:
+def application(settings: Settings, group: str) -> Application:
+    """A quixstreams application with the stage's settings, in consumer group ``group``."""
     cfg = settings.enrichment
     kafka = settings.kafka
     group_id = settings.topics.group(group)
@@ -219,14 +220,45 @@ def _to_dlq(metrics: Metrics, sdf: Any, topic: Any) -> None:
     )
 
 
+def transaction_record(
+    settings: Settings, value: bytes, timestamp: int, headers: Any
+) -> dict[str, Any]:
+    """One ``transactions`` (or history) message as the record the stage carries (ids,
+    amount, event time, stage timestamps, the original bytes), or ``error``, ``detail``,
+    ``raw`` when it is invalid."""
+    ingest_ms = timestamp
+    for name, hv in headers or ():
+        if name == INGEST_HEADER:
+            with contextlib.suppress(ValueError):
+                ingest_ms = int(hv)
+    try:
+        tx = parse_transaction(
+            value,
+            timestamp,
+            settings.max_message_bytes,
+            now_ms=int(time.time() * 1000),
+            max_skew_ms=settings.enrichment.max_clock_skew_ms,
+        )
+    except InvalidMessage as err:
+        return {"error": err.reason, "detail": err.detail, "raw": value}
+    return {
+        "transaction_id": tx.transaction_id,
+        "customer_id": tx.customer_id,
+        "terminal_id": tx.terminal_id,
+        "amount": tx.amount,
+        "event_ms": tx.event_ms,
+        "ts": {"ingest_ms": ingest_ms, "consumed_ms": int(time.time() * 1000)},
+        "raw": value,
+    }
+
+
 def build_customer_app(settings: Settings, metrics: Metrics | None = None) -> Application:
     """The customer-window application (topology above); ``app.run()`` starts it."""
     metrics = metrics or build_metrics()
     cfg = settings.enrichment
     topics = settings.topics
-    max_bytes = settings.max_message_bytes
     grace = cfg.grace_ms
-    app = _application(settings, cfg.consumer_group)
+    app = application(settings, cfg.consumer_group)
 
     tx_topic = app.topic(
         topics.name("transactions"), value_deserializer="bytes", key_deserializer="bytes"
@@ -253,30 +285,7 @@ def build_customer_app(settings: Settings, metrics: Metrics | None = None) -> Ap
     # -- transactions: parse, customer window ------------------------------------------------
     def parse(value: bytes, key: Any, timestamp: int, headers: Any) -> dict[str, Any]:
         metrics.messages_in.labels(STAGE).inc()
-        ingest_ms = timestamp
-        for name, hv in headers or ():
-            if name == INGEST_HEADER:
-                with contextlib.suppress(ValueError):
-                    ingest_ms = int(hv)
-        try:
-            tx = parse_transaction(
-                value,
-                timestamp,
-                max_bytes,
-                now_ms=int(time.time() * 1000),
-                max_skew_ms=cfg.max_clock_skew_ms,
-            )
-        except InvalidMessage as err:
-            return {"error": err.reason, "detail": err.detail, "raw": value}
-        return {
-            "transaction_id": tx.transaction_id,
-            "customer_id": tx.customer_id,
-            "terminal_id": tx.terminal_id,
-            "amount": tx.amount,
-            "event_ms": tx.event_ms,
-            "ts": {"ingest_ms": ingest_ms, "consumed_ms": int(time.time() * 1000)},
-            "raw": value,
-        }
+        return transaction_record(settings, value, timestamp, headers)
 
     def customer_window(value: dict[str, Any], state: State) -> dict[str, Any]:
         cs = CustomerState.from_state(state.get("w"))
@@ -335,7 +344,7 @@ def build_terminal_app(settings: Settings, metrics: Metrics | None = None) -> Ap
     max_bytes = settings.max_message_bytes
     skew = cfg.terminal_skew_ms
     late_terminal = metrics.inexact_windows.labels(TERMINAL_VIEW)
-    app = _application(settings, cfg.terminal_consumer_group)
+    app = application(settings, cfg.terminal_consumer_group)
 
     by_terminal_topic = app.topic(
         topics.name("by_terminal"),
