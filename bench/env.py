@@ -21,13 +21,7 @@ import pandas as pd
 import redis
 
 from stages.shared.schemas import MODEL_FEATURES
-from stages.shared.settings import (
-    KafkaSettings,
-    MetricsSettings,
-    RedisSettings,
-    Settings,
-    TopicSettings,
-)
+from stages.shared.settings import Settings, TopicSettings, on_port_base
 
 logger = logging.getLogger(__name__)
 
@@ -38,45 +32,13 @@ PORT_BASE = 35000
 
 def bench_settings(base: Settings, port_base: int = PORT_BASE) -> Settings:
     """``base`` moved onto the bench stack's own ports and home (``.rtpipe/bench``)."""
-    return base.model_copy(
-        update={
-            "home": REPO / ".rtpipe" / "bench",
-            "kafka": KafkaSettings(bootstrap_servers=f"127.0.0.1:{port_base + 92}"),
-            "redis": RedisSettings(port=port_base + 379),
-            "stack": base.stack.model_copy(
-                update={
-                    "kafka_port": port_base + 92,
-                    "kafka_controller_port": port_base + 93,
-                    "redis_port": port_base + 379,
-                    "prometheus_port": port_base + 90,
-                }
-            ),
-            "metrics": MetricsSettings(
-                enrichment_port=port_base + 1,
-                prediction_port=port_base + 2,
-                routing_port=port_base + 3,
-                evaluation_port=port_base + 4,
-                enrichment_terminal_port=port_base + 5,
-            ),
-        }
-    )
+    return on_port_base(base, port_base).model_copy(update={"home": REPO / ".rtpipe" / "bench"})
 
 
 def with_prefix(settings: Settings, name: str) -> Settings:
     """Settings whose topics and consumer groups are unique to one measurement."""
     prefix = f"b{uuid.uuid4().hex[:8]}.{name}."
     return settings.model_copy(update={"topics": TopicSettings(prefix=prefix)})
-
-
-def redis_client(settings: Settings) -> redis.Redis:
-    r = settings.redis
-    return redis.Redis(
-        host=r.host,
-        port=r.port,
-        db=r.db,
-        password=r.password.get_secret_value() if r.password else None,
-        ssl=r.ssl,
-    )
 
 
 @contextmanager
@@ -111,7 +73,7 @@ def feast_project(settings: Settings) -> Iterator[Settings]:
         yield out
     finally:
         try:
-            client = redis_client(out)
+            client = out.redis.client()
             keys = list(client.scan_iter(match=b"*" + project.encode(), count=10_000))
             for lo in range(0, len(keys), 10_000):
                 client.unlink(*keys[lo : lo + 10_000])

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.env import redis_client
 from bench.report import interleaved, median
 from stages.shared.feast_store import open_feature_store
 from stages.shared.online import OnlineFeatureReader, OnlineFeatureWriter, OnlineLayout
@@ -69,7 +68,7 @@ def run(settings: Settings, quick: bool) -> OnlineResults:
     """Measure reads at each batch size and writes at 500 rows; ``settings`` must carry an
     applied, isolated Feast project on the bench Redis."""
     store = open_feature_store(settings)
-    client = redis_client(settings)
+    client = settings.redis.client()
     layout = OnlineLayout.from_store(store)
     writer = OnlineFeatureWriter(client, layout)
     n_entities = 20_000 if quick else 100_000

@@ -13,7 +13,6 @@ import orjson
 import pandas as pd
 from confluent_kafka import Producer
 
-from bench.env import redis_client
 from bench.naive import NaiveScorer, run_naive
 from bench.report import median
 from stages.prediction.app import build_stage
@@ -81,7 +80,7 @@ def prefill_enriched(settings: Settings, tx: pd.DataFrame) -> None:
         raise RuntimeError("prefill: messages undelivered")
 
     store = open_feature_store(settings)
-    writer = OnlineFeatureWriter(redis_client(settings), OnlineLayout.from_store(store))
+    writer = OnlineFeatureWriter(settings.redis.client(), OnlineLayout.from_store(store))
     older = int(event_ms.min()) - 86_400_000
     rng = np.random.default_rng(2)
     for view, key, feats in (

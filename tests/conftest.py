@@ -15,14 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from stages.shared.settings import (
-    KafkaSettings,
-    MetricsSettings,
-    RedisSettings,
-    Settings,
-    StackSettings,
-    TopicSettings,
-)
+from stages.shared.settings import Settings, TopicSettings, on_port_base
 
 # In CI the property tests replay a fixed sequence of examples (derandomized), so a run is
 # reproducible; locally each run explores new inputs (and saves failures to .hypothesis/).
@@ -39,27 +32,8 @@ TEST_HOME = REPO / ".rtpipe" / f"test-{BASE}"
 
 def make_test_settings(**overrides: object) -> Settings:
     """Settings pointing at the test stack; ``overrides`` replace top-level fields."""
-    base: dict[str, object] = {
-        "home": TEST_HOME,
-        "feature_repo": REPO / "feature_repo",
-        "kafka": KafkaSettings(bootstrap_servers=f"127.0.0.1:{BASE + 92}"),
-        "redis": RedisSettings(port=BASE + 379),
-        "stack": StackSettings(
-            kafka_port=BASE + 92,
-            kafka_controller_port=BASE + 93,
-            redis_port=BASE + 379,
-            prometheus_port=BASE + 90,
-        ),
-        "metrics": MetricsSettings(
-            enrichment_port=BASE + 1,
-            prediction_port=BASE + 2,
-            routing_port=BASE + 3,
-            evaluation_port=BASE + 4,
-            enrichment_terminal_port=BASE + 5,
-        ),
-    }
-    base.update(overrides)
-    return Settings(**base)  # type: ignore[arg-type]
+    base = Settings(home=TEST_HOME, feature_repo=REPO / "feature_repo")
+    return on_port_base(base, BASE).model_copy(update=overrides)
 
 
 @pytest.fixture(scope="session")

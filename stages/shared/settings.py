@@ -378,3 +378,30 @@ def stage_groups(settings: Settings, stage: StageName) -> dict[str, tuple[str, .
     if stage == "routing":
         return {t.group(settings.routing.consumer_group): names("predictions")}
     return {t.group(settings.evaluation.consumer_group): names("predictions", "labels")}
+
+
+def on_port_base(settings: Settings, base: int) -> Settings:
+    """``settings`` moved onto a stack of its own: Kafka on ``base + 92`` (controller +93),
+    Redis +379, Prometheus +90, the stages' metrics +1..+5. The test and bench stacks use
+    this layout so that they run beside the default stack and beside each other."""
+    return settings.model_copy(
+        update={
+            "kafka": KafkaSettings(bootstrap_servers=f"127.0.0.1:{base + 92}"),
+            "redis": RedisSettings(port=base + 379),
+            "stack": settings.stack.model_copy(
+                update={
+                    "kafka_port": base + 92,
+                    "kafka_controller_port": base + 93,
+                    "redis_port": base + 379,
+                    "prometheus_port": base + 90,
+                }
+            ),
+            "metrics": MetricsSettings(
+                enrichment_port=base + 1,
+                prediction_port=base + 2,
+                routing_port=base + 3,
+                evaluation_port=base + 4,
+                enrichment_terminal_port=base + 5,
+            ),
+        }
+    )

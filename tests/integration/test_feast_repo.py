@@ -51,10 +51,6 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
-def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis(host=settings.redis.host, port=settings.redis.port, db=settings.redis.db)
-
-
 def drop_project_keys(client: redis.Redis, project: str) -> None:
     keys = list(client.scan_iter(match=b"*" + project.encode(), count=1000))
     if keys:
@@ -69,7 +65,7 @@ def feast_settings(stack_settings: Settings, tmp_path: Path) -> Iterator[Setting
         update={"feature_repo": copy_repo(tmp_path / "feature_repo"), "feast_project": project}
     )
     yield settings
-    drop_project_keys(redis_client(settings), project)
+    drop_project_keys(settings.redis.client(), project)
 
 
 def customer_rows(ids: list[int], ts: list[datetime], base: float, **extra: object) -> pd.DataFrame:
@@ -248,7 +244,7 @@ def test_materialize_loads_latest_rows_into_redis(feast_settings: Settings) -> N
     assert resp["customer_avg_amount_1d"] == pytest.approx([50.1, 11.1, None])
     assert resp["customer_nb_tx_7d"] == [52, 13, None]
 
-    reader = OnlineFeatureReader(redis_client(feast_settings), store, "fraud_model_v1")
+    reader = OnlineFeatureReader(feast_settings.redis.client(), store, "fraud_model_v1")
     batch = reader.read({"customer_id": np.array([1, 2, 3]), "terminal_id": np.array([1, 1, 1])})
     col = reader.feature_names.index("customer_avg_amount_1d")
     np.testing.assert_allclose(batch.values[:, col], [50.1, 11.1, np.nan])

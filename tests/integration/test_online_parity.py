@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import redis
 from feast import FeatureStore
 
 from stages.shared.feast_store import apply_repo, open_feature_store
@@ -63,7 +62,7 @@ def env(stack_settings: Settings, tmp_path: Path) -> Iterator[Env]:
     settings = stack_settings.model_copy(update={"feature_repo": repo, "feast_project": project})
     apply_repo(settings)
     store = open_feature_store(settings)
-    client = redis.Redis(host=settings.redis.host, port=settings.redis.port, db=settings.redis.db)
+    client = settings.redis.client()
     yield Env(settings, store, client, OnlineLayout.from_store(store))
     keys = list(client.scan_iter(match=b"*" + project.encode(), count=1000))
     if keys:
