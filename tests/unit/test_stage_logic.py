@@ -16,6 +16,7 @@ from stages.enrichment.logic import (
     update_customer,
 )
 from stages.prediction.logic import (
+    EnrichedBatch,
     assemble_matrix,
     decode_enriched,
     point_in_time,
@@ -141,7 +142,8 @@ def test_assemble_matrix_orders_columns_and_rejects_unknown_features() -> None:
         assemble_matrix(["zzz"], req, online, ["a", "b"])
 
 
-def test_point_in_time_replaces_rows_newer_than_the_event_or_another_events_tie() -> None:
+def _carrying(rows: list[tuple[int, dict[str, float]]]) -> EnrichedBatch:
+    """A decoded batch whose rows carry view ``v``'s aggregates: (event ms, features)."""
     raw = [
         orjson.dumps(
             {
@@ -149,13 +151,19 @@ def test_point_in_time_replaces_rows_newer_than_the_event_or_another_events_tie(
                 "customer_id": 1,
                 "terminal_id": 1,
                 "amount": 1.0,
-                "event_ms": T0 + i,
-                "features": {"v": {"a": 100.0 + i}},
+                "event_ms": event_ms,
+                "features": {"v": feats},
             }
         )
-        for i in range(5)
+        for i, (event_ms, feats) in enumerate(rows)
     ]
-    batch, _ = decode_enriched(raw)
+    batch, bad = decode_enriched(raw)
+    assert not bad
+    return batch
+
+
+def test_point_in_time_replaces_rows_newer_than_the_event_or_another_events_tie() -> None:
+    batch = _carrying([(T0 + i, {"a": 100.0 + i}) for i in range(5)])
     values = np.array([[5.0], [5.0], [102.0], [5.0], [5.0]])
     # Row 0: a row from the future. Row 1: same time, another event's row (values differ).
     # Row 2: same time, this event's own row. Row 3: missing. Row 4: an older row.
@@ -168,20 +176,7 @@ def test_point_in_time_replaces_rows_newer_than_the_event_or_another_events_tie(
 
 
 def test_point_in_time_row_by_row_when_snapshots_differ() -> None:
-    raw = [
-        orjson.dumps(
-            {
-                "transaction_id": i,
-                "customer_id": 1,
-                "terminal_id": 1,
-                "amount": 1.0,
-                "event_ms": T0,
-                "features": {"v": feats},
-            }
-        )
-        for i, feats in enumerate([{"a": 2.0, "b": 3.0}, {"a": 1.0}])
-    ]
-    batch, _ = decode_enriched(raw)
+    batch = _carrying([(T0, {"a": 2.0, "b": 3.0}), (T0, {"a": 1.0})])
     values = np.array([[9.0, 9.0], [1.0, 9.0]])
     ts = {"v": np.array([T0, T0])}
     found = {"v": np.array([True, True])}
