@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import redis
 
+from bench.online import BASE_MS, fill
 from stages.shared.feast_store import apply_repo, open_feature_store
 from stages.shared.online import OnlineFeatureReader, OnlineFeatureWriter, OnlineLayout
-from stages.shared.schemas import CUSTOMER_FEATURES, CUSTOMER_VIEW, TERMINAL_FEATURES
+from stages.shared.schemas import CUSTOMER_FEATURES, CUSTOMER_VIEW
 from stages.shared.settings import RedisSettings, Settings
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def main() -> None:
     settings = Settings(
         feature_repo=tmp, feast_project=project, redis=RedisSettings(port=args.redis_port)
     )
-    client = redis.Redis(port=args.redis_port)
+    client = settings.redis.client()
     try:
         apply_repo(settings)
         store = open_feature_store(settings)
@@ -75,20 +75,8 @@ def main() -> None:
         reader = OnlineFeatureReader(client, layout, "fraud_model_v1")
         rng = np.random.default_rng(0)
         n, b = args.entities, args.batch
-        base_ms = 1_750_000_000_000
-
         # Fill both views for every entity with our writer.
-        for view, features in (
-            (CUSTOMER_VIEW, CUSTOMER_FEATURES),
-            ("terminal_risk", TERMINAL_FEATURES),
-        ):
-            for lo in range(0, n, 5000):
-                ids = np.arange(lo, min(lo + 5000, n))
-                vals = {
-                    f: rng.integers(0, 100, len(ids)) if "nb_tx" in f else rng.random(len(ids))
-                    for f in features
-                }
-                writer.write(view, ids, vals, np.full(len(ids), base_ms))
+        fill(writer, n)
 
         batches = [(rng.integers(0, n, b), rng.integers(0, n, b)) for _ in range(args.repeats + 1)]
 
@@ -117,7 +105,7 @@ def main() -> None:
                 pipe.hmget(k, tf)
             return pipe.execute()
 
-        ts_counter = [base_ms + 1]
+        ts_counter = [BASE_MS + 1]
 
         def write_ours(i: int) -> object:
             c, _ = batches[i]
