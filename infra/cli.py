@@ -18,7 +18,8 @@ from stages.shared.settings import Settings
 
 stack_app = typer.Typer(
     name="stack",
-    help="Local single-machine stack: Kafka (KRaft), Redis and Prometheus, under RTPIPE_HOME/run.",
+    help="Local stack: Kafka (KRaft), Redis and Prometheus, under RTPIPE_HOME/run; single "
+    "nodes by default, a cluster with --brokers 3 --redis-cluster.",
     no_args_is_help=True,
 )
 
@@ -37,15 +38,51 @@ def _components(only: str | None) -> list[str]:
     return [part.strip() for part in only.split(",") if part.strip()]
 
 
+BrokersOption = Annotated[
+    int | None,
+    typer.Option(
+        "--brokers",
+        min=1,
+        help="Kafka nodes: 1 is the single-node stack; 3 a KRaft quorum of combined "
+        "broker/controller nodes with replication factor 3 (RTPIPE_STACK__KAFKA_BROKERS).",
+    ),
+]
+RedisClusterOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--redis-cluster/--no-redis-cluster",
+        help="A Redis Cluster of three masters with one replica each instead of one "
+        "redis-server (RTPIPE_STACK__REDIS_CLUSTER).",
+    ),
+]
+
+
+def _settings(brokers: int | None = None, redis_cluster: bool | None = None) -> Settings:
+    """Settings from the environment, with the cluster options of the command line on top."""
+    settings = Settings()
+    update: dict[str, object] = {}
+    if brokers is not None:
+        update["kafka_brokers"] = brokers
+    if redis_cluster is not None:
+        update["redis_cluster"] = redis_cluster
+    if not update:
+        return settings
+    return settings.model_copy(update={"stack": settings.stack.model_copy(update=update)})
+
+
 def _fail(exc: stack.StackError) -> typer.Exit:
     typer.echo(f"error: {exc}", err=True)
     return typer.Exit(code=1)
 
 
 @stack_app.command()
-def up(only: OnlyOption = None) -> None:
+def up(
+    only: OnlyOption = None,
+    brokers: BrokersOption = None,
+    redis_cluster: RedisClusterOption = None,
+) -> None:
     """Start the components that are not already healthy and wait until they are."""
-    settings = Settings()
+    settings = _settings(brokers, redis_cluster)
     try:
         started = stack.up(settings, components=_components(only))
     except stack.StackError as exc:
@@ -55,7 +92,8 @@ def up(only: OnlyOption = None) -> None:
 
 @stack_app.command()
 def down(only: OnlyOption = None) -> None:
-    """Stop the components this run dir started (never a process it does not own)."""
+    """Stop the components this run dir started, every cluster node included (never a
+    process it does not own)."""
     settings = Settings()
     try:
         stopped = stack.down(settings, only=_components(only))
@@ -65,9 +103,9 @@ def down(only: OnlyOption = None) -> None:
 
 
 @stack_app.command()
-def status() -> None:
-    """Show each component's process, port and health."""
-    settings = Settings()
+def status(brokers: BrokersOption = None, redis_cluster: RedisClusterOption = None) -> None:
+    """Show each component's process, port and health (each node of a cluster stack)."""
+    settings = _settings(brokers, redis_cluster)
     table = Table(title=f"rtpipe stack ({settings.run_dir})")
     for column in ("component", "running", "pid", "port", "healthy", "log"):
         table.add_column(column)

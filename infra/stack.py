@@ -7,6 +7,13 @@ data under ``settings.run_dir``::
     run/redis.pid  run/redis.log  run/redis/
     run/prometheus.pid  run/prometheus.log  run/prometheus/
 
+The cluster stack (``stack.kafka_brokers > 1``, ``stack.redis_cluster``; ``rtpipe stack up
+--brokers 3 --redis-cluster``) runs a KRaft quorum of combined broker/controller nodes and a
+Redis Cluster (three masters, one replica each) instead, one process per node::
+
+    run/kafka-N.pid  run/kafka-N.log  run/kafka-N/  run/kafka-N-data/  run/kafka-cluster.id
+    run/redis-PORT.pid  run/redis-PORT.log  run/redis-PORT/
+
 ``up`` is idempotent: a component that already answers its health check on its port is left
 alone and is not reported as started, so a caller stops only what it started (``down(only=...)``).
 ``down`` kills a process only if its PID file is ours and ``/proc/PID`` still shows the command
@@ -30,8 +37,9 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 from stages.shared.settings import STAGES, Settings
 
@@ -61,7 +69,7 @@ class ComponentStatus:
     """What ``status`` knows about one component.
 
     Attributes:
-        name: Component name.
+        name: Component name (``kafka-2``, ``redis-33701``: one node of a cluster stack).
         running: A process we started (PID file, matching command line) is alive.
         pid: That process id, if running.
         port: The port the component serves on.
@@ -69,7 +77,7 @@ class ComponentStatus:
         log: Where the component logs.
     """
 
-    name: Component
+    name: str
     running: bool
     pid: int | None
     port: int
@@ -232,11 +240,11 @@ def _run_dir(settings: Settings) -> Path:
     return settings.run_dir.resolve()
 
 
-def _pid_file(settings: Settings, comp: Component) -> Path:
+def _pid_file(settings: Settings, comp: str) -> Path:
     return _run_dir(settings) / f"{comp}.pid"
 
 
-def _log_file(settings: Settings, comp: Component) -> Path:
+def _log_file(settings: Settings, comp: str) -> Path:
     return _run_dir(settings) / f"{comp}.log"
 
 
@@ -306,7 +314,7 @@ def _owns(settings: Settings, comp: Component, pid: int) -> bool:
     return "redis-server" in cmd and cwd == _redis_dir(settings)
 
 
-def _read_pid(settings: Settings, comp: Component) -> int | None:
+def _read_pid(settings: Settings, comp: str) -> int | None:
     try:
         return int(_pid_file(settings, comp).read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -399,34 +407,62 @@ _HEALTH: dict[Component, Callable[[Settings], bool]] = {
 # --------------------------------------------------------------------------- configs
 
 
-def _write_kafka_config(settings: Settings) -> Path:
+def _write_kafka_config(settings: Settings, node: KafkaNode | None = None) -> Path:
+    """The broker's server.properties (and log4j2 file): the single node, or ``node`` of the
+    cluster stack."""
     run = _run_dir(settings)
     st = settings.stack
-    conf_dir = run / "kafka"
+    if node is None:
+        conf_dir, data = run / "kafka", run / "kafka-data"
+        node_id, port, controller_port = 1, st.kafka_port, st.kafka_controller_port
+        voters = f"1@127.0.0.1:{st.kafka_controller_port}"
+        log = _log_file(settings, "kafka")
+        # Single node: internal topics cannot have more than one replica.
+        replication = [
+            "offsets.topic.replication.factor=1",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+        ]
+    else:
+        conf_dir, data = node.conf_dir, node.data_dir
+        node_id, port, controller_port = node.node_id, node.port, node.controller_port
+        voters = ",".join(
+            f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in kafka_nodes(settings)
+        )
+        log = node.log
+        rf = min(3, st.kafka_brokers)
+        isr = max(1, rf - 1)
+        # Every internal topic on three brokers, writes acknowledged by two: one broker can
+        # be lost (or restarted) without losing a committed offset or transaction marker.
+        replication = [
+            f"offsets.topic.replication.factor={rf}",
+            f"transaction.state.log.replication.factor={rf}",
+            f"transaction.state.log.min.isr={isr}",
+            f"share.coordinator.state.topic.replication.factor={rf}",
+            f"share.coordinator.state.topic.min.isr={isr}",
+            f"default.replication.factor={rf}",
+            f"min.insync.replicas={isr}",
+        ]
     conf_dir.mkdir(parents=True, exist_ok=True)
-    (run / "kafka-data").mkdir(parents=True, exist_ok=True)
-    props = _kafka_properties_file(settings)
+    data.mkdir(parents=True, exist_ok=True)
+    props = conf_dir / "server.properties"
     props.write_text(
         "\n".join(
             [
                 "# Written by infra/stack.py on every start; edit the code, not this file.",
                 "process.roles=broker,controller",
-                "node.id=1",
-                f"controller.quorum.voters=1@127.0.0.1:{st.kafka_controller_port}",
-                f"listeners=PLAINTEXT://127.0.0.1:{st.kafka_port},"
-                f"CONTROLLER://127.0.0.1:{st.kafka_controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{st.kafka_port}",
+                f"node.id={node_id}",
+                f"controller.quorum.voters={voters}",
+                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
                 "controller.listener.names=CONTROLLER",
                 "inter.broker.listener.name=PLAINTEXT",
                 "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-                f"log.dirs={run / 'kafka-data'}",
+                f"log.dirs={data}",
                 f"num.partitions={settings.topics.partitions}",
-                # Single node: internal topics cannot have more than one replica.
-                "offsets.topic.replication.factor=1",
-                "transaction.state.log.replication.factor=1",
-                "transaction.state.log.min.isr=1",
-                "share.coordinator.state.topic.replication.factor=1",
-                "share.coordinator.state.topic.min.isr=1",
+                *replication,
                 # Consumers of a fresh group start at once instead of waiting 3 s.
                 "group.initial.rebalance.delay.ms=0",
                 "",
@@ -439,8 +475,8 @@ def _write_kafka_config(settings: Settings) -> Path:
                 "status = warn",
                 "appender.file.type = RollingFile",
                 "appender.file.name = file",
-                f"appender.file.fileName = {_log_file(settings, 'kafka')}",
-                f"appender.file.filePattern = {_log_file(settings, 'kafka')}.%i",
+                f"appender.file.fileName = {log}",
+                f"appender.file.filePattern = {log}.%i",
                 "appender.file.layout.type = PatternLayout",
                 "appender.file.layout.pattern = [%d] %p %m (%c)%n",
                 "appender.file.policies.type = Policies",
@@ -462,9 +498,11 @@ def _write_kafka_config(settings: Settings) -> Path:
     return props
 
 
-def _kafka_java(settings: Settings, libs: Path, main: str, *args: str) -> list[str]:
+def _kafka_java(
+    settings: Settings, libs: Path, main: str, *args: str, conf_dir: Path | None = None
+) -> list[str]:
     java = shutil.which("java") or "java"
-    log4j = _kafka_properties_file(settings).parent / "log4j2.properties"
+    log4j = (conf_dir or _kafka_properties_file(settings).parent) / "log4j2.properties"
     return [
         java,
         f"-Xmx{settings.stack.kafka_heap}",
@@ -537,7 +575,7 @@ def _write_prometheus_config(settings: Settings) -> Path:
 # --------------------------------------------------------------------------- start / stop
 
 
-def _spawn(settings: Settings, comp: Component, cmd: Sequence[str], cwd: Path, log: Path) -> int:
+def _spawn(settings: Settings, comp: str, cmd: Sequence[str], cwd: Path, log: Path) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -630,8 +668,9 @@ def _wait_healthy(settings: Settings, comp: Component, pid: int | None) -> None:
     )
 
 
-def _stop(settings: Settings, comp: Component, pid: int) -> None:
-    timeout = _STOP_TIMEOUT_S[comp]
+def _stop(settings: Settings, comp: str, pid: int, timeout: float | None = None) -> None:
+    if timeout is None:
+        timeout = _STOP_TIMEOUT_S[cast(Component, comp)]
     # Each component leads its own session; signal its group so helpers (redis' AOF rewrite
     # child) go too, but only when the group is really the one we created.
     try:
@@ -652,6 +691,434 @@ def _stop(settings: Settings, comp: Component, pid: int) -> None:
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.1)
     logger.info("stopped %s (pid %d)", comp, pid)
+
+
+# --------------------------------------------------------------------------- cluster stack
+#
+# ``stack.kafka_brokers > 1``: a KRaft quorum of combined broker/controller nodes, one JVM each,
+# sharing one cluster id (``run/kafka-cluster.id``), each with its own node id, ports, config
+# (``run/kafka-N/``), data (``run/kafka-N-data/``), PID file and log (``run/kafka-N.*``).
+# ``stack.redis_cluster``: a Redis Cluster of ``redis_cluster_masters`` masters and one replica
+# each, one redis-server per port with its own dir (``run/redis-PORT/``: nodes.conf, AOF).
+# ``up``/``down`` still speak of the components ``kafka`` and ``redis`` (all their nodes);
+# ``status`` reports every node.
+
+
+@dataclass(frozen=True)
+class KafkaNode:
+    """One broker/controller of the cluster stack."""
+
+    node_id: int
+    port: int
+    controller_port: int
+    conf_dir: Path
+    data_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"kafka-{self.node_id}"
+
+    @property
+    def log(self) -> Path:
+        return self.conf_dir.parent / f"{self.name}.log"
+
+    @property
+    def console_log(self) -> Path:
+        return self.conf_dir.parent / f"{self.name}.console.log"
+
+
+@dataclass(frozen=True)
+class RedisNode:
+    """One redis-server of the Redis Cluster stack."""
+
+    port: int
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"redis-{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.dir.parent / f"{self.name}.log"
+
+
+def kafka_clustered(settings: Settings) -> bool:
+    """Whether ``settings`` ask for the Kafka cluster stack."""
+    return settings.stack.kafka_brokers > 1
+
+
+def redis_clustered(settings: Settings) -> bool:
+    """Whether ``settings`` ask for the Redis Cluster stack."""
+    return settings.stack.redis_cluster
+
+
+def kafka_nodes(settings: Settings) -> list[KafkaNode]:
+    """The Kafka nodes of the cluster stack, node ids 1..N."""
+    st = settings.stack
+    run = _run_dir(settings)
+    return [
+        KafkaNode(
+            node_id=i + 1,
+            port=st.kafka_port + i * st.node_port_step,
+            controller_port=st.kafka_controller_port + i * st.node_port_step,
+            conf_dir=run / f"kafka-{i + 1}",
+            data_dir=run / f"kafka-{i + 1}-data",
+        )
+        for i in range(st.kafka_brokers)
+    ]
+
+
+def redis_nodes(settings: Settings) -> list[RedisNode]:
+    """The Redis Cluster nodes: masters first (``redis-cli --cluster create`` order)."""
+    st = settings.stack
+    run = _run_dir(settings)
+    return [
+        RedisNode(port=st.redis_port + i, dir=run / f"redis-{st.redis_port + i}")
+        for i in range(2 * st.redis_cluster_masters)
+    ]
+
+
+def _kafka_node_owns(node: KafkaNode, pid: int) -> bool:
+    cmd = _cmdline(pid)
+    return "kafka.Kafka" in cmd and str(node.conf_dir / "server.properties") in cmd
+
+
+def _redis_node_owns(node: RedisNode, pid: int) -> bool:
+    try:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return False
+    return "redis-server" in _cmdline(pid) and cwd == node.dir
+
+
+def _owned_node_pid(settings: Settings, name: str, owns: Callable[[int], bool]) -> int | None:
+    pid = _read_pid(settings, name)
+    if pid is None:
+        return None
+    if _alive(pid) and owns(pid):
+        return pid
+    logger.info("removing stale %s PID file (pid %d is not ours any more)", name, pid)
+    _pid_file(settings, name).unlink(missing_ok=True)
+    return None
+
+
+def _kafka_cluster_healthy(settings: Settings) -> bool:
+    nodes = kafka_nodes(settings)
+    open_ports = [n.port for n in nodes if _port_open(n.port)]
+    if len(open_ports) < len(nodes):
+        return False
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(
+        {"bootstrap.servers": ",".join(f"127.0.0.1:{p}" for p in open_ports), "log_level": 0}
+    )
+    try:
+        meta = admin.list_topics(timeout=3)
+    except KafkaException:
+        return False
+    return (
+        len(meta.brokers) == len(nodes)
+        and meta.controller_id is not None
+        and meta.controller_id >= 0
+    )
+
+
+def _redis_cli_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    if settings.redis.password:
+        # redis-cli reads the password from here, off the visible command line.
+        env["REDISCLI_AUTH"] = settings.redis.password.get_secret_value()
+    return env
+
+
+def _cluster_info(settings: Settings, port: int) -> dict[str, str]:
+    """``CLUSTER INFO`` of the node on ``port`` as a dict (empty if it does not answer)."""
+    if not _port_open(port):
+        return {}
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    password = settings.redis.password.get_secret_value() if settings.redis.password else None
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        password=password,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+        retry=Retry(NoBackoff(), 0),
+    )
+    try:
+        raw = client.execute_command("CLUSTER", "INFO")
+    except redis.RedisError:
+        return {}
+    finally:
+        client.close()
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _redis_cluster_healthy(settings: Settings) -> bool:
+    nodes = redis_nodes(settings)
+    for node in nodes:
+        info = _cluster_info(settings, node.port)
+        if info.get("cluster_state") != "ok" or info.get("cluster_known_nodes") != str(len(nodes)):
+            return False
+    return True
+
+
+def _start_kafka_node(settings: Settings, libs: Path, node: KafkaNode, cluster_id: str) -> int:
+    props = _write_kafka_config(settings, node)
+    if not (node.data_dir / "meta.properties").is_file():
+        fmt = subprocess.run(
+            _kafka_java(
+                settings,
+                libs,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(props),
+                conf_dir=node.conf_dir,
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if fmt.returncode != 0:
+            detail = (fmt.stdout + fmt.stderr).strip()[-300:]
+            raise StackError(f"kafka storage format of {node.name} failed: {detail}")
+    cmd = _kafka_java(settings, libs, "kafka.Kafka", str(props), conf_dir=node.conf_dir)
+    return _spawn(settings, node.name, cmd, node.conf_dir, node.console_log)
+
+
+def _cluster_id(settings: Settings) -> str:
+    """The Kafka cluster stack's id, made once and kept with its data."""
+    path = _run_dir(settings) / "kafka-cluster.id"
+    if path.is_file():
+        return path.read_text().strip()
+    cid = _random_cluster_id()
+    path.write_text(cid + "\n")
+    return cid
+
+
+def _start_redis_node(settings: Settings, node: RedisNode) -> int:
+    node.dir.mkdir(parents=True, exist_ok=True)
+    cmd = [shutil.which("redis-server") or "redis-server"]
+    if settings.redis.password:
+        # Clients and the replicas (masterauth) both need the password; kept off argv.
+        conf = node.dir / "auth.conf"
+        conf.touch(mode=0o600)
+        conf.chmod(0o600)
+        secret = settings.redis.password.get_secret_value()
+        conf.write_text(f'requirepass "{secret}"\nmasterauth "{secret}"\n')
+        cmd.append(str(conf))
+    cmd += [
+        "--port",
+        str(node.port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(node.dir),
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        "5000",
+        "--appendonly",
+        "yes",
+        "--daemonize",
+        "no",
+        "--logfile",
+        "",
+    ]
+    return _spawn(settings, node.name, cmd, node.dir, node.log)
+
+
+def _create_redis_cluster(settings: Settings) -> None:
+    """Assign the slots (``redis-cli --cluster create``) unless the nodes already form the
+    cluster (restarted nodes rejoin from their nodes.conf)."""
+    nodes = redis_nodes(settings)
+    deadline = time.monotonic() + _START_TIMEOUT_S["redis"]
+    while time.monotonic() < deadline and not all(_cluster_info(settings, n.port) for n in nodes):
+        time.sleep(0.1)
+    first = _cluster_info(settings, nodes[0].port)
+    if first.get("cluster_known_nodes", "1") != "1" or first.get("cluster_slots_assigned") != "0":
+        return
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise StackError(
+            "redis-cli not found (needed to create the Redis Cluster): run `make bootstrap` or "
+            "`apt-get install redis-tools`"
+        )
+    proc = subprocess.run(
+        [
+            cli,
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{n.port}" for n in nodes),
+            "--cluster-replicas",
+            "1",
+            "--cluster-yes",
+        ],
+        capture_output=True,
+        text=True,
+        env=_redis_cli_env(settings),
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+        raise StackError(f"redis-cli --cluster create failed: {tail}")
+    logger.info("created Redis Cluster on ports %s", [n.port for n in nodes])
+
+
+def _up_cluster(settings: Settings, comp: Component) -> bool:
+    """Start every node of ``comp``'s cluster that is not running and wait until the cluster
+    is healthy. Returns whether any node was started here; if the cluster does not come up,
+    the nodes this call started are stopped again."""
+    started: list[tuple[str, int]] = []
+    try:
+        return _start_cluster_nodes(settings, comp, started)
+    except BaseException:
+        if started:
+            logger.error("%s cluster did not come up; stopping %s", comp, [n for n, _ in started])
+            for _, pid in started:
+                _terminate(pid)
+            for name, pid in started:
+                _stop(settings, comp, pid)
+                _pid_file(settings, name).unlink(missing_ok=True)
+        raise
+
+
+def _start_cluster_nodes(
+    settings: Settings, comp: Component, started: list[tuple[str, int]]
+) -> bool:
+    _run_dir(settings).mkdir(parents=True, exist_ok=True)
+    if comp == "kafka":
+        knodes = kafka_nodes(settings)
+        libs = ensure_kafka(settings)
+        cluster_id = _cluster_id(settings)
+        pids: list[tuple[str, Path, int | None]] = []
+        for kn in knodes:
+            pid = _owned_node_pid(settings, kn.name, partial(_kafka_node_owns, kn))
+            if pid is None:
+                for port in (kn.port, kn.controller_port):
+                    if _port_open(port):
+                        raise StackError(
+                            f"port {port} ({kn.name}) is in use by something that is not ours: "
+                            "stop it or choose other ports (RTPIPE_STACK__KAFKA_PORT)"
+                        )
+                pid = _start_kafka_node(settings, libs, kn, cluster_id)
+                started.append((kn.name, pid))
+            pids.append((kn.name, kn.log, pid))
+        health: Callable[[Settings], bool] = _kafka_cluster_healthy
+    else:
+        rnodes = redis_nodes(settings)
+        pids = []
+        for rn in rnodes:
+            pid = _owned_node_pid(settings, rn.name, partial(_redis_node_owns, rn))
+            if pid is None:
+                if _port_open(rn.port):
+                    raise StackError(
+                        f"port {rn.port} ({rn.name}) is in use by something that is not ours: "
+                        "stop it or choose other ports (RTPIPE_STACK__REDIS_PORT)"
+                    )
+                pid = _start_redis_node(settings, rn)
+                started.append((rn.name, pid))
+            pids.append((rn.name, rn.log, pid))
+        _create_redis_cluster(settings)
+        health = _redis_cluster_healthy
+    deadline = time.monotonic() + _START_TIMEOUT_S[comp] * (2 if comp == "kafka" else 1)
+    while time.monotonic() < deadline:
+        if health(settings):
+            logger.info("%s cluster healthy (%d nodes)", comp, len(pids))
+            return bool(started)
+        dead = [(name, log) for name, log, pid in pids if pid is not None and not _alive(pid)]
+        if dead:
+            name, log = dead[0]
+            raise StackError(f"{name} exited after start; see {log}: {_tail(log)}")
+        time.sleep(0.25)
+    raise StackError(
+        f"{comp} cluster is not healthy after start; see the logs under {_run_dir(settings)}"
+    )
+
+
+def _cluster_node_pids(settings: Settings, comp: Component) -> list[tuple[str, int]]:
+    """Our live processes among ``comp``'s cluster nodes, from the PID files in the run dir
+    (whatever the settings say now, so ``down`` stops what an earlier ``up`` started)."""
+    run = _run_dir(settings)
+    out: list[tuple[str, int]] = []
+    for pid_file in sorted(run.glob(f"{comp}-*.pid")):
+        name = pid_file.stem
+        suffix = name.split("-", 1)[1]
+        if not suffix.isdigit():
+            continue
+        owns: Callable[[int], bool]
+        if comp == "kafka":
+            kn = KafkaNode(int(suffix), 0, 0, run / name, run / f"{name}-data")
+            owns = partial(_kafka_node_owns, kn)
+        else:
+            rn = RedisNode(int(suffix), run / name)
+            owns = partial(_redis_node_owns, rn)
+        pid = _owned_node_pid(settings, name, owns)
+        if pid is not None:
+            out.append((name, pid))
+    return out
+
+
+def _terminate(pid: int) -> None:
+    try:
+        group = os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        (os.killpg if group else os.kill)(pid, signal.SIGTERM)
+
+
+def _down_cluster(settings: Settings, comp: Component) -> bool:
+    nodes = _cluster_node_pids(settings, comp)
+    # Signal every node first, then wait: a quorum stopping one by one would elect anew and
+    # wait for the nodes already gone at each step.
+    for _, pid in nodes:
+        _terminate(pid)
+    for name, pid in nodes:
+        _stop(settings, comp, pid)
+        _pid_file(settings, name).unlink(missing_ok=True)
+    return bool(nodes)
+
+
+def _cluster_status(settings: Settings, comp: Component) -> list[ComponentStatus]:
+    healthy = (_kafka_cluster_healthy if comp == "kafka" else _redis_cluster_healthy)(settings)
+    out: list[ComponentStatus] = []
+    if comp == "kafka":
+        for kn in kafka_nodes(settings):
+            pid = _owned_node_pid(settings, kn.name, partial(_kafka_node_owns, kn))
+            out.append(ComponentStatus(kn.name, pid is not None, pid, kn.port, healthy, kn.log))
+    else:
+        for rn in redis_nodes(settings):
+            pid = _owned_node_pid(settings, rn.name, partial(_redis_node_owns, rn))
+            out.append(ComponentStatus(rn.name, pid is not None, pid, rn.port, healthy, rn.log))
+    return out
+
+
+def _clustered(settings: Settings, comp: Component) -> bool:
+    return (comp == "kafka" and kafka_clustered(settings)) or (
+        comp == "redis" and redis_clustered(settings)
+    )
+
+
+def _healthy(settings: Settings, comp: Component) -> bool:
+    if comp == "kafka" and kafka_clustered(settings):
+        return _kafka_cluster_healthy(settings)
+    if comp == "redis" and redis_clustered(settings):
+        return _redis_cluster_healthy(settings)
+    return _HEALTH[comp](settings)
 
 
 # --------------------------------------------------------------------------- public API
@@ -677,7 +1144,7 @@ def up(
             instance of the component, or a component does not become healthy in time.
     """
     comps = _validate(components)
-    todo = [c for c in comps if not _HEALTH[c](settings)]
+    todo = [c for c in comps if not _healthy(settings, c)]
     if not todo:
         return []
     preflight(todo, settings)
@@ -685,6 +1152,10 @@ def up(
     waiting: list[tuple[Component, int | None]] = []
     try:
         for comp in todo:
+            if _clustered(settings, comp):
+                if _up_cluster(settings, comp):
+                    started.append(comp)
+                continue
             pid = _owned_pid(settings, comp)
             if pid is not None:
                 # Ours and alive but not healthy yet: another `up` is starting it.
@@ -730,12 +1201,14 @@ def down(settings: Settings, only: Iterable[str] | None = None) -> list[str]:
     stopped: list[str] = []
     # Reverse dependency order: Prometheus first, Kafka last.
     for comp in reversed(comps):
+        # Cluster nodes too, found by their PID files whatever mode ``settings`` are in.
+        node_stopped = comp != "prometheus" and _down_cluster(settings, comp)
         pid = _owned_pid(settings, comp)
-        if pid is None:
-            continue
-        _stop(settings, comp, pid)
-        _pid_file(settings, comp).unlink(missing_ok=True)
-        stopped.append(comp)
+        if pid is not None:
+            _stop(settings, comp, pid)
+            _pid_file(settings, comp).unlink(missing_ok=True)
+        if pid is not None or node_stopped:
+            stopped.append(comp)
     return stopped
 
 
@@ -746,10 +1219,14 @@ def status(settings: Settings) -> dict[str, ComponentStatus]:
         settings: Ports and run dir.
 
     Returns:
-        One ``ComponentStatus`` per component, keyed by name.
+        One ``ComponentStatus`` per component, keyed by name; a clustered component has one
+        per node instead (``kafka-1``.., ``redis-PORT``..), each healthy when its cluster is.
     """
     out: dict[str, ComponentStatus] = {}
     for comp in COMPONENTS:
+        if _clustered(settings, comp):
+            out.update((node.name, node) for node in _cluster_status(settings, comp))
+            continue
         pid = _owned_pid(settings, comp)
         log = _log_file(settings, comp)
         out[comp] = ComponentStatus(

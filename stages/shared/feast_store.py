@@ -70,6 +70,8 @@ def repo_config(settings: Settings) -> RepoConfig:
         raise FeatureRepoError(repo, f"online_store.type is {online.get('type')!r}, not redis")
     online["type"] = "redis"
     online["connection_string"] = settings.redis.feast_connection_string()
+    # Feast's Redis Cluster client (same key layout, startup nodes in the connection string).
+    online["redis_type"] = "redis_cluster" if settings.redis.cluster else "redis"
     raw["online_store"] = online
     raw["project"] = settings.feast_project
     config = RepoConfig(**raw)

@@ -26,6 +26,7 @@ import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -769,6 +770,10 @@ class OnlineFeatureReader:
         # Raw RESP for redis-py clients; anything else (a cluster client, a test fake) gets
         # the same commands through its pipeline().
         self._raw = RawRedis(redis_client) if RawRedis.supports(redis_client) else None
+        # A Redis Cluster client: the same raw commands, one pipelined request per node.
+        from stages.shared.online_cluster import cluster_transport
+
+        self._cluster = cluster_transport(redis_client)
 
     @property
     def layout(self) -> OnlineLayout:
@@ -811,7 +816,16 @@ class OnlineFeatureReader:
             for entity in self._entities
         ]
         total = sum(len(u) for _, u, _ in uniques)
-        if self._raw is not None:
+        if self._cluster is not None:
+            replies = self._cluster.hmget_entities(
+                self._layout.project, [(e, u) for e, u, _ in uniques]
+            )
+            bad = next((r for r in replies if not isinstance(r, list)), None)
+            if bad is not None:
+                from redis.exceptions import ResponseError
+
+                raise ResponseError(str(bad))
+        elif self._raw is not None:
             payload = b"".join(
                 resp_fixed_width_commands(e.head, e.key_prefix, u, e.tail) for e, u, _ in uniques
             )
@@ -953,7 +967,8 @@ class OnlineFeatureWriter:
     """Idempotent batched writes of feature rows into Feast's Redis layout.
 
     One round trip per batch: for a plain redis-py client, one ``EVALSHA`` per 1,000 rows
-    with its RESP built here; for anything else (a cluster client, a test fake), one
+    with its RESP built here (for a Redis Cluster client, the same per node, all nodes at
+    once: ``online_cluster.py``); for anything else (a cluster client, a test fake), one
     pipelined ``EVALSHA`` per entity. The script compares event times server-side, so
     concurrent writers and replays never move a row back in time.
 
@@ -969,8 +984,17 @@ class OnlineFeatureWriter:
         self._ttl = int(layout.key_ttl_seconds or 0)
         self._raw = RawRedis(redis_client) if RawRedis.supports(redis_client) else None
         self._script = _WRITE_MANY_IF_NEWER if self._raw is not None else _WRITE_IF_NEWER
+        # A Redis Cluster client: the batched script per node (stages/shared/online_cluster.py).
+        from stages.shared.online_cluster import CLUSTER_WRITE_MANY_IF_NEWER, cluster_transport
+
+        self._cluster = cluster_transport(redis_client)
+        if self._cluster is not None:
+            self._script = CLUSTER_WRITE_MANY_IF_NEWER
 
     def _load_script(self) -> str:
+        if self._cluster is not None:
+            self._sha = self._cluster.script_load(self._script)
+            return self._sha
         sha = self._client.script_load(self._script)
         self._sha = sha.decode() if isinstance(sha, bytes) else str(sha)
         return self._sha
@@ -1106,7 +1130,17 @@ class OnlineFeatureWriter:
                     raise ResponseError(text)
             return replies
 
-        run = run_raw if self._raw is not None else run_pipeline
+        run: Callable[[str], list[Any]] = run_raw if self._raw is not None else run_pipeline
+        if self._cluster is not None:
+            run = partial(
+                self._cluster.write_many,
+                keys=keys,
+                kept_ts=kept_ts,
+                encoded=encoded,
+                field_keys=field_keys,
+                ts_field=ts_name,
+                ttl=ttl,
+            )
 
         from redis.exceptions import NoScriptError, RedisError
 

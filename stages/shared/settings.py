@@ -7,7 +7,7 @@ Nested groups use ``__`` as the delimiter, e.g. ``RTPIPE_KAFKA__BOOTSTRAP_SERVER
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -73,11 +73,41 @@ class RedisSettings(BaseModel):
     db: int = 0
     password: SecretStr | None = None
     ssl: bool = False
+    # Redis Cluster (Feast's ``redis_cluster`` online store): ``host:port`` is one startup
+    # node; ``startup_nodes`` (comma-separated ``host:port``) adds more, so a client still
+    # finds the cluster when that one node is down.
+    cluster: bool = False
+    startup_nodes: str = ""
+
+    def nodes(self) -> list[tuple[str, int]]:
+        """Every startup node, ``host:port`` first, without repeats."""
+        out = [(self.host, self.port)]
+        for part in self.startup_nodes.split(","):
+            if part.strip():
+                host, _, port = part.strip().rpartition(":")
+                if (host, int(port)) not in out:
+                    out.append((host, int(port)))
+        return out
 
     def client(self, **options: Any) -> redis.Redis:
-        """A redis-py client for this server; ``options`` (timeouts, retry) are passed on."""
+        """A redis-py client for this server; ``options`` (timeouts, retry) are passed on.
+
+        With ``cluster`` on it is a ``redis.cluster.RedisCluster`` (same commands, keys routed
+        by hash slot); the online reader and writer batch per node over it
+        (``stages/shared/online_cluster.py``).
+        """
         import redis as redis_py
 
+        if self.cluster:
+            from redis.cluster import ClusterNode, RedisCluster
+
+            cluster: Any = RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in self.nodes()],
+                password=self.password.get_secret_value() if self.password else None,
+                ssl=self.ssl,
+                **options,
+            )
+            return cast("redis.Redis", cluster)
         return redis_py.Redis(
             host=self.host,
             port=self.port,
@@ -88,8 +118,12 @@ class RedisSettings(BaseModel):
         )
 
     def feast_connection_string(self) -> str:
-        """Connection string in the form Feast's Redis online store expects."""
-        parts = [f"{self.host}:{self.port}", f"db={self.db}"]
+        """Connection string in the form Feast's Redis online store expects (for a cluster:
+        every startup node, no ``db``: a cluster has only database 0)."""
+        if self.cluster:
+            parts = [f"{h}:{p}" for h, p in self.nodes()]
+        else:
+            parts = [f"{self.host}:{self.port}", f"db={self.db}"]
         if self.password:
             parts.append(f"password={self.password.get_secret_value()}")
         if self.ssl:
@@ -165,6 +199,15 @@ class StackSettings(BaseModel):
     kafka_heap: str = "1g"
     redis_port: int = 6379
     prometheus_port: int = 9090
+    # Cluster mode (``rtpipe stack up --brokers 3 --redis-cluster``). With kafka_brokers > 1,
+    # a KRaft quorum of that many combined broker/controller nodes: node i (0-based) serves on
+    # kafka_port + i * node_port_step (controller: kafka_controller_port + i * step).
+    kafka_brokers: int = Field(default=1, ge=1, le=9)
+    node_port_step: int = Field(default=100, ge=2)
+    # A Redis Cluster of redis_cluster_masters masters with one replica each, on ports
+    # redis_port .. redis_port + 2 * masters - 1.
+    redis_cluster: bool = False
+    redis_cluster_masters: int = Field(default=3, ge=3)
     # Where Maven resolves Kafka's jars; shared across checkouts on purpose.
     cache_dir: Path = Path.home() / ".cache" / "rtpipe"
 
@@ -403,5 +446,48 @@ def on_port_base(settings: Settings, base: int) -> Settings:
                 evaluation_port=base + 4,
                 enrichment_terminal_port=base + 5,
             ),
+        }
+    )
+
+
+def on_cluster(
+    settings: Settings, *, kafka_port: int, redis_port: int, brokers: int = 3
+) -> Settings:
+    """``settings`` moved onto a cluster stack: ``brokers`` Kafka nodes from ``kafka_port``
+    (controllers +1, one node every ``stack.node_port_step`` ports), a Redis Cluster from
+    ``redis_port``, and topics replicated on three brokers (or all, when fewer)."""
+    step = settings.stack.node_port_step
+    stack = settings.stack.model_copy(
+        update={
+            "kafka_brokers": brokers,
+            "kafka_port": kafka_port,
+            "kafka_controller_port": kafka_port + 1,
+            "redis_port": redis_port,
+            "redis_cluster": True,
+        }
+    )
+    masters = stack.redis_cluster_masters
+    return settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(
+                update={
+                    "bootstrap_servers": ",".join(
+                        f"127.0.0.1:{kafka_port + i * step}" for i in range(brokers)
+                    )
+                }
+            ),
+            "redis": settings.redis.model_copy(
+                update={
+                    "host": "127.0.0.1",
+                    "port": redis_port,
+                    "db": 0,
+                    "cluster": True,
+                    "startup_nodes": ",".join(
+                        f"127.0.0.1:{redis_port + i}" for i in range(1, masters)
+                    ),
+                }
+            ),
+            "topics": settings.topics.model_copy(update={"replication_factor": min(3, brokers)}),
+            "stack": stack,
         }
     )

@@ -62,3 +62,26 @@ def test_compose_defines_the_stack_and_the_four_stages(compose: list[str]) -> No
     proc = _run(compose, "config", "--services")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert set(proc.stdout.split()) == EXPECTED_SERVICES
+
+
+def test_stage_replicas_come_from_the_environment(compose: list[str]) -> None:
+    import os
+
+    import yaml
+
+    env = {**os.environ, "RTPIPE_PREDICTION_REPLICAS": "3"}
+    proc = subprocess.run(
+        [*compose, "-f", str(REPO / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]
+    replicas = {
+        s: services[s]["deploy"]["replicas"] for s in EXPECTED_SERVICES if "deploy" in services[s]
+    }
+    assert replicas == {"enrichment": 1, "prediction": 3, "routing": 1, "evaluation": 1}

@@ -1,0 +1,61 @@
+"""Session fixtures of the cluster tier: a three-node KRaft quorum and a Redis Cluster (three
+masters, one replica each), started once per session by ``infra/stack.py`` on ports of their
+own (Kafka 33192/33193, 33292/33293, 33392/33393; Redis 33701-33706) under
+``.rtpipe/cluster-33100``, and stopped at the end if this session started them.
+
+Kafka and Redis have separate fixtures, so a run of only the Redis tests starts no JVM.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stages.shared.settings import Settings, on_cluster, on_port_base
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_BASE = int(os.environ.get("RTPIPE_CLUSTER_PORT_BASE", "33100"))
+CLUSTER_HOME = REPO / ".rtpipe" / f"cluster-{CLUSTER_BASE}"
+# The long variants (a broker stopped under load, a Redis failover) run only when asked.
+FULL = os.environ.get("RTPIPE_CLUSTER_FULL") == "1"
+
+
+def make_cluster_settings() -> Settings:
+    """Settings for the cluster stack: brokers on BASE+92 (+100, +200), Redis on BASE+601.."""
+    base = Settings(home=CLUSTER_HOME, feature_repo=REPO / "feature_repo")
+    settings = on_cluster(
+        on_port_base(base, CLUSTER_BASE),
+        kafka_port=CLUSTER_BASE + 92,
+        redis_port=CLUSTER_BASE + 601,
+    )
+    # Three JVMs on a small machine: a smaller heap each.
+    return settings.model_copy(
+        update={"stack": settings.stack.model_copy(update={"kafka_heap": "512m"})}
+    )
+
+
+def _session_stack(component: str) -> Iterator[Settings]:
+    from infra import stack
+
+    settings = make_cluster_settings()
+    started = stack.up(settings, components=(component,))
+    try:
+        yield settings
+    finally:
+        if os.environ.get("RTPIPE_KEEP_TEST_STACK") != "1":
+            stack.down(settings, only=started)
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster() -> Iterator[Settings]:
+    """The three-node Kafka cluster for the session (idempotent)."""
+    yield from _session_stack("kafka")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Settings]:
+    """The Redis Cluster for the session (idempotent)."""
+    yield from _session_stack("redis")
