@@ -135,7 +135,7 @@ def run_stage(
     stage: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES)}.")],
     part: Annotated[
         str | None,
-        typer.Option(hidden=True, help="Enrichment only: run just its terminal-window app."),
+        typer.Option(hidden=True, help="Enrichment only: run just its labels process."),
     ] = None,
 ) -> None:
     """Run one pipeline stage until SIGTERM (enrichment: in two processes)."""
@@ -152,13 +152,13 @@ def run_stage(
         raise typer.BadParameter(f"unknown stage {stage!r}; choose from {STAGES}")
     metrics = build_metrics()
     if part is not None:
-        if (stage, part) != ("enrichment", "terminal"):
-            raise typer.BadParameter("--part terminal is for the enrichment stage only")
+        if (stage, part) != ("enrichment", "labels"):
+            raise typer.BadParameter("--part labels is for the enrichment stage only")
         from stages.enrichment.app import die_with_supervisor, run_part
 
         die_with_supervisor()
-        metrics.serve(settings.metrics.host, settings.metrics.enrichment_terminal_port)
-        run_part(settings, "terminal", metrics, stop)
+        metrics.serve(settings.metrics.host, settings.metrics.enrichment_labels_port)
+        run_part(settings, "labels", metrics, stop)
         return
     metrics.serve(settings.metrics.host, settings.metrics.port(stage))
     if stage == "enrichment":

@@ -222,6 +222,7 @@ def check_online_features(
     """
 
     from stages.shared.feast_store import open_feature_store
+    from stages.shared.labels import LabelIndex
     from stages.shared.online import OnlineFeatureReader
     from stages.shared.schemas import (
         CUSTOMER_FEATURES,
@@ -245,7 +246,10 @@ def check_online_features(
 
     client = settings.redis.client(socket_timeout=10.0)
     reader = OnlineFeatureReader(
-        client, open_feature_store(settings), settings.prediction.feature_service
+        client,
+        open_feature_store(settings),
+        settings.prediction.feature_service,
+        exclude_views=(TERMINAL_VIEW,),
     )
     check = FeatureCheck({}, {}, {}, {})
     specs = (
@@ -253,19 +257,47 @@ def check_online_features(
         (TERMINAL_VIEW, "terminal_id", TERMINAL_FEATURES, terminal_batch),
     )
     lasts = {key: last_rows(key) for _, key, _, _ in specs}
-    n = max(len(v) for v in lasts.values())
-    if n == 0:
+    if max(len(v) for v in lasts.values()) == 0:
         return check
-    # The reader serves whole feature-service rows: pad the shorter id list by repetition.
-    ids = {key: np.resize(v.index.to_numpy(np.int64), n) for key, v in lasts.items()}
-    online = reader.read(ids)
-    column = {name: j for j, name in enumerate(online.feature_names)}
+    # Customer rows from the online store; terminal windows from the label index, counted
+    # at each terminal's last replayed event time (what the prediction stage computes).
+    customers = lasts["customer_id"]
+    online = reader.read(
+        {
+            "customer_id": customers.index.to_numpy(np.int64),
+            "terminal_id": np.zeros(len(customers), dtype=np.int64),
+        }
+    )
+    terminals = lasts["terminal_id"]
+    index = LabelIndex(
+        client,
+        settings.feast_project,
+        settings.topics.name("labels"),
+        retention_ms=settings.enrichment.label_retention_ms,
+    )
+    term_values, _ = index.terminal_features(
+        terminals.index.to_numpy(np.int64), terminals["ms"].to_numpy(np.int64)
+    )
+    served = {
+        CUSTOMER_VIEW: (
+            online.values,
+            online.feature_names,
+            online.found[CUSTOMER_VIEW],
+            online.event_ts_ms[CUSTOMER_VIEW],
+        ),
+        TERMINAL_VIEW: (
+            term_values,
+            TERMINAL_FEATURES,
+            np.ones(len(terminals), dtype=bool),
+            terminals["ms"].to_numpy(np.int64),
+        ),
+    }
     for view, key, names, batch in specs:
         last = lasts[key]
         m = len(last)
-        found = online.found[view][:m]
-        ts = online.event_ts_ms[view][:m]
-        got = online.values[:m, [column[f] for f in names]]
+        values, value_names, found, ts = served[view]
+        column = {name: j for j, name in enumerate(value_names)}
+        got = values[:m, [column[f] for f in names]]
         want = (
             batch.set_index("transaction_id")
             .loc[last["transaction_id"], list(names)]

@@ -39,7 +39,7 @@ from typing import Any, Literal, get_args
 import pandas as pd
 
 from stages.ops.audit import AuditReport, FeatureCheck, audit, check_online_features
-from stages.ops.demo import StageProcess, start_stages, stop_stages
+from stages.ops.demo import StageProcess, start_stage, start_stages, stop_stages
 from stages.ops.replay import ReplayPlan, replay
 from stages.shared.kafka import ensure_topics
 from stages.shared.settings import Settings, TopicSettings
@@ -402,14 +402,10 @@ def _kill_stage(run: _Run, stage: str, rng: random.Random) -> None:
 
 
 def _rebalance(run: _Run, rng: random.Random) -> None:
-    m = run.settings.metrics
-    second = run.settings.model_copy(
-        update={"metrics": m.model_copy(update={"prediction_port": m.prediction_port + 10})}
-    )
     run.start("enrichment")
     run.start("routing")
     first = run.start("prediction")
-    replica = start_stages(second, ("prediction",))[0]
+    replica = start_stage(run.settings, "prediction", replica=1)
     run.procs["prediction-2"] = [replica]
     run.start_replay()
     run.wait_progress(run.output_topics("prediction"), rng.uniform(0.2, 0.5))

@@ -45,6 +45,8 @@ class StageProcess:
     name: str
     proc: subprocess.Popen[bytes]
     log: Path
+    # The replica's stable instance id (RTPIPE_INSTANCE_ID): a restart reuses it.
+    replica: int = 0
 
 
 def _env_for(settings: Settings) -> dict[str, str]:
@@ -57,26 +59,53 @@ def _env_for(settings: Settings) -> dict[str, str]:
     return env
 
 
-def start_stages(
-    settings: Settings, names: tuple[str, ...] = PIPELINE_STAGES
-) -> list[StageProcess]:
-    """Start each stage as its own ``rtpipe run STAGE`` process, logging to the run dir."""
+def start_stage(settings: Settings, name: str, replica: int = 0) -> StageProcess:
+    """Start one replica of a stage as its own ``rtpipe run STAGE`` process, logging to the
+    run dir. Replica ``r`` is instance ``r`` of its consumer groups (static membership and a
+    stable transactional id: restarted with the same number, it takes its partitions back
+    at once and aborts what its predecessor left open) and serves metrics on its stage's
+    ports plus ``100 * r``."""
     log_dir = settings.run_dir / "stages"
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = _env_for(settings)
-    procs = []
-    for name in names:
-        log = log_dir / f"{settings.topics.prefix}{name}.log"
-        with log.open("ab") as fh:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "stages.cli", "run", name],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        procs.append(StageProcess(name, proc, log))
-    return procs
+    env = _env_for(replica_settings(settings, replica))
+    suffix = f".{replica}" if replica else ""
+    log = log_dir / f"{settings.topics.prefix}{name}{suffix}.log"
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stages.cli", "run", name],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    return StageProcess(name, proc, log, replica)
+
+
+def replica_settings(settings: Settings, replica: int) -> Settings:
+    """``settings`` for replica ``replica`` of a stage (its instance id and metrics ports)."""
+    m = settings.metrics
+    step = 100 * replica
+    return settings.model_copy(
+        update={
+            "instance_id": str(replica),
+            "metrics": m.model_copy(
+                update={
+                    "enrichment_port": m.enrichment_port + step,
+                    "prediction_port": m.prediction_port + step,
+                    "routing_port": m.routing_port + step,
+                    "evaluation_port": m.evaluation_port + step,
+                    "enrichment_labels_port": m.enrichment_labels_port + step,
+                }
+            ),
+        }
+    )
+
+
+def start_stages(
+    settings: Settings, names: tuple[str, ...] = PIPELINE_STAGES, replicas: int = 1
+) -> list[StageProcess]:
+    """Start ``replicas`` processes of each stage (see :func:`start_stage`)."""
+    return [start_stage(settings, name, r) for name in names for r in range(replicas)]
 
 
 def stop_stages(procs: list[StageProcess], timeout_s: float = 30.0) -> dict[str, int | None]:
@@ -101,14 +130,17 @@ def clear_online_store(settings: Settings) -> int:
     (the writer never lets an older row replace a newer one left by an earlier run)."""
     client = settings.redis.client()
     deleted = 0
-    batch = []
-    for key in client.scan_iter(match=b"*" + settings.feast_project.encode(), count=10_000):
-        batch.append(key)
-        if len(batch) >= 10_000:
+    project = settings.feast_project.encode()
+    # Feast's rows end with the project; the label index's keys start with it.
+    for pattern in (b"*" + project, b"{" + project + b":lbl:*", project + b":lbl:*"):
+        batch = []
+        for key in client.scan_iter(match=pattern, count=10_000):
+            batch.append(key)
+            if len(batch) >= 10_000:
+                deleted += int(client.unlink(*batch))  # type: ignore[arg-type]
+                batch.clear()
+        if batch:
             deleted += int(client.unlink(*batch))  # type: ignore[arg-type]
-            batch.clear()
-    if batch:
-        deleted += int(client.unlink(*batch))  # type: ignore[arg-type]
     return deleted
 
 
@@ -241,7 +273,7 @@ def print_summary(settings: Settings, report: AuditReport, replayed: ReplayResul
         f"-t {settings.topics.name('action')} -c 3 -e\n"
         f"Redis      127.0.0.1:{s.redis_port}\n"
         f"Prometheus http://127.0.0.1:{s.prometheus_port}\n"
-        f"Metrics    enrichment :{m.enrichment_port} (+ :{m.enrichment_terminal_port})  "
+        f"Metrics    enrichment :{m.enrichment_port} (+ :{m.enrichment_labels_port})  "
         f"prediction :{m.prediction_port}  "
         f"routing :{m.routing_port}\n"
         f"Stop with  rtpipe stack down"

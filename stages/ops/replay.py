@@ -26,6 +26,8 @@ from stages.shared.settings import Settings
 logger = logging.getLogger(__name__)
 
 INGEST_HEADER = "rtpipe.ingest_ms"
+# Marks a transaction that only warms the customer windows up (stages/enrichment/app.py).
+WARMUP_HEADER = "rtpipe.warmup"
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,9 @@ class ReplayPlan:
     start: pd.Timestamp
     end: pd.Timestamp
     label_lookback_days: int = LABEL_DELAY_DAYS + max(WINDOWS_DAYS)
-    # Transactions of this many days before ``start`` go to the history topic, so the
-    # customer windows are complete from the first scored transaction.
+    # Transactions of this many days before ``start`` are sent first, marked warm-up
+    # (header ``rtpipe.warmup``), so the customer windows are complete from the first scored
+    # transaction; they are never scored.
     history_days: int = 0
 
 
@@ -144,7 +147,6 @@ def replay(
     events = build_events(tx, plan)
     producer = Producer(producer_config(settings.kafka, **{"linger.ms": 5}))
     tx_topic = settings.topics.name("transactions")
-    history_topic = settings.topics.name("history")
     labels_topic = settings.topics.name("labels")
     failures: list[str] = []
 
@@ -172,8 +174,10 @@ def replay(
                 terms[i],
                 repr(float(amounts[i])).encode(),
             )
-            topic = tx_topic if kinds[i] == 1 else history_topic
+            topic = tx_topic
             headers = [(INGEST_HEADER, str(int(time.time() * 1000)).encode())]
+            if kinds[i] == 2:
+                headers.append((WARMUP_HEADER, b"1"))
         else:
             value = (
                 b'{"transaction_id":%d,"customer_id":%d,"terminal_id":%d,"tx_ms":%d,'

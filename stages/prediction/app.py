@@ -1,6 +1,7 @@
 """Prediction stage wiring: micro-batches from ``transactions.enriched``, one batched online
-feature read, one LightGBM call per batch, predictions out in the same Kafka transaction as
-the input offsets.
+feature read (customer rows from Feast's layout, terminal windows counted over the label
+index for each event's own time), one LightGBM call per batch, predictions out in the same
+Kafka transaction as the input offsets.
 """
 
 from __future__ import annotations
@@ -8,11 +9,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import orjson
 import redis
-from confluent_kafka import Message
+from confluent_kafka import IsolationLevel, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from stages.prediction.logic import (
     EnrichedBatch,
@@ -35,8 +38,10 @@ from stages.shared.kafka import (
     instrumented_loop,
     where,
 )
+from stages.shared.labels import LabelIndex, exact_mask
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.online import OnlineBatch, OnlineFeatureReader
+from stages.shared.schemas import TERMINAL_FEATURES, TERMINAL_VIEW
 from stages.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -52,11 +57,16 @@ class PredictionStage:
     reader: OnlineFeatureReader
     models: ModelHolder
     metrics: Metrics
+    # Set when the feature service serves the terminal view: its windows come from here.
+    labels: LabelIndex | None = None
+    admin: AdminClient | None = None
 
     def __post_init__(self) -> None:
         topics = self.settings.topics
         self._out_topic = topics.name("predictions")
         self._dlq_topic = topics.dlq(topics.name("enriched"))
+        self._labels_topic = topics.name("labels")
+        self._label_partitions: list[TopicPartition] = []
 
     def handle(self, msgs: list[Message]) -> list[Output]:
         """Score one micro-batch; returns predictions and dead letters."""
@@ -76,7 +86,11 @@ class PredictionStage:
     def _score(self, batch: EnrichedBatch) -> list[Output]:
         entity = {"customer_id": batch.customer_id, "terminal_id": batch.terminal_id}
         try:
+            # Asked first, answered while Redis is read: where the labels are now.
+            stable = self._stable_label_offsets() if self.labels is not None else None
             online = self.reader.read(entity)
+            if self.labels is not None:
+                online = self._with_terminal_windows(batch, online, stable)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if self.settings.prediction.on_features_unavailable == "pause":
                 raise RetryBatch(f"features_unavailable: {exc}", retry_after_s=1.0) from None
@@ -142,6 +156,58 @@ class PredictionStage:
             Output(self._out_topic, k, v, timestamp_ms=int(ts))
             for k, v, ts in zip(keys, records, batch.event_ms.tolist(), strict=True)
         ]
+
+    def _stable_label_offsets(self) -> Any:
+        """Start reading the ``labels`` partitions' last stable offsets (one request)."""
+        assert self.admin is not None
+        if not self._label_partitions:
+            meta = self.admin.list_topics(self._labels_topic, timeout=10)
+            parts = meta.topics[self._labels_topic].partitions
+            self._label_partitions = [TopicPartition(self._labels_topic, p) for p in parts]
+        return self.admin.list_offsets(
+            {tp: OffsetSpec.latest() for tp in self._label_partitions},
+            isolation_level=IsolationLevel.READ_COMMITTED,
+            request_timeout=10,
+        )
+
+    def _with_terminal_windows(
+        self, batch: EnrichedBatch, online: OnlineBatch, stable: Any
+    ) -> OnlineBatch:
+        """``online`` with the terminal view's columns, counted over the label index for
+        each event's own time once the index has every label the events may need."""
+        assert self.labels is not None
+        try:
+            offsets = {tp.partition: fut.result().offset for tp, fut in stable.items()}
+        except KafkaException as exc:
+            # Without the offsets the wait cannot be bounded: retry the batch.
+            raise RetryBatch(f"labels offsets unavailable: {exc}", retry_after_s=0.5) from None
+        started = time.monotonic()
+        deadline = started + self.settings.prediction.label_wait_max_ms / 1000.0
+        while True:
+            values, progress = self.labels.terminal_features(
+                batch.terminal_id, batch.event_ms, with_progress=True
+            )
+            exact = exact_mask(batch.event_ms, progress or {}, offsets)
+            if exact.all():
+                break
+            if time.monotonic() >= deadline:
+                n = int((~exact).sum())
+                self.metrics.inexact_windows.labels(TERMINAL_VIEW).inc(n)
+                logger.warning(
+                    "label index behind for %.1fs: %d events served with the labels so far",
+                    time.monotonic() - started,
+                    n,
+                )
+                break
+            time.sleep(0.001)
+        self.metrics.label_wait.observe(time.monotonic() - started)
+        n = len(batch)
+        return OnlineBatch(
+            values=np.concatenate([online.values, values], axis=1),
+            event_ts_ms={**online.event_ts_ms, TERMINAL_VIEW: batch.event_ms.copy()},
+            found={**online.found, TERMINAL_VIEW: np.ones(n, dtype=bool)},
+            feature_names=(*online.feature_names, *TERMINAL_FEATURES),
+        )
 
     def _canary(
         self,
@@ -209,10 +275,31 @@ def build_stage(settings: Settings, metrics: Metrics | None = None) -> Predictio
         socket_timeout=2.0,
         socket_connect_timeout=2.0,
     )
-    reader = OnlineFeatureReader(client, store, settings.prediction.feature_service)
+    service = settings.prediction.feature_service
+    reader = OnlineFeatureReader(client, store, service, exclude_views=(TERMINAL_VIEW,))
+    layout = reader.layout
+    on_demand = service in layout.services and any(
+        view == TERMINAL_VIEW for view, _ in layout.services[service]
+    )
     models = ModelHolder(settings, metrics)
     models.load_initial()
-    return PredictionStage(settings=settings, reader=reader, models=models, metrics=metrics)
+    labels = admin = None
+    if on_demand:
+        labels = LabelIndex(
+            client,
+            settings.feast_project,
+            settings.topics.name("labels"),
+            retention_ms=settings.enrichment.label_retention_ms,
+        )
+        admin = AdminClient(settings.kafka.client_config())
+    return PredictionStage(
+        settings=settings,
+        reader=reader,
+        models=models,
+        metrics=metrics,
+        labels=labels,
+        admin=admin,
+    )
 
 
 def run(

@@ -59,6 +59,11 @@ class Metrics:
     model_info: Gauge
     shadow_abs_diff: Histogram
     model_load_failures: Counter
+    rekeyed: Counter
+    duplicates: Counter
+    label_wait: Histogram
+    partition_stalled: Counter
+    partition_stalled_now: Gauge
 
     def serve(self, host: str, port: int) -> None:
         """Expose ``/metrics`` on ``host:port`` (a daemon thread)."""
@@ -176,6 +181,37 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "rtpipe_model_load_failures",
             "Model versions that failed to verify or load",
             ["model", "reason"],
+            registry=reg,
+        ),
+        rekeyed=Counter(
+            "rtpipe_rekeyed",
+            "Records whose key or partition did not match the entity in their payload, "
+            "re-keyed by that entity",
+            ["topic", "reason"],
+            registry=reg,
+        ),
+        duplicates=Counter(
+            "rtpipe_duplicates",
+            "Records of a transaction id already seen (same content): not counted again",
+            ["stage"],
+            registry=reg,
+        ),
+        label_wait=Histogram(
+            "rtpipe_label_wait_seconds",
+            "Time a prediction batch waited for the label index to reach its events' time",
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        ),
+        partition_stalled=Counter(
+            "rtpipe_partition_stalled",
+            "Times an assigned partition had lag and made no progress for the stall timeout",
+            ["stage", "topic", "partition"],
+            registry=reg,
+        ),
+        partition_stalled_now=Gauge(
+            "rtpipe_partition_stalled_now",
+            "1 while an assigned partition has lag and no progress for the stall timeout",
+            ["stage", "topic", "partition"],
             registry=reg,
         ),
     )

@@ -713,6 +713,7 @@ class OnlineFeatureReader:
         store_or_layout: an open Feast store (its registry is read once, here) or a layout.
         feature_service_name: the feature service to serve, e.g. ``fraud_model_v1``.
         full_feature_names: name columns ``view__feature`` instead of ``feature``.
+        exclude_views: views of the service not to read (computed elsewhere, on demand).
 
     Raises:
         FeatureLayoutError: unknown service or a layout not implemented here.
@@ -725,6 +726,7 @@ class OnlineFeatureReader:
         feature_service_name: str,
         *,
         full_feature_names: bool = False,
+        exclude_views: Sequence[str] = (),
     ) -> None:
         layout = (
             store_or_layout
@@ -741,6 +743,8 @@ class OnlineFeatureReader:
         reads: list[_ViewRead] = []
         names: list[str] = []
         for view_name, features in layout.services[feature_service_name]:
+            if view_name in exclude_views:
+                continue
             view = layout.view(view_name)
             index = {f: i for i, f in enumerate(view.features)}
             missing = [f for f in features if f not in index]

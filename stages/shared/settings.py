@@ -138,14 +138,7 @@ class TopicSettings(BaseModel):
 
     prefix: str = ""
     transactions: str = "transactions"
-    # Earlier transactions that only warm the customer windows up (a replay's or a new
-    # deployment's history): consumed by enrichment, never scored or routed.
-    history: str = "transactions.history"
     labels: str = "labels"
-    # Internal: the enrichment stage's customer-window app hands each transaction, with its
-    # customer features, to its terminal-window app through this topic (keyed by terminal,
-    # co-partitioned with labels).
-    by_terminal: str = "transactions.by_terminal"
     enriched: str = "transactions.enriched"
     predictions: str = "predictions"
     action: str = "decisions.action"
@@ -177,12 +170,9 @@ class TopicSettings(BaseModel):
 
     def all_topics(self) -> list[str]:
         """Every topic the pipeline owns, DLQs included."""
-        base = [
-            self.name(k) for k in ("transactions", "history", "labels", "enriched", "predictions")
-        ]
+        base = [self.name(k) for k in ("transactions", "labels", "enriched", "predictions")]
         return [
             *base,
-            self.name("by_terminal"),
             *self.decision_topics(),
             *(self.dlq(t) for t in base),
         ]
@@ -215,32 +205,29 @@ class StackSettings(BaseModel):
 class EnrichmentSettings(BaseModel):
     model_config = _FROZEN
 
-    # The customer windows run in this group; the terminal windows in their own group and
-    # process (a quixstreams app that read its own output in a time-aligned group stalled
-    # until its transaction committed).
+    # The customer windows run in this group (quixstreams); the labels process, off the
+    # event path, keeps the label index that terminal windows are computed from in its own
+    # group and process.
     consumer_group: str = "enrichment"
-    terminal_consumer_group: str = "enrichment-terminal"
-    # quixstreams checkpoint interval: an event's outputs become readable at the next
-    # checkpoint of each of the stage's two apps, so this bounds the latency exactly-once
-    # adds (twice); shorter means more Kafka transactions (broker CPU). Measured on 2 cores
-    # at 300 events/s end to end: p50 212 ms with 0.1 s (and 20 ms batch waits), 117 ms with
-    # 0.03 s (and 5 ms); 0.02 and 0.01 s made the p99 at 1,000 events/s worse.
+    labels_consumer_group: str = "enrichment-labels"
+    labels_max_batch: int = Field(default=2000, ge=1)
+    # The labels process commits its Kafka transaction (dead letters, offsets) at most this
+    # often; the label index itself is written as each batch arrives.
+    labels_commit_interval_ms: int = Field(default=200, ge=0)
+    # How long labels are kept behind a terminal's newest: the 37 days a terminal window
+    # spans, plus 30 days for events that arrive late.
+    label_retention_ms: int = Field(default=67 * 86_400_000, ge=37 * 86_400_000)
+    # The longest a quixstreams checkpoint stays open under load: a checkpoint also commits
+    # as soon as the input is drained (NaturalBatchingApplication), so at live rates an
+    # event's outputs are committed right after it is processed.
     commit_interval_s: float = Field(default=0.05, gt=0)
     # How long one fetch waits for more messages. quixstreams' time-aligned reads fetch with
     # consume(10_000, timeout), which returns only when 10,000 messages are in or the timeout
     # passes: its 1 s default put 1-2 s in front of every event at live rates.
-    poll_timeout_ms: int = Field(default=5, ge=1)
+    poll_timeout_ms: int = Field(default=2, ge=1)
     processing_guarantee: Literal["exactly-once", "at-least-once"] = "exactly-once"
     # Events older than this (event time) behind the partition's newest are late.
     grace_ms: int = Field(default=60_000, ge=0)
-    # The terminal windows see transactions after a repartition by terminal, which merges
-    # several customer partitions: a terminal's transactions can arrive out of event-time
-    # order by as much as those partitions are apart (milliseconds live; days in a backlog
-    # replay, where 2 days of slack still left 4 % of 30-day counts short). Labels are kept
-    # this much longer than the longest window needs, so a transaction up to this far behind
-    # the terminal's newest still gets exact features (rtpipe_enrichment_inexact_windows
-    # counts the ones that do not).
-    terminal_skew_ms: int = Field(default=30 * 86_400_000, ge=0)
     # Events stamped more than this ahead of the wall clock go to the DLQ (future_event);
     # None accepts any future time.
     max_clock_skew_ms: int | None = Field(default=3_600_000, ge=0)
@@ -252,9 +239,14 @@ class PredictionSettings(BaseModel):
 
     consumer_group: str = "prediction"
     max_batch: int = Field(default=500, ge=1)
-    # After a batch's first event, how long to wait for more (batches also grow by
-    # themselves under load, while the previous one is processed).
-    max_wait_ms: int = Field(default=5, ge=0)
+    # After a batch's first event, how long to wait for more. 0: take what is fetched
+    # (batches grow by themselves under load, while the previous one commits); a 5 ms wait
+    # cost each exactly-once hop 5 ms at 200 events/s (three bare hops, p50 27 -> 10 ms).
+    max_wait_ms: int = Field(default=0, ge=0)
+    # How long a batch may wait for the label index to reach its events' time (terminal
+    # windows are exact only then); past it the batch is served with the labels indexed so
+    # far and counted in rtpipe_enrichment_inexact_windows_total{view="terminal_risk"}.
+    label_wait_max_ms: int = Field(default=30_000, ge=0)
     model_name: str = "fraud"
     feature_service: str = "fraud_model_v1"
     # How often the registry is polled for a newly promoted version.
@@ -275,7 +267,7 @@ class RoutingSettings(BaseModel):
 
     consumer_group: str = "routing"
     max_batch: int = Field(default=1000, ge=1)
-    max_wait_ms: int = Field(default=5, ge=0)
+    max_wait_ms: int = Field(default=0, ge=0)
     # score >= action_threshold -> action; >= review_threshold -> review; else approved.
     action_threshold: float = Field(default=0.5, ge=0, le=1)
     review_threshold: float = Field(default=0.2, ge=0, le=1)
@@ -325,7 +317,7 @@ class MetricsSettings(BaseModel):
     routing_port: int = 8003
     evaluation_port: int = 8004
     # The enrichment stage's terminal-window process.
-    enrichment_terminal_port: int = 8005
+    enrichment_labels_port: int = 8005
 
     def port(self, stage: StageName) -> int:
         return int(getattr(self, f"{stage}_port"))
@@ -333,7 +325,7 @@ class MetricsSettings(BaseModel):
     def ports(self, stage: StageName) -> tuple[int, ...]:
         """Every port a stage's processes serve metrics on (enrichment runs two)."""
         if stage == "enrichment":
-            return (self.enrichment_port, self.enrichment_terminal_port)
+            return (self.enrichment_port, self.enrichment_labels_port)
         return (self.port(stage),)
 
 
@@ -349,6 +341,17 @@ class Settings(BaseSettings):
     feast_project: str = "rtpipe"
     max_message_bytes: int = Field(default=64 * 1024, ge=256)
     log_level: str = "INFO"
+    # This process's stable identity within its consumer group (a replica number, a pod's
+    # ordinal). Set, it is the group.instance.id (static membership: a restarted instance
+    # takes its partitions back without a rebalance) and names the transactional.id (the
+    # restart aborts what the dead instance left open, instead of readers waiting for the
+    # transaction timeout). Two live processes of one stage must not share it. Unset: a new
+    # dynamic member and transactional id per process.
+    instance_id: str | None = None
+
+    def instance_name(self, group_id: str) -> str | None:
+        """The static member / transactional id of this process in ``group_id``."""
+        return f"{group_id}-{self.instance_id}" if self.instance_id else None
 
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
@@ -413,8 +416,8 @@ def stage_groups(settings: Settings, stage: StageName) -> dict[str, tuple[str, .
 
     if stage == "enrichment":
         return {
-            t.group(settings.enrichment.consumer_group): names("transactions", "history"),
-            t.group(settings.enrichment.terminal_consumer_group): names("by_terminal", "labels"),
+            t.group(settings.enrichment.consumer_group): names("transactions"),
+            t.group(settings.enrichment.labels_consumer_group): names("labels"),
         }
     if stage == "prediction":
         return {t.group(settings.prediction.consumer_group): names("enriched")}
@@ -444,7 +447,7 @@ def on_port_base(settings: Settings, base: int) -> Settings:
                 prediction_port=base + 2,
                 routing_port=base + 3,
                 evaluation_port=base + 4,
-                enrichment_terminal_port=base + 5,
+                enrichment_labels_port=base + 5,
             ),
         }
     )
