@@ -240,14 +240,20 @@ class LabelIndex:
                 pipe = self._client.pipeline(transaction=False)
                 try:
                     for k, a in calls:
-                        pipe.evalsha(sha.decode(), len(k), *k, *a)
-                    for cmd in tail:
-                        pipe.execute_command(*cmd)
+                        # Not pipe.evalsha: a cluster pipeline refuses it, while EVALSHA as a
+                        # plain command is routed by its first key (one slot per terminal).
+                        pipe.execute_command("EVALSHA", sha.decode(), len(k), *k, *a)
+                    for name, *args in tail:
+                        # A cluster pipeline looks its command names up as str.
+                        pipe.execute_command(name.decode(), *args)
                     return list(pipe.execute())
                 finally:
                     pipe.reset()
             except redis.ResponseError as exc:
-                if "NOSCRIPT" not in str(exc) or attempt:
+                # redis-py parses a NOSCRIPT reply into NoScriptError without the prefix;
+                # the raw path keeps the server's text.
+                lost = isinstance(exc, redis.exceptions.NoScriptError) or "NOSCRIPT" in str(exc)
+                if not lost or attempt:
                     raise
                 self._sha.pop(source, None)  # Redis restarted without its script cache
         raise AssertionError("unreachable")

@@ -1,7 +1,12 @@
 """Session fixtures of the cluster tier: a three-node KRaft quorum and a Redis Cluster (three
 masters, one replica each), started once per session by ``infra/stack.py`` on ports of their
-own (Kafka 33192/33193, 33292/33293, 33392/33393; Redis 33701-33706) under
-``.rtpipe/cluster-33100``, and stopped at the end if this session started them.
+own (Kafka 30192/30193, 30292/30293, 30392/30393; Redis 30701-30706; stage metrics
+30101-30105, +100 per replica) under ``.rtpipe/cluster-30100``, and stopped at the end if
+this session started them.
+
+Every port is below Linux's ephemeral range (``net.ipv4.ip_local_port_range``, 32768-60999
+by default): in it, a client's outgoing connection can take a port a broker is about to bind
+(it happened: a connection held 33192 and the first broker failed to start).
 
 Kafka and Redis have separate fixtures, so a run of only the Redis tests starts no JVM.
 """
@@ -17,7 +22,7 @@ import pytest
 from stages.shared.settings import Settings, on_cluster, on_port_base
 
 REPO = Path(__file__).resolve().parents[2]
-CLUSTER_BASE = int(os.environ.get("RTPIPE_CLUSTER_PORT_BASE", "33100"))
+CLUSTER_BASE = int(os.environ.get("RTPIPE_CLUSTER_PORT_BASE", "30100"))
 CLUSTER_HOME = REPO / ".rtpipe" / f"cluster-{CLUSTER_BASE}"
 # The long variants (a broker stopped under load, a Redis failover) run only when asked.
 FULL = os.environ.get("RTPIPE_CLUSTER_FULL") == "1"

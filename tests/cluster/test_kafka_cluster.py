@@ -13,7 +13,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 from infra import stack
 from stages.shared.kafka import ensure_topics
 from stages.shared.settings import Settings, TopicSettings
-from tests.cluster.conftest import FULL
+from tests.cluster.conftest import CLUSTER_BASE, FULL
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ def test_three_brokers_one_quorum(kafka_cluster: Settings) -> None:
     nodes = {k: v for k, v in status.items() if k.startswith("kafka-")}
     assert sorted(nodes) == ["kafka-1", "kafka-2", "kafka-3"]
     assert all(st.healthy and st.running for st in nodes.values())
-    assert [st.port for st in nodes.values()] == [33192, 33292, 33392]
+    assert [st.port for st in nodes.values()] == [CLUSTER_BASE + 92 + 100 * i for i in range(3)]
 
 
 def test_topics_and_internal_topics_are_replicated(kafka_cluster: Settings) -> None:
