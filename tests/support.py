@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import uuid
+from pathlib import Path
+
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
@@ -10,6 +14,8 @@ from stages.shared.schemas import MODEL_FEATURES
 from stages.shared.settings import Settings
 from training import registry
 from training.features import compute_features
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def register_tiny_model(
@@ -45,3 +51,20 @@ def register_tiny_model(
     if promote:
         registry.promote(settings.registry_dir, settings.prediction.model_name, mv.version)
     return mv.version
+
+
+def isolated_settings(base: Settings, tmp: Path) -> Settings:
+    """Own feature repo copy, registry, state and Feast project: nothing shared with other
+    tests or a demo running on the same stack."""
+    repo = tmp / "feature_repo"
+    repo.mkdir()
+    for f in REPO.joinpath("feature_repo").iterdir():
+        if f.is_file():
+            shutil.copy(f, repo / f.name)
+    return base.model_copy(
+        update={
+            "home": tmp / "home",
+            "feature_repo": repo,
+            "feast_project": f"p{uuid.uuid4().hex[:8]}",
+        }
+    )

@@ -40,7 +40,9 @@ import time
 from typing import Any
 
 import numpy as np
+import orjson
 import redis
+from confluent_kafka.admin import AdminClient
 from quixstreams import Application, State
 from quixstreams.context import message_context
 from quixstreams.kafka.configuration import ConnectionConfig
@@ -49,6 +51,18 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from stages.enrichment.backpressure import RetryingBatchingSink
+from stages.enrichment.intake import (
+    CONFLICT_REASON,
+    DedupState,
+    canonical_key,
+    check_duplicate,
+    content_fingerprint,
+    describe_placement,
+    rekey_headers,
+    rekeyed_reason,
+    remember,
+    route,
+)
 from stages.enrichment.logic import CustomerState, update_customer
 from stages.shared.feast_store import open_feature_store
 from stages.shared.kafka import (
@@ -269,28 +283,68 @@ def build_customer_app(settings: Settings, metrics: Metrics | None = None) -> Ap
     grace = cfg.grace_ms
     app = application(settings, cfg.consumer_group)
 
+    # Read and (re-keyed records) written: the original bytes both ways.
+    tx_name = topics.name("transactions")
     tx_topic = app.topic(
-        topics.name("transactions"), value_deserializer="bytes", key_deserializer="bytes"
+        tx_name,
+        value_deserializer="bytes",
+        key_deserializer="bytes",
+        value_serializer="bytes",
+        key_serializer="bytes",
     )
-    tx_dlq = app.topic(
-        topics.dlq(topics.name("transactions")), value_serializer="bytes", key_serializer="bytes"
-    )
+    tx_dlq = app.topic(topics.dlq(tx_name), value_serializer="bytes", key_serializer="bytes")
     enriched = app.topic(topics.name("enriched"), value_serializer="json", key_serializer="string")
     writer = _redis_writer(settings)
+    n_partitions = input_partitions(settings, tx_name)
+    horizon = cfg.dedup_horizon_ms
+    rekeyed = metrics.rekeyed
 
     def parse(value: bytes, key: Any, timestamp: int, headers: Any) -> dict[str, Any]:
         metrics.messages_in.labels(STAGE).inc()
-        return transaction_record(settings, value, timestamp, headers)
+        rec = transaction_record(settings, value, timestamp, headers)
+        if "error" in rec:
+            return rec
+        # The customer is the payload's: its state is the one keyed (and partitioned) by
+        # the canonical key. Anything else is re-produced under that key first.
+        part = message_context().partition
+        verdict = route(
+            key, part, n_partitions, rec["customer_id"], rekeyed_reason(headers) is not None
+        )
+        if verdict.action == "dlq":
+            detail = describe_placement(key, part, n_partitions, rec["customer_id"])
+            return {"error": verdict.reason, "detail": detail, "raw": value}
+        if verdict.action == "rekey":
+            rekeyed.labels(tx_name, verdict.reason).inc()
+            rec["rekey"] = verdict.reason
+        return rec
 
     def customer_window(value: dict[str, Any], state: State) -> dict[str, Any]:
-        cs = CustomerState.from_state(state.get("w"))
+        stored = state.get("w")
+        cs = CustomerState.from_state(stored)
+        dedup = DedupState.from_state(stored.get("dedup") if stored else None, horizon)
         raw = value.pop("raw")
+        tx_id, event_ms = value["transaction_id"], value["event_ms"]
+        fp = content_fingerprint(
+            tx_id, value["customer_id"], value["terminal_id"], value["amount"], event_ms
+        )
+        seen = check_duplicate(dedup, tx_id, fp, event_ms)
+        if seen == "duplicate":
+            metrics.duplicates.labels(STAGE).inc()
+            return {"duplicate": True}
+        if seen == "conflict":
+            detail = f"transaction {tx_id} was seen before with other content"
+            return {"error": CONFLICT_REASON, "detail": detail, "raw": raw}
+        remember(dedup, tx_id, fp, event_ms)
         try:
-            feats = update_customer(cs, value["event_ms"], value["amount"], grace)
+            feats = update_customer(cs, event_ms, value["amount"], grace)
         except InvalidMessage as err:
-            return {"error": err.reason, "detail": err.detail, "raw": raw}
-        state.set("w", cs.to_state())
-        value["features"] = {CUSTOMER_VIEW: feats}
+            value = {"error": err.reason, "detail": err.detail, "raw": raw}
+        else:
+            value["features"] = {CUSTOMER_VIEW: feats}
+        # Remembered even when late: a retry of it is a duplicate, not a second outcome.
+        kept = cs.to_state()
+        kept["dedup"] = dedup.to_state()
+        state.set("w", kept)
         return value
 
     def finish(value: dict[str, Any]) -> dict[str, Any]:
@@ -304,10 +358,21 @@ def build_customer_app(settings: Settings, metrics: Metrics | None = None) -> Ap
 
     sdf = app.dataframe(tx_topic).apply(parse, metadata=True)
     _to_dlq(metrics, sdf[sdf.apply(lambda v: "error" in v)], tx_dlq)
-    windowed = sdf[sdf.apply(lambda v: "error" not in v)].apply(customer_window, stateful=True)
+    # Misplaced: back to the input under the canonical key (murmur2 places it), original
+    # bytes, timestamp and headers, in this checkpoint's transaction.
+    (
+        sdf[sdf.apply(lambda v: "rekey" in v)]
+        .set_headers(lambda v, k, t, h: rekey_headers(h, v["rekey"]))
+        .apply(lambda v: v["raw"])
+        .to_topic(tx_topic, key=lambda raw: canonical_key(orjson.loads(raw)["customer_id"]))
+    )
+    placed = sdf[sdf.apply(lambda v: "error" not in v and "rekey" not in v)]
+    windowed = placed.apply(customer_window, stateful=True)
     _to_dlq(metrics, windowed[windowed.apply(lambda v: "error" in v)], tx_dlq)
     # Warm-up records only fill the windows: they are not pushed, scored or routed.
-    ok = windowed[windowed.apply(lambda v: "error" not in v and not v["warmup"])]
+    ok = windowed[
+        windowed.apply(lambda v: "error" not in v and "duplicate" not in v and not v["warmup"])
+    ]
     ok.apply(
         lambda v: {
             "customer_id": v["customer_id"],
@@ -317,6 +382,14 @@ def build_customer_app(settings: Settings, metrics: Metrics | None = None) -> Ap
     ).sink(FeastOnlineSink(writer, CUSTOMER_VIEW, "customer_id", CUSTOMER_FEATURES))
     ok.apply(finish).to_topic(enriched, key=lambda v: str(v["transaction_id"]))
     return app
+
+
+def input_partitions(settings: Settings, topic: str) -> int:
+    """The partition count of ``topic`` (created if missing), which the canonical
+    placement of a key depends on."""
+    ensure_topics(settings.kafka, settings.topics, [topic])
+    admin = AdminClient(settings.kafka.client_config())
+    return len(admin.list_topics(topic, timeout=10).topics[topic].partitions)
 
 
 PARTS = ("customer", "labels")

@@ -44,6 +44,9 @@ class AuditReport:
     lost: list[int]
     duplicated: list[int]
     unexpected: list[int]
+    # Ids of rejected copies (dead-lettered as conflicting_duplicate): another record with
+    # the id already had its outcome, so these are not a second one.
+    conflicts: list[int] = field(default_factory=list)
 
     @property
     def outcomes(self) -> int:
@@ -125,6 +128,10 @@ def read_topic(
         consumer.close()
 
 
+# DLQ reasons that reject a *copy* of a transaction whose own outcome is elsewhere.
+REJECTED_COPY_REASONS = frozenset({"conflicting_duplicate"})
+
+
 def _tx_id_of(value: bytes | None) -> int | None:
     if not value:
         return None
@@ -143,6 +150,7 @@ def audit(settings: Settings, expected_ids: Iterable[int]) -> AuditReport:
     dlq_topics = [t.dlq(t.name(k)) for k in ("transactions", "enriched", "predictions")]
     per_topic: dict[str, TopicRecords] = {}
     seen: Counter[int] = Counter()
+    conflicts: list[int] = []
     for topic in decision_topics + dlq_topics:
         rec = TopicRecords(topic)
         for _key, value, headers in read_topic(settings, topic):
@@ -160,6 +168,10 @@ def audit(settings: Settings, expected_ids: Iterable[int]) -> AuditReport:
             else:
                 reason = headers.get(DLQ_REASON, b"?").decode(errors="replace")
                 rec.reasons[reason] += 1
+                if reason in REJECTED_COPY_REASONS:
+                    if tid is not None:
+                        conflicts.append(tid)
+                    continue
             if tid is not None:
                 rec.ids.append(tid)
                 seen[tid] += 1
@@ -168,7 +180,7 @@ def audit(settings: Settings, expected_ids: Iterable[int]) -> AuditReport:
     lost = sorted(expected - set(seen))
     duplicated = sorted(i for i, c in seen.items() if c > 1 and i in expected)
     unexpected = sorted(set(seen) - expected)
-    return AuditReport(len(expected), per_topic, lost, duplicated, unexpected)
+    return AuditReport(len(expected), per_topic, lost, duplicated, unexpected, sorted(conflicts))
 
 
 @dataclass

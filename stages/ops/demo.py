@@ -131,8 +131,10 @@ def clear_online_store(settings: Settings) -> int:
     client = settings.redis.client()
     deleted = 0
     project = settings.feast_project.encode()
-    # Feast's rows end with the project; the label index's keys start with it.
-    for pattern in (b"*" + project, b"{" + project + b":lbl:*", project + b":lbl:*"):
+    # Feast's rows end with the project; the label index's and the transaction claims'
+    # keys start with it (stages/shared/labels.py, claims.py).
+    patterns = (b"*" + project, b"{" + project + b":lbl:*", project + b":lbl:*")
+    for pattern in (*patterns, b"{" + project + b":tx}:*"):
         batch = []
         for key in client.scan_iter(match=pattern, count=10_000):
             batch.append(key)

@@ -17,6 +17,7 @@ import redis
 from confluent_kafka import IsolationLevel, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from stages.enrichment.intake import CONFLICT_REASON, content_fingerprint
 from stages.prediction.logic import (
     EnrichedBatch,
     assemble_matrix,
@@ -27,6 +28,7 @@ from stages.prediction.logic import (
     stable_fraction,
 )
 from stages.prediction.models import ModelHolder, ServingModel
+from stages.shared.claims import TransactionClaims
 from stages.shared.feast_store import open_feature_store
 from stages.shared.kafka import (
     LoopStats,
@@ -60,6 +62,8 @@ class PredictionStage:
     # Set when the feature service serves the terminal view: its windows come from here.
     labels: LabelIndex | None = None
     admin: AdminClient | None = None
+    # One outcome per transaction id (stages/shared/claims.py); None turns the check off.
+    claims: TransactionClaims | None = None
 
     def __post_init__(self) -> None:
         topics = self.settings.topics
@@ -79,9 +83,48 @@ class PredictionStage:
             logger.warning("dead letter %s: %s", where(msgs[i]), err)
             self.metrics.dlq.labels(STAGE, err.reason).inc()
             outputs.append(dead_letter(self._dlq_topic, msgs[i], err.reason, err.detail))
+        if len(batch) and self.claims is not None:
+            batch = self._one_per_id(batch, msgs, outputs)
         if len(batch):
             outputs.extend(self._score(batch))
         return outputs
+
+    def _one_per_id(
+        self, batch: EnrichedBatch, msgs: list[Message], outputs: list[Output]
+    ) -> EnrichedBatch:
+        """Drop the copies of an id this batch or an earlier one already scored with other
+        content (dead-lettered ``conflicting_duplicate``) or the same (counted)."""
+        assert self.claims is not None
+        fps = [
+            content_fingerprint(t, c, k, a, e)
+            for t, c, k, a, e in zip(
+                batch.transaction_id.tolist(),
+                batch.customer_id.tolist(),
+                batch.terminal_id.tolist(),
+                batch.amount.tolist(),
+                batch.event_ms.tolist(),
+                strict=True,
+            )
+        ]
+        try:
+            conflict = self.claims.claim(batch.transaction_id, fps)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RetryBatch(f"claims unavailable: {exc}", retry_after_s=1.0) from None
+        seen: set[tuple[int, int]] = set()
+        keep = ~conflict
+        for j, (tid, fp) in enumerate(zip(batch.transaction_id.tolist(), fps, strict=True)):
+            if conflict[j]:
+                m = msgs[int(batch.index[j])]
+                detail = f"transaction {tid} was scored before with other content"
+                logger.warning("dead letter %s: %s", where(m), detail)
+                self.metrics.dlq.labels(STAGE, CONFLICT_REASON).inc()
+                outputs.append(dead_letter(self._dlq_topic, m, CONFLICT_REASON, detail))
+            elif (tid, fp) in seen:
+                keep[j] = False
+                self.metrics.duplicates.labels(STAGE).inc()
+            else:
+                seen.add((tid, fp))
+        return batch if keep.all() else batch.take(keep)
 
     def _score(self, batch: EnrichedBatch) -> list[Output]:
         entity = {"customer_id": batch.customer_id, "terminal_id": batch.terminal_id}
@@ -292,6 +335,9 @@ def build_stage(settings: Settings, metrics: Metrics | None = None) -> Predictio
             retention_ms=settings.enrichment.label_retention_ms,
         )
         admin = AdminClient(settings.kafka.client_config())
+    claims = TransactionClaims(
+        client, settings.feast_project, settings.enrichment.dedup_horizon_ms // 1000
+    )
     return PredictionStage(
         settings=settings,
         reader=reader,
@@ -299,6 +345,7 @@ def build_stage(settings: Settings, metrics: Metrics | None = None) -> Predictio
         metrics=metrics,
         labels=labels,
         admin=admin,
+        claims=claims,
     )
 
 

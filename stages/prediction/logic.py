@@ -40,6 +40,21 @@ class EnrichedBatch:
     def __len__(self) -> int:
         return len(self.transaction_id)
 
+    def take(self, keep: np.ndarray) -> EnrichedBatch:
+        """The rows where ``keep`` (a boolean mask) is True."""
+        rows = np.flatnonzero(keep).tolist()
+        return EnrichedBatch(
+            index=self.index[keep],
+            transaction_id=self.transaction_id[keep],
+            customer_id=self.customer_id[keep],
+            terminal_id=self.terminal_id[keep],
+            amount=self.amount[keep],
+            event_ms=self.event_ms[keep],
+            enriched_ms=self.enriched_ms[keep],
+            ingest_ms=self.ingest_ms[keep],
+            carried=[self.carried[i] for i in rows],
+        )
+
 
 _REQUIRED = ("transaction_id", "customer_id", "terminal_id", "amount", "event_ms")
 

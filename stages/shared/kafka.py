@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import (
+    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
@@ -27,6 +28,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from stages.shared.metrics import Metrics
 from stages.shared.settings import KafkaSettings, Settings, TopicSettings
+from stages.shared.stall import StallWatch
 
 logger = logging.getLogger(__name__)
 
@@ -269,10 +271,11 @@ class TransactionalBatchLoop:
         stage: str,
         on_batch_done: Callable[[int, float], None] | None = None,
         on_rebalance: Callable[[str, list[TopicPartition]], None] | None = None,
-        on_lag: Callable[[str, int, int], None] | None = None,
+        on_lag: Callable[[str, int, int, int], None] | None = None,
         lag_interval_s: float = 5.0,
         on_idle: Callable[[], None] | None = None,
         commit_interval_ms: int = 0,
+        on_stall: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self._settings = settings
         self._group_id = group_id
@@ -289,6 +292,9 @@ class TransactionalBatchLoop:
         # such as loading a newly promoted model happens while the stage is idle too.
         self._on_idle = on_idle
         self._next_lag = 0.0
+        # Partitions with lag that do not move (stages/shared/stall.py); checked with the lag.
+        self._stalls = StallWatch(settings.stall_timeout_s)
+        self._on_stall = on_stall
         # 0: one transaction per batch. Otherwise batches share a transaction until it is
         # this old (or the input is drained, or partitions are revoked): for a handler whose
         # effect that matters happens before the commit (the labels process writes Redis),
@@ -456,7 +462,7 @@ class TransactionalBatchLoop:
         """Lag per assigned partition: high watermark minus our position. (librdkafka's
         own ``consumer_lag`` stays unknown when offsets are committed through producer
         transactions.)"""
-        if self._on_lag is None or self._consumer is None:
+        if self._consumer is None:
             return
         now = time.monotonic()
         if now < self._next_lag:
@@ -465,6 +471,7 @@ class TransactionalBatchLoop:
         assigned = self._consumer.assignment()
         if not assigned:
             return
+        stalled = []
         for tp in self._consumer.position(assigned):
             # The high watermark the last fetch response carried: asking the broker instead
             # (one round trip per partition) held up the batches behind it, the stages' p99.
@@ -472,8 +479,36 @@ class TransactionalBatchLoop:
                 _, high = self._consumer.get_watermark_offsets(tp, cached=True)
             except KafkaException:
                 continue
-            if tp.offset >= 0 and high >= 0:
-                self._on_lag(tp.topic, tp.partition, max(0, high - tp.offset))
+            if tp.offset >= 0 and high >= 0 and self._on_lag is not None:
+                self._on_lag(tp.topic, tp.partition, max(0, high - tp.offset), tp.offset)
+            if self._stalls.observe((tp.topic, tp.partition), tp.offset, high):
+                stalled.append(tp)
+        if stalled:
+            self._recover_stalled(stalled)
+
+    def _recover_stalled(self, stalled: list[TopicPartition]) -> None:
+        """Re-read stalled partitions from their committed offsets (resumed, if something
+        paused them): what was not committed is processed again, exactly once."""
+        assert self._consumer is not None
+        self._commit_open()
+        for tp in stalled:
+            logger.error(
+                "%s partition %s[%d]@%d stalled: lag and no progress for %.0fs; re-reading "
+                "from its committed offset",
+                self._stage,
+                tp.topic,
+                tp.partition,
+                tp.offset,
+                self._stalls.timeout_s,
+            )
+            if self._on_stall is not None:
+                self._on_stall(tp.topic, tp.partition, tp.offset)
+        parts = [TopicPartition(tp.topic, tp.partition) for tp in stalled]
+        self._consumer.resume(parts)
+        for tp in self._consumer.committed(parts, timeout=10):
+            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        self._stalls.forget([(tp.topic, tp.partition) for tp in stalled])
 
     def _usable(self, msg: Message) -> bool:
         err = msg.error()
@@ -500,6 +535,7 @@ class TransactionalBatchLoop:
                 len(msgs),
             )
             self.stats.errors.append(exc.reason)
+            self._stalls.dependency_down()
             self._rewind(msgs)
             time.sleep(exc.retry_after_s)
             return
@@ -612,6 +648,13 @@ class TransactionalBatchLoop:
                 logger.info("%s seek %s[%d] skipped: %s", self._stage, topic, partition, exc)
 
 
+def _export_lag(
+    metrics: Metrics, stage: str, topic: str, partition: int, lag: int, position: int
+) -> None:
+    metrics.consumer_lag.labels(stage, topic, str(partition)).set(lag)
+    metrics.consumer_position.labels(stage, topic, str(partition)).set(position)
+
+
 def instrumented_loop(
     settings: Settings,
     metrics: Metrics,
@@ -637,9 +680,12 @@ def instrumented_loop(
         stage=stage,
         on_batch_done=lambda n, seconds: metrics.batch_seconds.labels(stage).observe(seconds),
         on_rebalance=lambda kind, parts: metrics.rebalances.labels(stage, kind).inc(),
-        on_lag=lambda topic, part, lag: metrics.consumer_lag.labels(stage, topic, str(part)).set(
-            lag
+        on_lag=lambda topic, part, lag, position: _export_lag(
+            metrics, stage, topic, part, lag, position
         ),
         on_idle=on_idle,
         commit_interval_ms=commit_interval_ms,
+        on_stall=lambda topic, part, offset: metrics.partition_stalled.labels(
+            stage, topic, str(part)
+        ).inc(),
     )

@@ -63,7 +63,7 @@ class Metrics:
     duplicates: Counter
     label_wait: Histogram
     partition_stalled: Counter
-    partition_stalled_now: Gauge
+    consumer_position: Gauge
 
     def serve(self, host: str, port: int) -> None:
         """Expose ``/metrics`` on ``host:port`` (a daemon thread)."""
@@ -208,9 +208,9 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             ["stage", "topic", "partition"],
             registry=reg,
         ),
-        partition_stalled_now=Gauge(
-            "rtpipe_partition_stalled_now",
-            "1 while an assigned partition has lag and no progress for the stall timeout",
+        consumer_position=Gauge(
+            "rtpipe_consumer_position",
+            "Next offset to consume per assigned partition (with the lag: stall alerts)",
             ["stage", "topic", "partition"],
             registry=reg,
         ),

@@ -226,8 +226,12 @@ class EnrichmentSettings(BaseModel):
     # passes: its 1 s default put 1-2 s in front of every event at live rates.
     poll_timeout_ms: int = Field(default=2, ge=1)
     processing_guarantee: Literal["exactly-once", "at-least-once"] = "exactly-once"
-    # Events older than this (event time) behind the partition's newest are late.
+    # Events older than this (event time) behind the customer's newest are late.
     grace_ms: int = Field(default=60_000, ge=0)
+    # A transaction id seen again within this much of its customer's event time is a
+    # duplicate (not counted, no second outcome) or, with other content, a
+    # conflicting_duplicate (DLQ). At least the longest window (30 days).
+    dedup_horizon_ms: int = Field(default=31 * 86_400_000, ge=30 * 86_400_000, le=2**32)
     # Events stamped more than this ahead of the wall clock go to the DLQ (future_event);
     # None accepts any future time.
     max_clock_skew_ms: int | None = Field(default=3_600_000, ge=0)
@@ -348,6 +352,9 @@ class Settings(BaseSettings):
     # transaction timeout). Two live processes of one stage must not share it. Unset: a new
     # dynamic member and transactional id per process.
     instance_id: str | None = None
+    # An assigned partition with lag that has not moved for this long, while the stage's
+    # dependencies were up, is stalled: counted, logged and re-read (stages/shared/stall.py).
+    stall_timeout_s: float = Field(default=60.0, gt=0)
 
     def instance_name(self, group_id: str) -> str | None:
         """The static member / transactional id of this process in ``group_id``."""

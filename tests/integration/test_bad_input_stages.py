@@ -2,7 +2,7 @@
 
 A seeded generator (the same kinds of defect as tests/unit/test_bad_input.py: not JSON, wrong
 types, missing fields, NaN/infinity literals, negative or absurd amounts, ids beyond int64,
-oversized values, empty values, labels keyed by the wrong terminal, events far in the past)
+oversized values, empty values, events far in the past)
 produces a few thousand bad payloads straight to each stage's input topic (transactions,
 labels, transactions.enriched, predictions) while a replay of valid events runs. Then:
 
@@ -41,8 +41,7 @@ from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import DLQ_REASON, DLQ_SOURCE, ensure_topics, producer_config
 from stages.shared.schemas import DAY_MS, MAX_ID, InvalidMessage, parse_transaction
 from stages.shared.settings import Settings
-from tests.integration.test_pipeline import isolated_settings
-from tests.support import register_tiny_model
+from tests.support import isolated_settings, register_tiny_model
 from training.simulate import SimulatorConfig, simulate
 
 pytestmark = pytest.mark.integration
@@ -120,13 +119,6 @@ def _reason(fn: Any, *args: Any) -> str | None:
     return None
 
 
-def _key_loads(raw: bytes | None) -> Any:
-    try:
-        return orjson.loads(raw) if raw is not None else None
-    except orjson.JSONDecodeError:
-        return raw
-
-
 def malformed_inputs(settings: Settings, rng: random.Random) -> dict[str, list[tuple[Record, str]]]:
     """Per input topic, (record, expected DLQ reason) for PER_TOPIC malformed records."""
     mb = settings.max_message_bytes
@@ -171,9 +163,9 @@ def malformed_inputs(settings: Settings, rng: random.Random) -> dict[str, list[t
             value = _dumps({**base, "is_fraud": rng.choice([2, -1, 10])})
         else:
             value = gen.value(base, fields)
+        # A label's terminal is its payload's: another key is no defect (it is indexed
+        # under the payload's terminal), so only the value decides.
         reason = _reason(parse_label, value, mb)
-        if reason is None and _key_loads(key) != base["terminal_id"]:
-            reason = "key_mismatch"
         return (key, value, base["tx_ms"] + 7 * DAY_MS), reason
 
     def enriched(i: int) -> tuple[Record, str | None]:
@@ -223,7 +215,8 @@ def test_malformed_input_lands_in_dlqs_and_valid_events_are_unaffected(
     rng = random.Random(SEED)
     bad = malformed_inputs(settings, rng)
     assert sum(len(v) for v in bad.values()) == 4 * PER_TOPIC
-    assert len({r for rows in bad.values() for _, r in rows}) >= 8  # many kinds of defect
+    # Many kinds of defect (a label keyed by another terminal is none now: indexed by payload).
+    assert len({r for rows in bad.values() for _, r in rows}) >= 7
 
     plan = ReplayPlan(START, START + pd.Timedelta(days=1))
     expected = small_tx.loc[
@@ -244,18 +237,6 @@ def test_malformed_input_lands_in_dlqs_and_valid_events_are_unaffected(
         late_rec = {**rec, "transaction_id": tid + 5_000}
         late.append(((b"%d" % cid, _dumps(late_rec), older), "late_event"))
     valid_ids = [*expected, *(orjson.loads(v)["transaction_id"] for _, v, _ in anchors)]
-    # The enrichment stage's internal handover topic: a record no app of ours wrote is
-    # dead-lettered (not fatal) by the terminal app.
-    internal: list[tuple[Record, str]] = [
-        ((b"7", value, START_MS + DAY_MS // 2), "bad_internal_record")
-        for value in (
-            b"not json",
-            b"[1, 2]",
-            b'{"transaction_id": 1, "terminal_id": 7}',
-            b'{"transaction_id": 1, "terminal_id": 7, "event_ms": 1, "ts": {}, "features": 3}',
-        )
-    ]
-
     procs = start_stages(settings)
     try:
         replay_thread = threading.Thread(
@@ -282,15 +263,13 @@ def test_malformed_input_lands_in_dlqs_and_valid_events_are_unaffected(
                 assert producer.flush(30) == 0
                 for rec, _ in late:
                     send(t.name("transactions"), rec)
-                for rec, _ in internal:
-                    send(t.name("by_terminal"), rec)
             time.sleep(0.2)
         assert producer.flush(30) == 0
         replay_thread.join(120)
         assert not replay_thread.is_alive()
 
         wants = {
-            t.dlq(t.name("transactions")): [*bad[t.name("transactions")], *late, *internal],
+            t.dlq(t.name("transactions")): [*bad[t.name("transactions")], *late],
             t.dlq(t.name("labels")): bad[t.name("labels")],
             t.dlq(t.name("enriched")): bad[t.name("enriched")],
             t.dlq(t.name("predictions")): bad[t.name("predictions")],

@@ -1,4 +1,4 @@
-"""The enrichment stage runs as two processes (customer windows, and terminal windows in a
+"""The enrichment stage runs as two processes (customer windows, and the label index in a
 supervised child): the child is restarted when it dies, dies with the stage, and events keep
 flowing through both consumer groups exactly once."""
 
@@ -19,7 +19,7 @@ from stages.ops.replay import ReplayPlan, replay
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import ensure_topics
 from stages.shared.settings import Settings
-from tests.integration.test_pipeline import isolated_settings, small_tx  # noqa: F401
+from tests.support import isolated_settings
 
 pytestmark = pytest.mark.integration
 
@@ -54,9 +54,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_terminal_process_is_restarted_and_dies_with_the_stage(
+def test_labels_process_is_restarted_and_dies_with_the_stage(
     unique_topics: Settings,
-    small_tx: pd.DataFrame,  # noqa: F811
+    small_tx: pd.DataFrame,
     tmp_path: Path,
 ) -> None:
     settings = isolated_settings(unique_topics, tmp_path)
@@ -64,16 +64,16 @@ def test_terminal_process_is_restarted_and_dies_with_the_stage(
     ensure_topics(settings.kafka, settings.topics)
     (stage,) = start_stages(settings, ("enrichment",))
     try:
-        first = _wait(lambda: _children(stage.proc.pid), 30, "the terminal process")
+        first = _wait(lambda: _children(stage.proc.pid), 30, "the labels process")
         assert len(first) == 1  # type: ignore[arg-type]
         wait_until_ready(settings, [stage])
 
-        # A crash of the terminal process: the stage starts a new one.
+        # A crash of the labels process: the stage starts a new one.
         os.kill(first[0], signal.SIGKILL)  # type: ignore[index]
         second = _wait(
             lambda: [c for c in _children(stage.proc.pid) if c not in first],  # type: ignore[operator]
             30,
-            "a new terminal process",
+            "a new labels process",
         )
         assert stage.proc.poll() is None
 
@@ -91,17 +91,17 @@ def test_terminal_process_is_restarted_and_dies_with_the_stage(
         ids = _wait(enriched, 120, "every transaction enriched")
         assert len(ids) == len(set(ids)) == result.transactions  # type: ignore[arg-type]
 
-        # The stage killed outright: its terminal process does not outlive it.
+        # The stage killed outright: its labels process does not outlive it.
         os.kill(stage.proc.pid, signal.SIGKILL)
         stage.proc.wait(10)
-        _wait(lambda: not _alive(second[0]), 30, "the orphaned terminal process to exit")  # type: ignore[index]
+        _wait(lambda: not _alive(second[0]), 30, "the orphaned labels process to exit")  # type: ignore[index]
     finally:
         stop_stages([stage])
 
 
 def test_sigterm_during_start_up_is_a_clean_exit(unique_topics: Settings, tmp_path: Path) -> None:
     # Stopped a second after launch: still importing, building its apps, or starting the
-    # terminal process. Every stage exits 0, and no terminal process is left behind.
+    # labels process. Every stage exits 0, and no labels process is left behind.
     settings = isolated_settings(unique_topics, tmp_path)
     apply_repo(settings)
     ensure_topics(settings.kafka, settings.topics)
@@ -110,4 +110,4 @@ def test_sigterm_during_start_up_is_a_clean_exit(unique_topics: Settings, tmp_pa
     children = _children(procs[0].proc.pid)
     assert stop_stages(procs) == {"enrichment": 0, "routing": 0}
     for child in children:
-        _wait(lambda c=child: not _alive(c), 30, "the terminal process to exit")
+        _wait(lambda c=child: not _alive(c), 30, "the labels process to exit")

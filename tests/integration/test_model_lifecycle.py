@@ -19,8 +19,7 @@ from stages.prediction.logic import stable_fraction
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import ensure_topics
 from stages.shared.settings import Settings
-from tests.integration.test_pipeline import isolated_settings
-from tests.support import register_tiny_model
+from tests.support import isolated_settings, register_tiny_model
 from training import registry
 from training.simulate import SimulatorConfig, simulate
 

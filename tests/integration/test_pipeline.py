@@ -5,9 +5,7 @@ that reads every outcome topic with read_committed.
 
 from __future__ import annotations
 
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import orjson
@@ -22,9 +20,8 @@ from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import DLQ_REASON, ensure_topics, producer_config
 from stages.shared.schemas import CUSTOMER_FEATURES, TERMINAL_FEATURES
 from stages.shared.settings import Settings
-from tests.support import register_tiny_model
+from tests.support import isolated_settings, register_tiny_model
 from training.features import compute_features
-from training.simulate import SimulatorConfig, simulate
 
 pytestmark = pytest.mark.integration
 
@@ -40,30 +37,6 @@ MALFORMED: list[tuple[bytes, str]] = [
     (b"[1, 2, 3]", "not_object"),
     (b'{"pad": "' + b"x" * 70_000 + b'"}', "too_large"),
 ]
-
-
-@pytest.fixture(scope="module")
-def small_tx() -> pd.DataFrame:
-    return simulate(
-        SimulatorConfig(n_customers=150, n_terminals=300, nb_days=50, seed=7), progress=False
-    )
-
-
-def isolated_settings(base: Settings, tmp: Path) -> Settings:
-    """Own feature repo copy, registry, state and Feast project: nothing shared with other
-    tests or a demo running on the same stack."""
-    repo = tmp / "feature_repo"
-    repo.mkdir()
-    for f in REPO.joinpath("feature_repo").iterdir():
-        if f.is_file():
-            shutil.copy(f, repo / f.name)
-    return base.model_copy(
-        update={
-            "home": tmp / "home",
-            "feature_repo": repo,
-            "feast_project": f"p{uuid.uuid4().hex[:8]}",
-        }
-    )
 
 
 def test_every_transaction_ends_in_exactly_one_outcome(
