@@ -115,7 +115,7 @@ class RedisJoinStore:
         if not items:
             return []
         cfg = self._cfg
-        pipe = self._client.pipeline(transaction=False)
+        calls: list[tuple[list[str], list[object]]] = []
         for it in items:
             pred, lab = self.key("p", it.transaction_id), self.key("l", it.transaction_id)
             own, other, ttl = (
@@ -123,12 +123,47 @@ class RedisJoinStore:
                 if it.kind == "prediction"
                 else (lab, pred, cfg.orphan_label_ttl_s)
             )
-            self._script(
-                keys=[own, other, self.key("j", it.transaction_id), self.key("window")],
-                args=[it.half, ttl, cfg.pending_ttl_s, cfg.window, it.kind[0]],
-                client=pipe,
+            calls.append(
+                (
+                    [own, other, self.key("j", it.transaction_id), self.key("window")],
+                    [it.half, ttl, cfg.pending_ttl_s, cfg.window, it.kind[0]],
+                )
             )
-        return [_OUTCOMES[int(r)] for r in pipe.execute()]
+        return [_OUTCOMES[int(cast(int, r))] for r in self._eval_all(calls)]
+
+    def _eval_all(self, calls: Sequence[tuple[list[str], list[object]]]) -> list[object]:
+        """The join script once per call, pipelined. EVALSHA goes as a plain command (a
+        Redis Cluster pipeline refuses ``evalsha`` and registered scripts); calls a node
+        answers NOSCRIPT (restarted, failed over) are redone once after loading the script
+        (on every primary), the others are not applied twice."""
+        from redis.exceptions import NoScriptError
+
+        out: list[object] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in (0, 1):
+            pipe = self._client.pipeline(transaction=False)
+            try:
+                for i in todo:
+                    keys, args = calls[i]
+                    pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+                replies = pipe.execute(raise_on_error=False)
+            finally:
+                pipe.reset()
+            missing = []
+            for i, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, NoScriptError):
+                    missing.append(i)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    out[i] = reply
+            if not missing:
+                return out
+            if attempt:
+                raise NoScriptError(f"join script still missing after loading it ({len(missing)})")
+            self._client.script_load(_JOIN_LUA)
+            todo = missing
+        raise AssertionError("unreachable")
 
     def window(self) -> list[str]:
         raw = cast(list[bytes], self._client.lrange(self.key("window"), 0, -1))

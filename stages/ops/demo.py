@@ -151,7 +151,11 @@ def wait_until_ready(
 ) -> float:
     """Wait until every stage's consumer group is stable with partitions assigned, so the
     replay measures the pipeline rather than its start-up. Returns the seconds waited."""
-    wanted = [g for sp in procs for g in stage_groups(settings, sp.name)]  # type: ignore[arg-type]
+    # Each group once: replicas of a stage share theirs (describe_consumer_groups answers
+    # one entry per distinct group, so a repeated one was never counted as ready).
+    wanted = list(
+        dict.fromkeys(g for sp in procs for g in stage_groups(settings, sp.name))  # type: ignore[arg-type]
+    )
     admin = AdminClient(settings.kafka.client_config())
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
