@@ -154,17 +154,24 @@ def run_stage(
     if part is not None:
         if (stage, part) != ("enrichment", "labels"):
             raise typer.BadParameter("--part labels is for the enrichment stage only")
-        from stages.enrichment.app import die_with_supervisor, run_part
+        # Without the customer app's imports (quixstreams): the labels process starts fast.
+        from stages.enrichment.labels import run as run_labels
+        from stages.enrichment.supervise import die_with_supervisor
 
         die_with_supervisor()
         metrics.serve(settings.metrics.host, settings.metrics.enrichment_labels_port)
-        run_part(settings, "labels", metrics, stop)
+        run_labels(settings, stop, metrics)
         return
     metrics.serve(settings.metrics.host, settings.metrics.port(stage))
     if stage == "enrichment":
+        # The labels process first: it starts while this one imports the customer app.
+        from stages.enrichment.supervise import LabelsProcess
+
+        labels = LabelsProcess(settings)
+        labels.start()
         from stages.enrichment.app import run as run_enrichment
 
-        run_enrichment(settings, metrics, stop)
+        run_enrichment(settings, metrics, stop, labels)
         return
     if stage == "prediction":
         from stages.prediction.app import run as run_prediction

@@ -29,19 +29,15 @@ always finds the aggregates that include its event (read-your-writes).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import orjson
 import redis
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from quixstreams import Application, State
 from quixstreams.context import message_context
@@ -64,7 +60,7 @@ from stages.enrichment.intake import (
     route,
 )
 from stages.enrichment.logic import CustomerState, update_customer
-from stages.shared.feast_store import open_feature_store
+from stages.enrichment.supervise import LabelsProcess
 from stages.shared.kafka import (
     DLQ_DETAIL,
     DLQ_REASON,
@@ -75,15 +71,17 @@ from stages.shared.kafka import (
     ensure_topics,
     static_member_config,
 )
+from stages.shared.layout import online_layout
 from stages.shared.metrics import Metrics, build_metrics
-from stages.shared.online import OnlineFeatureWriter, OnlineLayout, OnlineWriteError
+from stages.shared.online import OnlineFeatureWriter, OnlineWriteError
 from stages.shared.schemas import (
     CUSTOMER_FEATURES,
     CUSTOMER_VIEW,
     InvalidMessage,
     parse_transaction,
 )
-from stages.shared.settings import Settings, settings_to_env
+from stages.shared.settings import Settings
+from stages.shared.stall import StallWatch
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +163,12 @@ class NaturalBatchingApplication(Application):
     (``Application._process_message``, 3.28), so the pinned version is part of it.
     """
 
+    _watch: PartitionWatch | None = None
+
+    def watch_partitions(self, watch: PartitionWatch) -> None:
+        """Check the input partitions for stalls (and export their lag) as it runs."""
+        self._watch = watch
+
     def _process_message(self, dataframe_composed: Any) -> None:
         tracker = self._run_tracker
         tracker.set_message_consumed(False)
@@ -172,9 +176,77 @@ class NaturalBatchingApplication(Application):
         context = self._processing_context
         if not tracker._message_consumed and not context.checkpoint.empty():
             context.commit_checkpoint(force=True)
+        if self._watch is not None:
+            self._watch.check(self._consumer)
 
 
-def application(settings: Settings, group: str) -> Application:
+class PartitionStalledError(RuntimeError):
+    """An input partition had lag and made no progress for the stall timeout."""
+
+    def __init__(self, where: list[str], timeout_s: float) -> None:
+        super().__init__(f"stalled for {timeout_s:.0f}s: {', '.join(where)}")
+        self.where = where
+
+
+class PartitionWatch:
+    """Every ``interval_s``: lag and position of the app's input partitions into the
+    stage's gauges, and the stall watch (``stages/shared/stall.py``). A stalled partition
+    is counted, logged and raises :class:`PartitionStalledError`: the stage restarts the
+    app, which resumes from its committed offsets (exactly-once: nothing lost or doubled).
+    """
+
+    def __init__(
+        self,
+        topics: set[str],
+        metrics: Metrics,
+        timeout_s: float,
+        retries: Callable[[], int],
+        interval_s: float = 5.0,
+    ) -> None:
+        self._topics = topics
+        self._metrics = metrics
+        self._stalls = StallWatch(timeout_s)
+        self._retries = retries
+        self._seen_retries = retries()
+        self._interval_s = interval_s
+        self._next = 0.0
+
+    def check(self, consumer: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self._interval_s
+        retries = self._retries()
+        if retries != self._seen_retries:  # Redis was down since the last check
+            self._seen_retries = retries
+            self._stalls.dependency_down()
+        assigned = [tp for tp in consumer.assignment() if tp.topic in self._topics]
+        if not assigned:
+            return
+        stalled = []
+        for tp in consumer.position(assigned):
+            try:
+                _, high = consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                continue
+            labels = (STAGE, tp.topic, str(tp.partition))
+            if tp.offset >= 0 and high >= 0:
+                self._metrics.consumer_lag.labels(*labels).set(max(0, high - tp.offset))
+                self._metrics.consumer_position.labels(*labels).set(tp.offset)
+            if self._stalls.observe((tp.topic, tp.partition), tp.offset, high):
+                self._metrics.partition_stalled.labels(*labels).inc()
+                stalled.append(f"{tp.topic}[{tp.partition}]@{tp.offset}")
+        if stalled:
+            logger.error(
+                "enrichment partitions stalled (lag, no progress for %.0fs): %s; restarting "
+                "from the committed offsets",
+                self._stalls.timeout_s,
+                ", ".join(stalled),
+            )
+            raise PartitionStalledError(stalled, self._stalls.timeout_s)
+
+
+def application(settings: Settings, group: str) -> NaturalBatchingApplication:
     """A quixstreams application with the stage's settings, in consumer group ``group``."""
     cfg = settings.enrichment
     kafka = settings.kafka
@@ -205,7 +277,6 @@ def application(settings: Settings, group: str) -> Application:
 
 
 def _redis_writer(settings: Settings) -> OnlineFeatureWriter:
-    store = open_feature_store(settings)
     client = settings.redis.client(
         socket_timeout=5.0,
         socket_connect_timeout=2.0,
@@ -213,7 +284,7 @@ def _redis_writer(settings: Settings) -> OnlineFeatureWriter:
         # open Kafka transaction; a failed flush backpressures and is retried instead.
         retry=Retry(NoBackoff(), 0),
     )
-    return OnlineFeatureWriter(client, OnlineLayout.from_store(store))
+    return OnlineFeatureWriter(client, online_layout(settings))
 
 
 def _to_dlq(metrics: Metrics, sdf: Any, topic: Any) -> None:
@@ -275,7 +346,9 @@ def transaction_record(
     }
 
 
-def build_customer_app(settings: Settings, metrics: Metrics | None = None) -> Application:
+def build_customer_app(
+    settings: Settings, metrics: Metrics | None = None
+) -> NaturalBatchingApplication:
     """The customer-window application (topology above); ``app.run()`` starts it."""
     metrics = metrics or build_metrics()
     cfg = settings.enrichment
@@ -373,14 +446,18 @@ def build_customer_app(settings: Settings, metrics: Metrics | None = None) -> Ap
     ok = windowed[
         windowed.apply(lambda v: "error" not in v and "duplicate" not in v and not v["warmup"])
     ]
+    sink = FeastOnlineSink(writer, CUSTOMER_VIEW, "customer_id", CUSTOMER_FEATURES)
     ok.apply(
         lambda v: {
             "customer_id": v["customer_id"],
             "event_ms": v["event_ms"],
             "features": v["features"][CUSTOMER_VIEW],
         }
-    ).sink(FeastOnlineSink(writer, CUSTOMER_VIEW, "customer_id", CUSTOMER_FEATURES))
+    ).sink(sink)
     ok.apply(finish).to_topic(enriched, key=lambda v: str(v["transaction_id"]))
+    app.watch_partitions(
+        PartitionWatch({tx_name}, metrics, settings.stall_timeout_s, lambda: sink.total_retries)
+    )
     return app
 
 
@@ -393,9 +470,6 @@ def input_partitions(settings: Settings, topic: str) -> int:
 
 
 PARTS = ("customer", "labels")
-# Set in the labels process's environment: the pid of the stage process supervising it.
-SUPERVISOR_PID_ENV = "RTPIPE_ENRICHMENT_SUPERVISOR_PID"
-_PR_SET_PDEATHSIG = 1
 
 
 def run_part(
@@ -444,93 +518,22 @@ def run_part(
         backoff_s = min(backoff_s * 2, 30.0)
 
 
-def die_with_supervisor() -> None:
-    """In the labels process: exit (SIGTERM) when the stage process that started it dies,
-    even by SIGKILL, so a crashed stage never leaves an orphan consuming in its group."""
-    expected = os.environ.get(SUPERVISOR_PID_ENV)
-    if not expected:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    if os.getppid() != int(expected):
-        # The supervisor died before prctl took effect.
-        logger.error("enrichment supervisor %s is gone; exiting", expected)
-        raise SystemExit(1)
-
-
-class LabelsProcess:
-    """Starts the labels process as a child and restarts it (with backoff) whenever it
-    exits while the stage is running."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._env = {
-            **os.environ,
-            **settings_to_env(settings),
-            SUPERVISOR_PID_ENV: str(os.getpid()),
-        }
-        self._stop = threading.Event()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._lock = threading.Lock()
-        # The child is started from this thread, which lives as long as the stage does:
-        # PR_SET_PDEATHSIG fires when the *thread* that forked the child ends.
-        self._thread = threading.Thread(target=self._supervise, name="enrichment-labels")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _supervise(self) -> None:
-        backoff_s = 1.0
-        while not self._stop.is_set():
-            started = time.monotonic()
-            with self._lock:
-                if self._stop.is_set():
-                    break
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "stages.cli", "run", STAGE, "--part", "labels"],
-                    env=self._env,
-                )
-            logger.info("enrichment labels process %d started", self._proc.pid)
-            code = self._proc.wait()
-            if self._stop.is_set():
-                break
-            if time.monotonic() - started > 60:
-                backoff_s = 1.0
-            logger.error(
-                "enrichment labels process exited with %s; restarting in %.0fs", code, backoff_s
-            )
-            self._stop.wait(backoff_s)
-            backoff_s = min(backoff_s * 2, 30.0)
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """Ask the child to finish (SIGTERM), kill it after ``timeout_s``; its exit code."""
-        with self._lock:
-            self._stop.set()
-            proc = self._proc
-        if proc is None:
-            self._thread.join(timeout_s)
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            logger.error("enrichment labels process %d did not stop; killing it", proc.pid)
-            proc.kill()
-            code = proc.wait()
-        self._thread.join(timeout_s)
-        return code
-
-
-def run(settings: Settings, metrics: Metrics | None = None, stop: StopFlag | None = None) -> None:
+def run(
+    settings: Settings,
+    metrics: Metrics | None = None,
+    stop: StopFlag | None = None,
+    labels: LabelsProcess | None = None,
+) -> None:
     """Run the whole enrichment stage until SIGTERM/SIGINT: the customer-window application
-    in this process and the labels process as its supervised child."""
+    in this process and the labels process as its supervised child (``labels``, when the
+    caller started it already, as the CLI does before importing this module)."""
     if stop is None:
         stop = StopFlag()
         stop.install_signal_handlers()
     ensure_topics(settings.kafka, settings.topics)
-    labels = LabelsProcess(settings)
-    labels.start()
+    if labels is None:
+        labels = LabelsProcess(settings)
+        labels.start()
     try:
         run_part(settings, "customer", metrics, stop)
     finally:

@@ -33,6 +33,8 @@ class TopicRecords:
     ids: list[int] = field(default_factory=list)
     reasons: Counter[str] = field(default_factory=Counter)
     latency_ms: list[int] = field(default_factory=list)
+    # Wall-clock time each decision was routed (decision topics only).
+    routed_ms: list[int] = field(default_factory=list)
     first_ingest_ms: int | None = None
     last_routed_ms: int | None = None
 
@@ -51,6 +53,17 @@ class AuditReport:
     @property
     def outcomes(self) -> int:
         return sum(t.count for t in self.per_topic.values())
+
+    def decision_times_ms(self) -> np.ndarray:
+        """Every decision's routing time (wall-clock ms), sorted."""
+        times = [t for rec in self.per_topic.values() for t in rec.routed_ms]
+        return np.sort(np.asarray(times, dtype=np.int64))
+
+    def longest_gap_s(self) -> float:
+        """The longest time between two consecutive decisions (seconds): how long a fault
+        left the pipeline without deciding anything while events kept arriving."""
+        times = self.decision_times_ms()
+        return float(np.diff(times).max()) / 1000.0 if len(times) > 1 else 0.0
 
     def latency_percentiles(self) -> dict[str, float]:
         lat = np.concatenate(
@@ -161,6 +174,8 @@ def audit(settings: Settings, expected_ids: Iterable[int]) -> AuditReport:
                 rec.reasons[str(obj.get("reason"))] += 1
                 ts = obj.get("ts") or {}
                 ingest, routed = ts.get("ingest_ms"), ts.get("routed_ms")
+                if isinstance(routed, int) and routed > 0:
+                    rec.routed_ms.append(routed)
                 if isinstance(ingest, int) and isinstance(routed, int) and ingest > 0:
                     rec.latency_ms.append(routed - ingest)
                     rec.first_ingest_ms = min(rec.first_ingest_ms or ingest, ingest)

@@ -99,6 +99,10 @@ class FaultResult:
     events: list[str] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
+    # Seconds from starting the stages to the first decision (start-up, join, first event).
+    first_decision_s: float | None = None
+    # The longest time between two consecutive decisions while the replay ran (seconds).
+    longest_gap_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -142,9 +146,14 @@ class ChaosReport:
                 for v in r.features_checked
             )
             failed = [k for k, v in r.checks.items() if not v]
+            timing = (
+                f"first decision {r.first_decision_s:.1f}s  longest gap {r.longest_gap_s:.1f}s  "
+                if r.first_decision_s is not None and r.longest_gap_s is not None
+                else ""
+            )
             out.append(
                 f"{'PASS' if r.ok else 'FAIL'} {r.fault:<16} tx {r.transactions:>5}  "
-                f"lost {r.lost}  duplicated {r.duplicated}  [{feats}]  {r.seconds:.0f}s"
+                f"lost {r.lost}  duplicated {r.duplicated}  {timing}[{feats}]  {r.seconds:.0f}s"
                 + (f"  failed checks: {failed}" if failed else "")
                 + (f"  error: {r.error}" if r.error else "")
             )
@@ -242,6 +251,8 @@ class _Run:
         self.expected: list[int] = tx.loc[sel, "transaction_id"].tolist()
         self.procs: dict[str, list[StageProcess]] = {}
         self.started = time.monotonic()
+        # Wall-clock ms when the first stage was started (the start-up measure's origin).
+        self.stages_started_ms: int | None = None
         self.report: AuditReport | None = None
         self._replay_error: BaseException | None = None
         self._watermarks: Any = None
@@ -298,6 +309,8 @@ class _Run:
         logger.info("chaos %s: %s", self.result.fault, line)
 
     def start(self, name: str, settings: Settings | None = None) -> StageProcess:
+        if self.stages_started_ms is None:
+            self.stages_started_ms = int(time.time() * 1000)
         sp = start_stages(settings or self.settings, (name,))[0]
         self.procs.setdefault(name, []).append(sp)
         return sp
@@ -362,6 +375,10 @@ class _Run:
             for reason, n in rec.reasons.items()
         }
         self.report = report
+        times = report.decision_times_ms()
+        if len(times) and self.stages_started_ms is not None:
+            r.first_decision_s = (int(times[0]) - self.stages_started_ms) / 1000.0
+            r.longest_gap_s = report.longest_gap_s()
         fc: FeatureCheck = check_online_features(
             self.settings, self.tx, self.plan.start, self.plan.end
         )

@@ -29,7 +29,6 @@ from stages.prediction.logic import (
 )
 from stages.prediction.models import ModelHolder, ServingModel
 from stages.shared.claims import TransactionClaims
-from stages.shared.feast_store import open_feature_store
 from stages.shared.kafka import (
     LoopStats,
     Output,
@@ -41,6 +40,7 @@ from stages.shared.kafka import (
     where,
 )
 from stages.shared.labels import LabelIndex, exact_mask
+from stages.shared.layout import online_layout
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.online import OnlineBatch, OnlineFeatureReader
 from stages.shared.schemas import TERMINAL_FEATURES, TERMINAL_VIEW
@@ -311,16 +311,15 @@ class PredictionStage:
 
 
 def build_stage(settings: Settings, metrics: Metrics | None = None) -> PredictionStage:
-    """Open the feature store registry, the Redis client and the current model."""
+    """Read the online layout, open the Redis client and load the current model."""
     metrics = metrics or build_metrics()
-    store = open_feature_store(settings)
+    layout = online_layout(settings)
     client = settings.redis.client(
         socket_timeout=2.0,
         socket_connect_timeout=2.0,
     )
     service = settings.prediction.feature_service
-    reader = OnlineFeatureReader(client, store, service, exclude_views=(TERMINAL_VIEW,))
-    layout = reader.layout
+    reader = OnlineFeatureReader(client, layout, service, exclude_views=(TERMINAL_VIEW,))
     on_demand = service in layout.services and any(
         view == TERMINAL_VIEW for view, _ in layout.services[service]
     )

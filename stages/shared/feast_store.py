@@ -184,6 +184,11 @@ def apply_repo(settings: Settings) -> None:
         # No registry yet: nothing to delete.
         pass
     store.apply(objects, objects_to_delete=stale, partial=not stale)
+    # The stages read this snapshot instead of importing Feast (stages/shared/layout.py).
+    from stages.shared.layout import write_snapshot
+    from stages.shared.online import OnlineLayout
+
+    write_snapshot(settings, OnlineLayout.from_store(store))
     logger.info(
         "applied feature repo %s to project %s (%d objects, %d removed)",
         settings.feature_repo,

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import mmh3
 import numpy as np
+import orjson
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -215,6 +216,44 @@ class OnlineLayout:
     def keys(self, view: str, ids: np.ndarray) -> list[bytes]:
         """Redis keys of ``ids`` for ``view``'s entity."""
         return redis_keys(self.view(view).join_key, self.project, ids)
+
+    def to_json(self) -> bytes:
+        """The layout as JSON (:meth:`from_json` reads it back)."""
+        return orjson.dumps(
+            {
+                "project": self.project,
+                "views": {
+                    k: {
+                        "name": v.name,
+                        "join_key": v.join_key,
+                        "features": v.features,
+                        "dtypes": v.dtypes,
+                    }
+                    for k, v in self.views.items()
+                },
+                "services": self.services,
+                "key_ttl_seconds": self.key_ttl_seconds,
+                "entity_key_serialization_version": self.entity_key_serialization_version,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> OnlineLayout:
+        """A layout written by :meth:`to_json`."""
+        obj = orjson.loads(raw)
+        return cls(
+            project=obj["project"],
+            views={
+                k: ViewLayout(v["name"], v["join_key"], tuple(v["features"]), tuple(v["dtypes"]))
+                for k, v in obj["views"].items()
+            },
+            services={
+                name: tuple((view, tuple(feats)) for view, feats in projections)
+                for name, projections in obj["services"].items()
+            },
+            key_ttl_seconds=obj["key_ttl_seconds"],
+            entity_key_serialization_version=obj["entity_key_serialization_version"],
+        )
 
     @classmethod
     def from_store(cls, store: FeatureStore) -> OnlineLayout:

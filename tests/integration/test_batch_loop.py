@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from stages.ops.audit import read_topic
 from stages.shared.kafka import (
@@ -81,3 +81,45 @@ def test_fatal_producer_error_gets_new_clients_and_loses_nothing(unique_topics: 
     assert stats.restarts == 1
     values = sorted(int(v[:-1]) for _, v, _ in read_topic(settings, dst) if v)
     assert values == list(range(n))  # each exactly once, the failed batch's included
+
+
+def test_a_stalled_partition_is_detected_counted_and_re_read(unique_topics: Settings) -> None:
+    # A partition paused and never resumed (what quixstreams' backpressure left behind in
+    # issue #15, here injected): lag and no progress. The loop counts it, re-reads it from
+    # the committed offset, and every input still yields its output exactly once.
+    settings = unique_topics.model_copy(update={"stall_timeout_s": 1.5})
+    src, dst = settings.topics.name("transactions"), settings.topics.name("enriched")
+    ensure_topics(settings.kafka, settings.topics, [src, dst])
+    producer = Producer(producer_config(settings.kafka))
+    n = 400
+    for i in range(n):
+        producer.produce(src, key=b"%d" % i, value=b"%d" % i)
+    assert producer.flush(30) == 0
+    stalls: list[tuple[str, int, int]] = []
+    paused: list[int] = []
+
+    def handler(msgs: list[Message]) -> list[Output]:
+        if not paused:
+            # The bug: after this batch, the partition is never fetched again.
+            part = msgs[0].partition()
+            paused.append(part)
+            loop._consumer.pause([TopicPartition(src, part)])  # type: ignore[union-attr]
+        return [Output(dst, m.key(), m.value() + b"!") for m in msgs]
+
+    loop = TransactionalBatchLoop(
+        settings,
+        group_id=settings.topics.group("loop"),
+        input_topics=[src],
+        handler=handler,
+        max_batch=20,
+        max_wait_ms=0,
+        stage="test",
+        lag_interval_s=0.5,
+        on_stall=lambda topic, part, offset: stalls.append((topic, part, offset)),
+    )
+    stats = loop.run(StopFlag(), max_idle_s=6.0)
+
+    assert stats.restarts == 0
+    assert [(t, p) for t, p, _ in stalls] == [(src, paused[0])]
+    values = sorted(int(v[:-1]) for _, v, _ in read_topic(settings, dst) if v)
+    assert values == list(range(n))
