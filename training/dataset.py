@@ -81,6 +81,17 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.y)
 
+    def subset(self, keep: np.ndarray) -> Dataset:
+        """The rows where ``keep`` (boolean, row-aligned) is True; same time bounds."""
+        keep = np.asarray(keep, dtype=bool)
+        return Dataset(
+            X=self.X.loc[keep].reset_index(drop=True),
+            y=self.y.loc[keep].reset_index(drop=True),
+            ids=self.ids.loc[keep].reset_index(drop=True),
+            start=self.start,
+            end=self.end,
+        )
+
     def slice_time(self, start: pd.Timestamp, end: pd.Timestamp) -> Dataset:
         """The rows with ``start <= tx_datetime < end``."""
         keep = ((self.ids["tx_datetime"] >= start) & (self.ids["tx_datetime"] < end)).to_numpy()
@@ -91,6 +102,26 @@ class Dataset:
             start=start,
             end=end,
         )
+
+
+def concat_datasets(parts: Sequence[Dataset]) -> Dataset:
+    """Consecutive windows as one: rows in the given order, from the first start to the last end.
+
+    Raises:
+        ValueError: if ``parts`` is empty or the windows are not contiguous and in time order.
+    """
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    for a, b in itertools.pairwise(parts):
+        if a.end != b.start:
+            raise ValueError(f"windows not contiguous: one ends {a.end}, the next starts {b.start}")
+    return Dataset(
+        X=pd.concat([p.X for p in parts], ignore_index=True),
+        y=pd.concat([p.y for p in parts], ignore_index=True),
+        ids=pd.concat([p.ids for p in parts], ignore_index=True),
+        start=parts[0].start,
+        end=parts[-1].end,
+    )
 
 
 def utc_day(day: str | pd.Timestamp) -> pd.Timestamp:

@@ -1,14 +1,27 @@
-"""LightGBM hyper-parameter search on time-based validation only.
+"""LightGBM hyper-parameter search on time-ordered validation folds before the test window.
 
-The last ``validation_days`` of the *training* window are carved out as validation days: each
-candidate is fitted on the earlier training days with early stopping on the validation days'
-average precision, and the candidate with the best validation AP wins. The test window is never
-seen here. The winner is then refitted on the whole training window with the number of rounds
-early stopping chose (:func:`training.train.fit` does that part).
+The evaluation protocol (train 7 days, 7-day gap, test 7 days) is replayed on the history that
+ends with the training window: fold ``i`` validates on the ``val_days`` ending ``i * val_days``
+before the end of the training window, after a ``gap_days`` gap (the label delay) following its
+own ``fit_days`` of fitting rows. At the defaults, for the reference split (training
+2018-07-25..07-31)::
 
-The search is a small one on purpose (a handful of fits of a few seconds each): the default
-configuration first, then ``n_trials - 1`` distinct draws from :data:`SEARCH_SPACE` with a fixed
-seed, so a run is reproducible.
+    fold 0: fit 07-11..07-17, gap 07-18..07-24, validate 07-25..07-31
+    fold 1: fit 07-04..07-10, gap 07-11..07-17, validate 07-18..07-24
+    fold 2: fit 06-27..07-03, gap 07-04..07-10, validate 07-11..07-17
+
+Every validation day is at or before the last training day, so the test window is never seen.
+As on the test window, the cards already known to be compromised are removed from each
+validation day (:func:`training.evaluate.known_compromised_mask`), so that the validation AP
+measures what the test AP measures.
+
+Each candidate is boosted on every fold with early stopping on the validation AP; its score is
+the best value of the *mean* AP curve over the folds (one number of rounds for all folds, the
+one the refit uses: each fold fits on as many days as the final model). The best mean
+validation AP wins; ties keep the earlier candidate. The candidates are deterministic: the
+defaults, the defaults with the monotone constraints on terminal risk (so the constraint's cost
+is always measured against the same other settings), then distinct seeded draws from
+:data:`SEARCH_SPACE`.
 """
 
 from __future__ import annotations
@@ -26,45 +39,176 @@ import pandas as pd
 
 from stages.shared.schemas import MODEL_FEATURES
 from training.dataset import Dataset
+from training.evaluate import known_compromised_mask
 
 logger = logging.getLogger(__name__)
 
+# Non-decreasing in these when the "monotone" choice is on: more known fraud on the terminal
+# never lowers the score.
+MONOTONE_INCREASING: tuple[str, ...] = ("terminal_risk_1d", "terminal_risk_7d", "terminal_risk_30d")
+# "intermediate" costs less accuracy than "basic" at a fraction of "advanced"'s time.
+MONOTONE_METHOD = "intermediate"
+
 SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
-    "num_leaves": (7, 15, 31, 63),
-    "learning_rate": (0.05, 0.1),
-    "min_child_samples": (20, 50, 100, 200),
+    "num_leaves": (7, 15, 31),
+    "learning_rate": (0.02, 0.05),
+    "min_child_samples": (20, 50, 100),
     "feature_fraction": (0.6, 0.8, 1.0),
-    # How strictly the monotone constraints on terminal risk are enforced: "basic" costs
-    # the most accuracy, "advanced" the least (and is slower).
-    "monotone_constraints_method": ("basic", "intermediate", "advanced"),
+    "bagging_fraction": (0.8, 1.0),
+    # Finer histograms: amounts (cents) and terminal fraud rates have many distinct values.
+    "max_bin": (255, 1023),
+    "scale_pos_weight": (1.0, 3.0),
+    # Monotone non-decreasing in the terminal risk features (MONOTONE_INCREASING) or not.
+    "monotone": (False, True),
 }
 DEFAULT_TRIALS = 6
-# Early-stopping patience while searching (the refit uses the round each trial found).
+DEFAULT_FOLDS = 3
+MAX_ROUNDS = 2000
+# Early-stopping patience while searching (the refit uses the round the folds agree on).
 SEARCH_PATIENCE = 50
 VALIDATION_METRIC = "average_precision"
 
 
 class ValidationSplitError(ValueError):
-    """The training window cannot be split into fit and validation days."""
+    """The history cannot be split into fit and validation rows."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(f"time-based validation split: {detail}")
         self.detail = detail
 
 
+def lightgbm_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """LightGBM's parameters for a configuration: the ``monotone`` choice becomes constraints.
+
+    ``monotone`` True sets ``monotone_constraints`` (1 on :data:`MONOTONE_INCREASING`, in
+    ``MODEL_FEATURES`` order) and :data:`MONOTONE_METHOD`; False (or absent) removes them.
+    """
+    out = {k: v for k, v in params.items() if k != "monotone"}
+    out.pop("monotone_constraints", None)
+    out.pop("monotone_constraints_method", None)
+    if params.get("monotone", False):
+        out["monotone_constraints"] = [1 if f in MONOTONE_INCREASING else 0 for f in MODEL_FEATURES]
+        out["monotone_constraints_method"] = MONOTONE_METHOD
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Fold:
+    """One replay of the protocol: fit on ``[fit_start, fit_end)``, validate on the val window."""
+
+    fit_start: pd.Timestamp
+    fit_end: pd.Timestamp
+    val_start: pd.Timestamp
+    val_end: pd.Timestamp
+
+    def to_dict(self) -> dict[str, str]:
+        day = pd.Timedelta(days=1)
+        return {
+            "fit": f"{self.fit_start.date()}..{(self.fit_end - day).date()}",
+            "validation": f"{self.val_start.date()}..{(self.val_end - day).date()}",
+        }
+
+
+def validation_folds(
+    train_end: pd.Timestamp,
+    n_folds: int = DEFAULT_FOLDS,
+    fit_days: int = 7,
+    gap_days: int = 7,
+    val_days: int = 7,
+) -> list[Fold]:
+    """Folds whose validation windows tile the ``n_folds * val_days`` days before ``train_end``.
+
+    Fold 0 is the latest (its validation window ends at ``train_end``, exclusive).
+
+    Raises:
+        ValueError: for ``n_folds`` or a length below 1 (``gap_days`` may be 0).
+    """
+    if n_folds < 1 or fit_days < 1 or val_days < 1 or gap_days < 0:
+        raise ValueError(f"bad fold layout: {n_folds=} {fit_days=} {gap_days=} {val_days=}")
+    day = pd.Timedelta(days=1)
+    folds = []
+    for i in range(n_folds):
+        val_end = train_end - i * val_days * day
+        val_start = val_end - val_days * day
+        fit_end = val_start - gap_days * day
+        folds.append(Fold(fit_end - fit_days * day, fit_end, val_start, val_end))
+    return folds
+
+
+def history_start(folds: Sequence[Fold]) -> pd.Timestamp:
+    """The first instant any fold reads."""
+    return min(f.fit_start for f in folds)
+
+
+@dataclass(frozen=True, slots=True)
+class FoldData:
+    """A fold's fitting rows and validation rows (known compromised cards removed)."""
+
+    fold: Fold
+    fit: Dataset
+    val: Dataset
+    n_removed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.fold.to_dict(),
+            "fit_rows": len(self.fit),
+            "fit_frauds": int(self.fit.y.sum()),
+            "validation_rows": len(self.val),
+            "validation_frauds": int(self.val.y.sum()),
+            "removed_known_compromised": self.n_removed,
+        }
+
+
+def fold_data(
+    history: Dataset,
+    folds: Sequence[Fold],
+    transactions: pd.DataFrame,
+    delay_days: int = 7,
+) -> list[FoldData]:
+    """Slice each fold out of ``history`` and drop its validation rows of known compromised cards.
+
+    Args:
+        history: features and labels covering every fold's days.
+        folds: see :func:`validation_folds`.
+        transactions: ``customer_id``, ``tx_datetime``, ``is_fraud`` of at least the folds' days.
+        delay_days: label delay of the known-compromised rule.
+
+    Raises:
+        ValidationSplitError: if a fold's fit rows lack a class or its validation rows a fraud.
+    """
+    out = []
+    for fold in folds:
+        fit = history.slice_time(fold.fit_start, fold.fit_end)
+        val = history.slice_time(fold.val_start, fold.val_end)
+        frame = val.ids.assign(is_fraud=val.y.to_numpy())
+        known = known_compromised_mask(
+            frame, transactions, fold.fit_start, fold.fit_end, delay_days
+        )
+        kept = val.subset(~known)
+        if len(fit) == 0 or fit.y.nunique() < 2:
+            raise ValidationSplitError(f"fold {fold.to_dict()}: fit rows need both classes")
+        if int(kept.y.sum()) == 0:
+            raise ValidationSplitError(f"fold {fold.to_dict()}: no fraud to validate on")
+        out.append(FoldData(fold, fit, kept, int(known.sum())))
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Trial:
-    """One candidate: its parameters (search-space keys only), validation AP, best round."""
+    """One candidate: its searched parameters, mean validation AP, per-fold APs, rounds."""
 
     params: dict[str, Any]
     validation_ap: float
     best_iteration: int
     seconds: float
+    fold_aps: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "params": dict(self.params),
             "validation_ap": self.validation_ap,
+            "fold_aps": list(self.fold_aps),
             "best_iteration": self.best_iteration,
             "seconds": round(self.seconds, 3),
         }
@@ -72,15 +216,25 @@ class Trial:
 
 @dataclass(frozen=True, slots=True)
 class SearchResult:
-    """All trials in the order run, and the best one."""
+    """All trials in the order run, the best one, and the folds they were scored on."""
 
     trials: list[Trial]
     best: Trial
-    fit_rows: int = 0
-    validation_rows: int = 0
-    validation_frauds: int = 0
-    validation_start: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    folds: list[dict[str, Any]] = field(default_factory=list)
+
+    def monotone_cost(self) -> float | None:
+        """Best unconstrained mean validation AP minus best constrained one (None if one lacks)."""
+        on = [t.validation_ap for t in self.trials if t.params.get("monotone")]
+        off = [t.validation_ap for t in self.trials if not t.params.get("monotone")]
+        return max(off) - max(on) if on and off else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trials": [t.to_dict() for t in self.trials],
+            "best": self.best.to_dict(),
+            "folds": list(self.folds),
+            "monotone_cost": self.monotone_cost(),
+        }
 
 
 def candidates(
@@ -89,9 +243,10 @@ def candidates(
     space: Mapping[str, Sequence[Any]] = SEARCH_SPACE,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """The configurations to try: ``base``'s values of the searched keys, then random draws.
+    """The configurations to try, each with every ``space`` key.
 
-    Draws are without replacement from the full grid, so no configuration is fitted twice.
+    First ``base``'s values (``monotone`` off when ``base`` has none), then the same with the
+    ``monotone`` choice flipped (if searched), then distinct seeded draws from the full grid.
 
     Args:
         n_trials: how many configurations in total (at least 1).
@@ -102,16 +257,122 @@ def candidates(
     if n_trials < 1:
         raise ValueError(f"n_trials must be >= 1, got {n_trials}")
     keys = list(space)
-    first = {k: base[k] for k in keys if k in base}
+    first = {k: base.get(k, False if k == "monotone" else space[k][0]) for k in keys}
+    chosen = [first]
+    if "monotone" in space and n_trials > 1:
+        chosen.append({**first, "monotone": not first["monotone"]})
     grid = [dict(zip(keys, values, strict=True)) for values in itertools.product(*space.values())]
-    rest = [g for g in grid if g != first]
+    rest = [g for g in grid if g not in chosen]
     rng = np.random.default_rng(seed)
-    picks = rng.permutation(len(rest))[: max(0, n_trials - 1)]
-    return [first, *(rest[i] for i in sorted(picks))]
+    picks = rng.permutation(len(rest))[: max(0, n_trials - len(chosen))]
+    return [*chosen, *(rest[i] for i in sorted(picks))][:n_trials]
+
+
+def ap_curve(
+    params: Mapping[str, Any],
+    fit: Dataset,
+    val: Dataset,
+    max_rounds: int,
+    patience: int,
+) -> tuple[lgb.Booster, np.ndarray]:
+    """Boost with early stopping on ``val``'s AP; the validation AP after each round run."""
+    features = list(MODEL_FEATURES)
+    # feature_pre_filter off: min_child_samples varies across candidates on the same data.
+    ds_params = {"feature_pre_filter": False, "verbose": -1}
+    if "max_bin" in params:
+        ds_params["max_bin"] = params["max_bin"]
+    dtrain = lgb.Dataset(fit.X, fit.y, feature_name=features, params=ds_params, free_raw_data=False)
+    dval = lgb.Dataset(val.X, val.y, reference=dtrain, params=ds_params, free_raw_data=False)
+    record: dict[str, Any] = {}
+    booster = lgb.train(
+        {**lightgbm_params(params), "metric": VALIDATION_METRIC},
+        dtrain,
+        num_boost_round=max_rounds,
+        valid_sets=[dval],
+        valid_names=["validation"],
+        callbacks=[
+            lgb.early_stopping(patience, verbose=False),
+            lgb.record_evaluation(record),
+        ],
+    )
+    return booster, np.asarray(record["validation"][VALIDATION_METRIC], dtype=np.float64)
+
+
+def early_stopped(
+    params: Mapping[str, Any],
+    fit_part: Dataset,
+    val_part: Dataset,
+    max_rounds: int,
+    patience: int,
+) -> tuple[lgb.Booster, int, float]:
+    """Fit with early stopping on the validation part's AP.
+
+    Returns:
+        The booster, its best round (>= 1) and the validation AP at that round.
+    """
+    booster, curve = ap_curve(params, fit_part, val_part, max_rounds, patience)
+    best = int(curve.argmax()) + 1
+    return booster, best, float(curve[best - 1])
+
+
+def cross_validate(
+    params: Mapping[str, Any],
+    folds: Sequence[FoldData],
+    max_rounds: int = MAX_ROUNDS,
+    patience: int = SEARCH_PATIENCE,
+) -> tuple[int, float, tuple[float, ...]]:
+    """One configuration on every fold: the round that maximises the mean AP curve.
+
+    The curves are compared over the rounds every fold ran (each ran at least ``patience``
+    rounds past its own best, or to ``max_rounds``).
+
+    Returns:
+        That round (>= 1), the mean validation AP there, and each fold's AP there.
+    """
+    if not folds:
+        raise ValueError("no folds")
+    curves = [ap_curve(params, f.fit, f.val, max_rounds, patience)[1] for f in folds]
+    common = min(len(c) for c in curves)
+    mean = np.mean([c[:common] for c in curves], axis=0)
+    best = int(mean.argmax()) + 1  # argmax keeps the earliest of equal rounds
+    return best, float(mean[best - 1]), tuple(float(c[best - 1]) for c in curves)
+
+
+def search(
+    folds: Sequence[FoldData],
+    base_params: Mapping[str, Any],
+    n_trials: int = DEFAULT_TRIALS,
+    max_rounds: int = MAX_ROUNDS,
+    patience: int = SEARCH_PATIENCE,
+    space: Mapping[str, Sequence[Any]] = SEARCH_SPACE,
+    seed: int = 0,
+) -> SearchResult:
+    """Score every :func:`candidates` configuration by :func:`cross_validate`; best mean AP wins.
+
+    Ties on the mean validation AP keep the earlier candidate (the defaults first).
+    """
+    trials: list[Trial] = []
+    for cand in candidates(n_trials, base_params, space, seed):
+        t0 = time.perf_counter()
+        rounds, ap, per_fold = cross_validate({**base_params, **cand}, folds, max_rounds, patience)
+        trial = Trial(cand, ap, rounds, time.perf_counter() - t0, per_fold)
+        logger.info(
+            "trial %s: mean validation AP %.4f (folds %s) at round %d (%.1f s)",
+            cand,
+            ap,
+            ", ".join(f"{a:.4f}" for a in per_fold),
+            rounds,
+            trial.seconds,
+        )
+        trials.append(trial)
+    best_trial = max(trials, key=lambda t: t.validation_ap)  # max keeps the first of ties
+    return SearchResult(trials=trials, best=best_trial, folds=[f.to_dict() for f in folds])
 
 
 def split_validation(train: Dataset, validation_days: int) -> tuple[Dataset, Dataset]:
-    """The training window's earlier days (fit) and its last ``validation_days`` (validation).
+    """A window's earlier days (fit) and its last ``validation_days`` (validation).
+
+    For a single configuration's early stopping (:func:`training.train.fit`).
 
     Raises:
         ValidationSplitError: if either part is empty or the validation days hold no fraud.
@@ -127,77 +388,3 @@ def split_validation(train: Dataset, validation_days: int) -> tuple[Dataset, Dat
     if fit_part.y.nunique() < 2 or int(val_part.y.sum()) == 0:
         raise ValidationSplitError("both parts need frauds (the validation AP is undefined)")
     return fit_part, val_part
-
-
-def early_stopped(
-    params: Mapping[str, Any],
-    fit_part: Dataset,
-    val_part: Dataset,
-    max_rounds: int,
-    patience: int,
-) -> tuple[lgb.Booster, int, float]:
-    """Fit with early stopping on the validation part's AP.
-
-    Returns:
-        The booster, its best round (>= 1) and the validation AP at that round.
-    """
-    features = list(MODEL_FEATURES)
-    # feature_pre_filter off: min_child_samples varies across candidates on the same data.
-    ds_params = {"feature_pre_filter": False, "verbose": -1}
-    dtrain = lgb.Dataset(
-        fit_part.X, fit_part.y, feature_name=features, params=ds_params, free_raw_data=False
-    )
-    dval = lgb.Dataset(
-        val_part.X, val_part.y, reference=dtrain, params=ds_params, free_raw_data=False
-    )
-    booster = lgb.train(
-        {**params, "metric": VALIDATION_METRIC},
-        dtrain,
-        num_boost_round=max_rounds,
-        valid_sets=[dval],
-        valid_names=["validation"],
-        callbacks=[lgb.early_stopping(patience, verbose=False)],
-    )
-    best = max(1, booster.best_iteration)
-    ap = float(booster.best_score["validation"][VALIDATION_METRIC])
-    return booster, best, ap
-
-
-def search(
-    train: Dataset,
-    base_params: Mapping[str, Any],
-    validation_days: int = 2,
-    n_trials: int = DEFAULT_TRIALS,
-    max_rounds: int = 2000,
-    patience: int = 100,
-    space: Mapping[str, Sequence[Any]] = SEARCH_SPACE,
-    seed: int = 0,
-) -> SearchResult:
-    """Try :func:`candidates` on a time-based split of ``train``; best validation AP wins.
-
-    Ties on validation AP keep the earlier candidate (the default configuration first).
-
-    Raises:
-        ValidationSplitError: see :func:`split_validation`.
-    """
-    fit_part, val_part = split_validation(train, validation_days)
-    trials: list[Trial] = []
-    for cand in candidates(n_trials, base_params, space, seed):
-        t0 = time.perf_counter()
-        _, best, ap = early_stopped(
-            {**base_params, **cand}, fit_part, val_part, max_rounds, patience
-        )
-        trial = Trial(cand, ap, best, time.perf_counter() - t0)
-        logger.info(
-            "trial %s: validation AP %.4f at round %d (%.1f s)", cand, ap, best, trial.seconds
-        )
-        trials.append(trial)
-    best_trial = max(trials, key=lambda t: t.validation_ap)  # max keeps the first of ties
-    return SearchResult(
-        trials=trials,
-        best=best_trial,
-        fit_rows=len(fit_part),
-        validation_rows=len(val_part),
-        validation_frauds=int(val_part.y.sum()),
-        validation_start=str(val_part.start.date()),
-    )

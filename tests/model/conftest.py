@@ -1,7 +1,7 @@
 """A small model trained once per session by the training code, for behavioural tests.
 
-The model is fitted by ``training.train.fit`` (the production parameters, monotone constraints
-included, early stopping on the last training days) on features computed from their batch
+The model is fitted by ``training.train.fit`` (the production default parameters, early stopping
+on the last training days) on features computed from their batch
 definitions (``training.features.compute_features``, which the Feast offline store is
 backfilled from), over a small simulated data set. No Feast, Kafka or Redis is needed.
 """

