@@ -57,11 +57,13 @@ def ratio(ours: float, baseline: float, better: Better = "higher") -> float:
 
 @dataclass(frozen=True)
 class Goal:
-    """A goal on a line's ratio (``min_ratio``) or on ``ours`` itself (``max_ours``)."""
+    """A goal on a line's ratio (``min_ratio``) or on ``ours`` itself (``max_ours`` or
+    ``min_ours``)."""
 
     text: str
     min_ratio: float | None = None
     max_ours: float | None = None
+    min_ours: float | None = None
 
     def met(self, ours: float, r: float) -> bool | None:
         """True/False, or None when the line has no goal or no number."""
@@ -69,6 +71,8 @@ class Goal:
             return None if r != r else r >= self.min_ratio
         if self.max_ours is not None:
             return None if ours != ours else ours <= self.max_ours
+        if self.min_ours is not None:
+            return None if ours != ours else ours >= self.min_ours
         return None
 
 

@@ -589,3 +589,46 @@ def render_run_report(
         save(fig, "decisions.png")
     logger.info("run report: %s", ", ".join(str(p) for p in paths))
     return paths
+
+
+def render_live_latency(rows: np.ndarray, out_dir: Path, *, title: str = "live-rate phase") -> Path:
+    """Per-second p50 / p99 of event-to-decision latency in a fixed-rate phase.
+
+    Args:
+        rows: ``(n, 5)`` int64 per decision: ingest, enriched, predicted, routed and visible
+            wall-clock ms (:meth:`stages.ops.latency.Decisions.of`).
+        out_dir: created if missing; the picture is ``live_latency.png``.
+        title: heading.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    if len(rows):
+        second = (rows[:, 0] - rows[:, 0].min()) // 1000
+        total = rows[:, 4] - rows[:, 0]
+        xs, p50, p99, n = [], [], [], []
+        for s_ in np.unique(second):
+            lat = total[second == s_]
+            xs.append(int(s_))
+            p50.append(float(np.percentile(lat, 50)))
+            p99.append(float(np.percentile(lat, 99)))
+            n.append(len(lat))
+        ax.plot(xs, p50, marker=".", label="p50")
+        ax.plot(xs, p99, marker=".", label="p99")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("second of the phase (by ingest time)")
+        ax.set_ylabel("event -> decision visible (ms)")
+        ax.legend(loc="upper right")
+        ax.set_title(f"{title}: {len(rows):,} decisions, {np.mean(n):,.0f}/s")
+    else:
+        ax.text(0.5, 0.5, "no decisions", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    path = out_dir / "live_latency.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
