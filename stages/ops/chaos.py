@@ -14,9 +14,15 @@ rebalance          two prediction replicas in one group; one is killed mid-strea
 redis-pause        Redis stopped for 30 s, ``on_features_unavailable=pause`` (backpressure)
 redis-review       the same with ``on_features_unavailable=review`` (decisions.review,
                    reason features_unavailable)
+redis-pause-short  Redis stopped for 3 s (pause): a blip inside one checkpoint's retries
+redis-review-short the same in review mode
 kafka-restart      the Kafka broker stopped and started again mid-stream
 bad-model          a version failing its sha256, then one that does not load, promoted in turn
 =================  =============================================================================
+
+The outages start at a random point of the stream, so they land at a checkpoint or between
+two. The full set (``rtpipe chaos``) runs each Redis and broker fault ``repeats`` times in a
+row (3), the last time while another process keeps a core busy (``cpu_load_last``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -53,10 +61,16 @@ Fault = Literal[
     "rebalance",
     "redis-pause",
     "redis-review",
+    "redis-pause-short",
+    "redis-review-short",
     "kafka-restart",
     "bad-model",
 ]
 FAULTS: tuple[Fault, ...] = get_args(Fault)
+# Faults of the Redis and Kafka servers: repeated in the full set, the last time under load.
+REPEATED: frozenset[str] = frozenset(
+    {"redis-pause", "redis-review", "redis-pause-short", "redis-review-short", "kafka-restart"}
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,7 +91,11 @@ class ChaosConfig:
     rate: float = 150.0
     kills: int = 3
     redis_outage_s: float = 30.0
+    short_outage_s: float = 3.0
     kafka_down_s: float = 5.0
+    # Runs of each fault in REPEATED, and whether the last runs beside a CPU-bound process.
+    repeats: int = 3
+    cpu_load_last: bool = True
     drain_timeout_s: float = 300.0
     seed: int = 0
 
@@ -438,7 +456,7 @@ def _rebalance(run: _Run, rng: random.Random) -> None:
     run.finish_replay()
 
 
-def _redis_outage(run: _Run, rng: random.Random) -> None:
+def _redis_outage(run: _Run, rng: random.Random, short: bool = False) -> None:
     from infra import stack
 
     ss = run.stack_settings
@@ -454,10 +472,11 @@ def _redis_outage(run: _Run, rng: random.Random) -> None:
     stack.down(ss, only=["redis"])
     os.killpg(prediction.proc.pid, signal.SIGCONT)
     run.log("Redis stopped (prediction paused 3 s before, to face a backlog)")
-    time.sleep(run.cfg.redis_outage_s)
+    outage_s = run.cfg.short_outage_s if short else run.cfg.redis_outage_s
+    time.sleep(outage_s)
     run.result.checks["stages_alive_during_outage"] = _alive(run.running_expected())
     stack.up(ss, components=("redis",))
-    run.log(f"Redis started again after {run.cfg.redis_outage_s:.0f}s")
+    run.log(f"Redis started again after {outage_s:.0f}s")
     run.finish_replay()
 
 
@@ -539,6 +558,11 @@ def _served_versions(run: _Run) -> set[str]:
     return versions
 
 
+def _cpu_burner() -> subprocess.Popen[bytes]:
+    """A process that keeps one core busy until killed (the machine under load)."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
 # -- entry point ----------------------------------------------------------------------------
 
 
@@ -590,15 +614,23 @@ def run_chaos(
     )
     rng = random.Random(cfg.seed)
     results: list[FaultResult] = []
+    runs: list[tuple[str, str, bool]] = []
     for fault in chosen:
-        result = FaultResult(fault)
+        n = cfg.repeats if fault in REPEATED else 1
+        for k in range(n):
+            loaded = cfg.cpu_load_last and n > 1 and k == n - 1
+            label = fault if n == 1 else f"{fault}#{k + 1}" + (" (CPU load)" if loaded else "")
+            runs.append((fault, label, loaded))
+    for fault, label, loaded in runs:
+        burner = _cpu_burner() if loaded else None
+        result = FaultResult(label)
         t0 = time.monotonic()
         extra: dict[str, object] = {}
-        if fault == "redis-review":
+        if fault.startswith("redis-review"):
             extra["on_features_unavailable"] = "review"
-        elif fault == "redis-pause":
+        elif fault.startswith("redis-pause"):
             extra["on_features_unavailable"] = "pause"
-        s = _isolated(base, root, fault, **extra)
+        s = _isolated(base, root, label.replace("#", "-").split(" ")[0], **extra)
         run = _Run(s, settings, tx, cfg, result)
         try:
             apply_repo(s)
@@ -609,7 +641,7 @@ def run_chaos(
             elif fault == "rebalance":
                 _rebalance(run, rng)
             elif fault.startswith("redis-"):
-                _redis_outage(run, rng)
+                _redis_outage(run, rng, short=fault.endswith("-short"))
             elif fault == "kafka-restart":
                 _kafka_restart(run, rng)
             elif fault == "bad-model":
@@ -623,7 +655,7 @@ def run_chaos(
                 result.checks["reviewed_features_unavailable"] = (
                     reasons.get("features_unavailable", 0) > 0
                 )
-            elif fault == "redis-pause":
+            elif fault.startswith("redis-pause"):
                 result.checks["no_features_unavailable"] = "features_unavailable" not in reasons
             if fault == "bad-model":
                 result.checks["only_good_version_served"] = _served_versions(run) == {version}
@@ -631,6 +663,9 @@ def run_chaos(
             logger.exception("chaos %s failed", fault)
             result.error = f"{type(exc).__name__}: {exc}"
         finally:
+            if burner is not None:
+                burner.kill()
+                burner.wait()
             leftover = run.running()
             if leftover:
                 stop_stages(leftover)
