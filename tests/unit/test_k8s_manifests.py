@@ -190,8 +190,32 @@ def test_each_stage_deployment_scales_on_its_own_group_and_serves_metrics() -> N
         container = pod["spec"]["containers"][0]
         assert container["command"] == ["rtpipe", "run", stage]
         port = settings.metrics.port(stage)
-        assert container["ports"] == [{"name": "metrics", "containerPort": port}]
+        # Every process of the stage serves metrics on its own port (enrichment: the labels
+        # process on enrichment_labels_port too), each named in the pod and in the env.
+        ports = settings.metrics.ports(stage)
+        names = ("metrics", "labels-metrics")[: len(ports)]
+        assert container["ports"] == [
+            {"name": n, "containerPort": p} for n, p in zip(names, ports, strict=True)
+        ]
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        if stage == "enrichment":
+            assert env["RTPIPE_METRICS__ENRICHMENT_LABELS_PORT"] == str(ports[1])
+        # ... and every one of those ports is scraped: a headless Service per port, annotated
+        # with it, selecting the stage's pods.
+        scraped = [
+            svc
+            for svc in services.values()
+            if svc["spec"]["selector"] == {"app.kubernetes.io/name": stage}
+            and svc["metadata"]["annotations"].get("prometheus.io/scrape") == "true"
+        ]
+        assert sorted(
+            int(svc["metadata"]["annotations"]["prometheus.io/port"]) for svc in scraped
+        ) == sorted(ports)
+        for svc in scraped:
+            [svc_port] = svc["spec"]["ports"]
+            assert str(svc_port["port"]) == svc["metadata"]["annotations"]["prometheus.io/port"]
+            assert svc_port["targetPort"] in names
         for probe in ("readinessProbe", "livenessProbe"):
             assert container[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
         refs = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e]
@@ -203,6 +227,8 @@ def test_each_stage_deployment_scales_on_its_own_group_and_serves_metrics() -> N
         assert so["scaleTargetRef"]["name"] == stage
         assert so["maxReplicaCount"] <= partitions
         groups = stage_groups(settings, stage)
+        # Scaled on the lag of every consumer group its pods are members of.
+        assert {t["metadata"]["consumerGroup"] for t in so["triggers"]} == set(groups), stage
         for trigger in so["triggers"]:
             meta = trigger["metadata"]
             assert meta["consumerGroup"] in groups, (stage, meta)
