@@ -5,6 +5,7 @@ and passes it down; heavy imports happen inside the commands so ``--help`` is in
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -145,6 +146,10 @@ def run_stage(
     # instead of killing it half-started.
     stop = StopFlag()
     stop.install_signal_handlers()
+    from stages.shared.procenv import drop_feast_prometheus_dirs
+
+    # Before prometheus_client is imported: it picks its value store then.
+    drop_feast_prometheus_dirs(os.environ)
     from stages.shared.metrics import build_metrics
 
     settings = _settings()

@@ -42,6 +42,7 @@ from confluent_kafka.admin import AdminClient
 from quixstreams import Application, State
 from quixstreams.context import message_context
 from quixstreams.kafka.configuration import ConnectionConfig
+from quixstreams.models.serializers import JSONSerializer, Serializer
 from quixstreams.sinks.base import SinkBackpressureError, SinkBatch
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -52,6 +53,7 @@ from stages.enrichment.intake import (
     DedupState,
     canonical_key,
     check_duplicate,
+    check_horizon,
     content_fingerprint,
     describe_placement,
     rekey_headers,
@@ -135,20 +137,6 @@ class FeastOnlineSink(RetryingBatchingSink):
                 # Retried by flush() (the rows are idempotent).
                 raise SinkBackpressureError(retry_after=1.0) from exc
             raise
-
-
-def _dlq_headers(reason: str, detail: str) -> Any:
-    ctx = message_context()
-    where = f"{ctx.topic}[{ctx.partition}]@{ctx.offset}"
-
-    def set_headers(value: Any, key: Any, timestamp: int, headers: Any) -> Any:
-        return [
-            (DLQ_REASON, reason.encode()),
-            (DLQ_DETAIL, detail[:1000].encode("utf-8", "replace")),
-            (DLQ_SOURCE, where.encode()),
-        ]
-
-    return set_headers
 
 
 class NaturalBatchingApplication(Application):
@@ -287,29 +275,6 @@ def _redis_writer(settings: Settings) -> OnlineFeatureWriter:
     return OnlineFeatureWriter(client, online_layout(settings))
 
 
-def _to_dlq(metrics: Metrics, sdf: Any, topic: Any) -> None:
-    """Dead-letter the rows of ``sdf`` (``error``, ``detail``, ``raw``) with their reason."""
-
-    def count(value: dict[str, Any]) -> bytes:
-        metrics.dlq.labels(STAGE, value["error"]).inc()
-        ctx = message_context()
-        logger.warning(
-            "dead letter %s[%d]@%d: %s: %s",
-            ctx.topic,
-            ctx.partition,
-            ctx.offset,
-            value["error"],
-            value["detail"],
-        )
-        return value["raw"] if value["raw"] is not None else b""
-
-    (
-        sdf.set_headers(lambda v, k, t, h: _dlq_headers(v["error"], v["detail"])(v, k, t, h))
-        .apply(count)
-        .to_topic(topic)
-    )
-
-
 def transaction_record(
     settings: Settings, value: bytes, timestamp: int, headers: Any
 ) -> dict[str, Any]:
@@ -346,115 +311,161 @@ def transaction_record(
     }
 
 
+class _RawValue(Serializer):
+    """Writes a record's original bytes (dead letters and re-keyed copies); a record that
+    had no value is written empty."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> bytes:
+        raw = args[0]["raw"]
+        return b"" if raw is None else bytes(raw)
+
+
+class _RawKey(Serializer):
+    """Writes a key as the bytes it was read as (None stays None)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> bytes:
+        key = args[0]
+        return key if key is None else bytes(key)  # type: ignore[return-value]
+
+
+# What an enriched event carries downstream (the record also holds internal fields).
+ENRICHED_FIELDS = ("transaction_id", "customer_id", "terminal_id", "amount", "event_ms", "ts")
+
+
+def _enriched_json(value: dict[str, Any]) -> bytes:
+    out = {k: value[k] for k in ENRICHED_FIELDS}
+    out["features"] = {CUSTOMER_VIEW: value["features"]}
+    return orjson.dumps(out)
+
+
 def build_customer_app(
     settings: Settings, metrics: Metrics | None = None
 ) -> NaturalBatchingApplication:
-    """The customer-window application (topology above); ``app.run()`` starts it."""
+    """The customer-window application (topology above); ``app.run()`` starts it.
+
+    One linear chain with no branches: quixstreams copies a record (pickle) for every
+    branch of a dataframe, which cost 12 % of the stage's time per message with the six
+    branches of the previous topology (measured with py-spy). Each record gets a ``kind``
+    (``ok``, ``dlq``, ``rekey``, ``skip``) and a topic chosen from it.
+    """
     metrics = metrics or build_metrics()
     cfg = settings.enrichment
     topics = settings.topics
     grace = cfg.grace_ms
     app = application(settings, cfg.consumer_group)
 
-    # Read and (re-keyed records) written: the original bytes both ways.
+    # Read, and written by re-keyed copies: the original bytes both ways.
     tx_name = topics.name("transactions")
     tx_topic = app.topic(
         tx_name,
         value_deserializer="bytes",
         key_deserializer="bytes",
-        value_serializer="bytes",
-        key_serializer="bytes",
+        value_serializer=_RawValue(),
+        key_serializer=_RawKey(),
     )
-    tx_dlq = app.topic(topics.dlq(tx_name), value_serializer="bytes", key_serializer="bytes")
-    enriched = app.topic(topics.name("enriched"), value_serializer="json", key_serializer="string")
+    tx_dlq = app.topic(topics.dlq(tx_name), value_serializer=_RawValue(), key_serializer=_RawKey())
+    enriched = app.topic(
+        topics.name("enriched"),
+        value_serializer=JSONSerializer(dumps=_enriched_json),
+        key_serializer="string",
+    )
+    outputs = {"ok": enriched, "dlq": tx_dlq, "rekey": tx_topic}
     writer = _redis_writer(settings)
     n_partitions = input_partitions(settings, tx_name)
     horizon = cfg.dedup_horizon_ms
-    rekeyed = metrics.rekeyed
+    check_horizon(horizon, grace)
+    messages_in = metrics.messages_in.labels(STAGE)
+    messages_out = metrics.messages_out.labels(STAGE, enriched.name)
+    latency = metrics.stage_latency.labels(STAGE)
+    duplicates = metrics.duplicates.labels(STAGE)
 
-    def parse(value: bytes, key: Any, timestamp: int, headers: Any) -> dict[str, Any]:
-        metrics.messages_in.labels(STAGE).inc()
+    def dead_letter(value: bytes, key: Any, reason: str, detail: str) -> dict[str, Any]:
+        metrics.dlq.labels(STAGE, reason).inc()
+        ctx = message_context()
+        where = f"{ctx.topic}[{ctx.partition}]@{ctx.offset}"
+        logger.warning("dead letter %s: %s: %s", where, reason, detail)
+        return {
+            "kind": "dlq",
+            "raw": value,
+            "key": key,
+            "headers": [
+                (DLQ_REASON, reason.encode()),
+                (DLQ_DETAIL, detail[:1000].encode("utf-8", "replace")),
+                (DLQ_SOURCE, where.encode()),
+            ],
+        }
+
+    def step(value: bytes, key: Any, timestamp: int, headers: Any, state: State) -> Any:
+        messages_in.inc()
         rec = transaction_record(settings, value, timestamp, headers)
         if "error" in rec:
-            return rec
+            return dead_letter(value, key, rec["error"], rec["detail"])
         # The customer is the payload's: its state is the one keyed (and partitioned) by
-        # the canonical key. Anything else is re-produced under that key first.
+        # the canonical key. Anything else is re-produced under that key first (the state
+        # of this message's key is not touched).
         part = message_context().partition
-        verdict = route(
-            key, part, n_partitions, rec["customer_id"], rekeyed_reason(headers) is not None
-        )
+        cid = rec["customer_id"]
+        verdict = route(key, part, n_partitions, cid, rekeyed_reason(headers) is not None)
         if verdict.action == "dlq":
-            detail = describe_placement(key, part, n_partitions, rec["customer_id"])
-            return {"error": verdict.reason, "detail": detail, "raw": value}
+            detail = describe_placement(key, part, n_partitions, cid)
+            return dead_letter(value, key, str(verdict.reason), detail)
         if verdict.action == "rekey":
-            rekeyed.labels(tx_name, verdict.reason).inc()
-            rec["rekey"] = verdict.reason
-        return rec
-
-    def customer_window(value: dict[str, Any], state: State) -> dict[str, Any]:
+            metrics.rekeyed.labels(tx_name, verdict.reason).inc()
+            return {
+                "kind": "rekey",
+                "raw": value,
+                "key": canonical_key(cid),
+                "headers": rekey_headers(headers, verdict.reason),  # type: ignore[arg-type]
+            }
         stored = state.get("w")
         cs = CustomerState.from_state(stored)
         dedup = DedupState.from_state(stored.get("dedup") if stored else None, horizon)
-        raw = value.pop("raw")
-        tx_id, event_ms = value["transaction_id"], value["event_ms"]
-        fp = content_fingerprint(
-            tx_id, value["customer_id"], value["terminal_id"], value["amount"], event_ms
-        )
+        tx_id, event_ms = rec["transaction_id"], rec["event_ms"]
+        fp = content_fingerprint(tx_id, cid, rec["terminal_id"], rec["amount"], event_ms)
         seen = check_duplicate(dedup, tx_id, fp, event_ms)
         if seen == "duplicate":
-            metrics.duplicates.labels(STAGE).inc()
-            return {"duplicate": True}
+            duplicates.inc()
+            return {"kind": "skip"}
         if seen == "conflict":
             detail = f"transaction {tx_id} was seen before with other content"
-            return {"error": CONFLICT_REASON, "detail": detail, "raw": raw}
+            return dead_letter(value, key, CONFLICT_REASON, detail)
         remember(dedup, tx_id, fp, event_ms)
         try:
-            feats = update_customer(cs, event_ms, value["amount"], grace)
+            rec["features"] = update_customer(cs, event_ms, rec["amount"], grace)
         except InvalidMessage as err:
-            value = {"error": err.reason, "detail": err.detail, "raw": raw}
-        else:
-            value["features"] = {CUSTOMER_VIEW: feats}
+            rec = dead_letter(value, key, err.reason, err.detail)
         # Remembered even when late: a retry of it is a duplicate, not a second outcome.
         kept = cs.to_state()
         kept["dedup"] = dedup.to_state()
         state.set("w", kept)
-        return value
-
-    def finish(value: dict[str, Any]) -> dict[str, Any]:
-        del value["warmup"]
+        if rec.get("kind") == "dlq":
+            return rec
+        if rec["warmup"]:  # fills the windows only: not pushed, scored or routed
+            return {"kind": "skip"}
         now = int(time.time() * 1000)
-        value["ts"]["enriched_ms"] = now
-        metrics.messages_out.labels(STAGE, enriched.name).inc()
-        ingest = value["ts"].get("ingest_ms") or value["event_ms"]
-        metrics.stage_latency.labels(STAGE).observe(max(0.0, (now - ingest) / 1000.0))
-        return value
+        rec["ts"]["enriched_ms"] = now
+        rec["kind"] = "ok"
+        messages_out.inc()
+        latency.observe(max(0.0, (now - (rec["ts"].get("ingest_ms") or event_ms)) / 1000.0))
+        return rec
 
-    sdf = app.dataframe(tx_topic).apply(parse, metadata=True)
-    _to_dlq(metrics, sdf[sdf.apply(lambda v: "error" in v)], tx_dlq)
-    # Misplaced: back to the input under the canonical key (murmur2 places it), original
-    # bytes, timestamp and headers, in this checkpoint's transaction.
-    (
-        sdf[sdf.apply(lambda v: "rekey" in v)]
-        .set_headers(lambda v, k, t, h: rekey_headers(h, v["rekey"]))
-        .apply(lambda v: v["raw"])
-        .to_topic(tx_topic, key=lambda raw: canonical_key(orjson.loads(raw)["customer_id"]))
-    )
-    placed = sdf[sdf.apply(lambda v: "error" not in v and "rekey" not in v)]
-    windowed = placed.apply(customer_window, stateful=True)
-    _to_dlq(metrics, windowed[windowed.apply(lambda v: "error" in v)], tx_dlq)
-    # Warm-up records only fill the windows: they are not pushed, scored or routed.
-    ok = windowed[
-        windowed.apply(lambda v: "error" not in v and "duplicate" not in v and not v["warmup"])
-    ]
+    def headers_of(value: dict[str, Any], key: Any, timestamp: int, headers: Any) -> Any:
+        return value.get("headers", headers)
+
+    def key_of(value: dict[str, Any]) -> Any:
+        return str(value["transaction_id"]) if value["kind"] == "ok" else value["key"]
+
     sink = FeastOnlineSink(writer, CUSTOMER_VIEW, "customer_id", CUSTOMER_FEATURES)
-    ok.apply(
-        lambda v: {
-            "customer_id": v["customer_id"],
-            "event_ms": v["event_ms"],
-            "features": v["features"][CUSTOMER_VIEW],
-        }
-    ).sink(sink)
-    ok.apply(finish).to_topic(enriched, key=lambda v: str(v["transaction_id"]))
+    (
+        app.dataframe(tx_topic)
+        .apply(step, stateful=True, metadata=True)
+        .filter(lambda v: v["kind"] != "skip")
+        .set_headers(headers_of)
+        .to_topic(lambda v, k, t, h: outputs[v["kind"]], key=key_of)
+        # The enriched events' rows, flushed to Redis before the checkpoint commits.
+        .filter(lambda v: v["kind"] == "ok")
+        .sink(sink)
+    )
     app.watch_partitions(
         PartitionWatch({tx_name}, metrics, settings.stall_timeout_s, lambda: sink.total_retries)
     )

@@ -31,6 +31,7 @@ from stages.ops.latency import HOPS, TOTAL, DecisionCollector, decision_stats, i
 from stages.ops.replay import ReplayPlan, ReplayResult, replay
 from stages.ops.report import MetricsSampler, render_live_latency, render_run_report
 from stages.shared.kafka import ensure_topics
+from stages.shared.procenv import drop_feast_prometheus_dirs
 from stages.shared.schemas import CUSTOMER_VIEW, TERMINAL_VIEW
 from stages.shared.settings import Settings, settings_to_env, stage_groups
 from training.skew import SkewReport
@@ -57,6 +58,7 @@ class StageProcess:
 def _env_for(settings: Settings) -> dict[str, str]:
     """Environment that rebuilds the same settings in a child process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RTPIPE_")}
+    drop_feast_prometheus_dirs(env)
     resolved = settings.model_copy(
         update={"home": settings.home.resolve(), "feature_repo": settings.feature_repo.resolve()}
     )

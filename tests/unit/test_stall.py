@@ -71,3 +71,18 @@ def test_unknown_positions_and_forgotten_partitions() -> None:
     watch.forget([TP])
     assert watch.stalled() == []
     assert not watch.observe(TP, 3, 20)
+
+
+def test_feast_multiprocess_dirs_are_not_inherited() -> None:
+    from stages.shared.procenv import drop_feast_prometheus_dirs
+
+    env = {
+        "PROMETHEUS_MULTIPROC_DIR": "/tmp/feast_metrics_ab12",
+        "PROMETHEUS_MULTIPROCESS_DIR": "/tmp/feast_metrics_ab12",
+        "PATH": "/usr/bin",
+    }
+    drop_feast_prometheus_dirs(env)
+    assert env == {"PATH": "/usr/bin"}
+    mine = {"PROMETHEUS_MULTIPROC_DIR": "/var/run/my-metrics"}  # a deliberate setting stays
+    drop_feast_prometheus_dirs(mine)
+    assert mine == {"PROMETHEUS_MULTIPROC_DIR": "/var/run/my-metrics"}
