@@ -26,8 +26,10 @@ from stages.shared.settings import Settings, TopicSettings, on_port_base
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-# Ports of the bench stack: BASE+92 Kafka, +93 controller, +379 Redis, +1..+4 stage metrics.
-PORT_BASE = 35000
+# Ports of the bench stack: BASE+92 Kafka, +93 controller, +379 Redis, +1..+5 stage metrics.
+# Below Linux's ephemeral range (32768-60999): a port there can be taken by any outgoing
+# connection, and a stage that cannot bind its metrics port dies (seen at 35002).
+PORT_BASE = 27000
 
 
 def bench_settings(base: Settings, port_base: int = PORT_BASE) -> Settings:

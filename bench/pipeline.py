@@ -23,7 +23,7 @@ from stages.ops.latency import (
     ids_in,
     plans,
 )
-from stages.ops.replay import ReplayPlan, replay
+from stages.ops.replay import ReplayPlan, replay, replay_producer
 from stages.shared.kafka import consumer_config, ensure_topics, producer_config
 from stages.shared.settings import Settings
 
@@ -119,12 +119,14 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
     windows = plans(tx, start, [*counts, int(1_000 * latency_s)])
     collector = DecisionCollector(settings)
     procs = start_stages(settings)
+    # One producer for every phase: ready (metadata, producer id) after the warm-up.
+    producer = replay_producer(settings)
     phases: list[Phase] = []
     try:
 
         def run_phase(name: str, plan: ReplayPlan, rate: float | None) -> Phase:
             ids = ids_in(tx, plan)
-            result = replay(settings, tx, plan, rate=rate)
+            result = replay(settings, tx, plan, rate=rate, producer=producer)
             collector.wait_for(ids, timeout_s=180)
             dead = [sp.name for sp in procs if sp.proc.poll() is not None]
             if dead:

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from stages.ops.audit import AuditReport, audit, read_topic
 from stages.ops.latency import HOPS, TOTAL, DecisionCollector, decision_stats, ids_in, plans
-from stages.ops.replay import ReplayPlan, ReplayResult, replay
+from stages.ops.replay import ReplayPlan, ReplayResult, replay, replay_producer
 from stages.ops.report import MetricsSampler, render_live_latency, render_run_report
 from stages.shared.kafka import ensure_topics
 from stages.shared.procenv import drop_feast_prometheus_dirs
@@ -434,6 +434,10 @@ def run_demo(
             f"replayed {replayed.transactions:,} transactions, {replayed.labels:,} labels and "
             f"{replayed.history:,} history transactions in {replayed.seconds:.1f}s"
         )
+        # Made now, the live phase's producer has its metadata and producer id (fetched in
+        # the background) before its first event.
+        producer = replay_producer(settings)
+        producer.list_topics(timeout=10)
         wait_for_outcomes(settings, expected, procs, timeout_s=600)
         # The pipeline's own latency: the next hours of events at a fixed live rate.
         console.rule(f"live rate: {LIVE_SECONDS:.0f} s at {LIVE_RATE:,.0f} events/s")
@@ -441,7 +445,7 @@ def run_demo(
         live_ids = ids_in(tx, live_plan)
         collector = DecisionCollector(settings)
         try:
-            replay(settings, tx, live_plan, rate=LIVE_RATE)
+            replay(settings, tx, live_plan, rate=LIVE_RATE, producer=producer)
             collector.wait_for(live_ids, timeout_s=120)
             live_rows = collector.decisions.of(live_ids)
         finally:

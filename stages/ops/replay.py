@@ -132,20 +132,31 @@ def build_events(tx: pd.DataFrame, plan: ReplayPlan) -> pd.DataFrame:
     )
 
 
+def replay_producer(settings: Settings) -> Producer:
+    """The producer a replay uses (idempotent, 5 ms linger)."""
+    return Producer(producer_config(settings.kafka, **{"linger.ms": 5}))
+
+
 def replay(
     settings: Settings,
     tx: pd.DataFrame,
     plan: ReplayPlan,
     rate: float | None = None,
     progress: Callable[[int], None] | None = None,
+    producer: Producer | None = None,
 ) -> ReplayResult:
     """Produce the plan's events; ``rate`` in transactions per second (None = max speed).
+
+    Args:
+        producer: a producer from :func:`replay_producer` to reuse. A new idempotent
+            producer holds its first messages until it has fetched metadata and its
+            producer id (hundreds of ms), which a latency measurement would count.
 
     Raises:
         KafkaException: if any message could not be delivered (after the producer's retries).
     """
     events = build_events(tx, plan)
-    producer = Producer(producer_config(settings.kafka, **{"linger.ms": 5}))
+    producer = producer or replay_producer(settings)
     tx_topic = settings.topics.name("transactions")
     labels_topic = settings.topics.name("labels")
     failures: list[str] = []
