@@ -83,19 +83,12 @@ class PredictionStage:
             logger.warning("dead letter %s: %s", where(msgs[i]), err)
             self.metrics.dlq.labels(STAGE, err.reason).inc()
             outputs.append(dead_letter(self._dlq_topic, msgs[i], err.reason, err.detail))
-        if len(batch) and self.claims is not None:
-            batch = self._one_per_id(batch, msgs, outputs)
         if len(batch):
-            outputs.extend(self._score(batch))
+            outputs.extend(self._score(batch, msgs, outputs))
         return outputs
 
-    def _one_per_id(
-        self, batch: EnrichedBatch, msgs: list[Message], outputs: list[Output]
-    ) -> EnrichedBatch:
-        """Drop the copies of an id this batch or an earlier one already scored with other
-        content (dead-lettered ``conflicting_duplicate``) or the same (counted)."""
-        assert self.claims is not None
-        fps = [
+    def _fingerprints(self, batch: EnrichedBatch) -> list[int]:
+        return [
             content_fingerprint(t, c, k, a, e)
             for t, c, k, a, e in zip(
                 batch.transaction_id.tolist(),
@@ -106,10 +99,18 @@ class PredictionStage:
                 strict=True,
             )
         ]
-        try:
-            conflict = self.claims.claim(batch.transaction_id, fps)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RetryBatch(f"claims unavailable: {exc}", retry_after_s=1.0) from None
+
+    def _copies(
+        self,
+        batch: EnrichedBatch,
+        fps: list[int],
+        conflict: np.ndarray,
+        msgs: list[Message],
+        outputs: list[Output],
+    ) -> np.ndarray:
+        """Which rows to score: not the copies of an id this batch or an earlier one
+        already scored with other content (dead-lettered ``conflicting_duplicate``) or with
+        the same (counted)."""
         seen: set[tuple[int, int]] = set()
         keep = ~conflict
         for j, (tid, fp) in enumerate(zip(batch.transaction_id.tolist(), fps, strict=True)):
@@ -124,20 +125,38 @@ class PredictionStage:
                 self.metrics.duplicates.labels(STAGE).inc()
             else:
                 seen.add((tid, fp))
-        return batch if keep.all() else batch.take(keep)
+        return keep
 
-    def _score(self, batch: EnrichedBatch) -> list[Output]:
+    def _score(self, batch: EnrichedBatch, msgs: list[Message], dead: list[Output]) -> list[Output]:
         entity = {"customer_id": batch.customer_id, "terminal_id": batch.terminal_id}
+        fps = self._fingerprints(batch) if self.claims is not None else []
         try:
             # Asked first, answered while Redis is read: where the labels are now.
             stable = self._stable_label_offsets() if self.labels is not None else None
             online = self.reader.read(entity)
+            conflict = np.zeros(len(batch), dtype=bool)
             if self.labels is not None:
-                online = self._with_terminal_windows(batch, online, stable)
+                # The claims travel in the label index's round trip.
+                claims = (
+                    self.claims.commands(batch.transaction_id, fps)
+                    if self.claims is not None
+                    else []
+                )
+                online, replies = self._with_terminal_windows(batch, online, stable, claims)
+                if self.claims is not None:
+                    conflict = self.claims.conflicts(replies, fps)
+            elif self.claims is not None:
+                conflict = self.claims.claim(batch.transaction_id, fps)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if self.settings.prediction.on_features_unavailable == "pause":
                 raise RetryBatch(f"features_unavailable: {exc}", retry_after_s=1.0) from None
             return self._unavailable(batch, str(exc))
+        if self.claims is not None:
+            keep = self._copies(batch, fps, conflict, msgs, dead)
+            if not keep.all():
+                batch, online = batch.take(keep), online.take(keep)
+                if not len(batch):
+                    return []
         replaced = point_in_time(
             online.values, online.event_ts_ms, online.found, online.feature_names, batch
         )
@@ -214,10 +233,15 @@ class PredictionStage:
         )
 
     def _with_terminal_windows(
-        self, batch: EnrichedBatch, online: OnlineBatch, stable: Any
-    ) -> OnlineBatch:
+        self,
+        batch: EnrichedBatch,
+        online: OnlineBatch,
+        stable: Any,
+        tail: list[tuple[bytes, ...]],
+    ) -> tuple[OnlineBatch, list[Any]]:
         """``online`` with the terminal view's columns, counted over the label index for
-        each event's own time once the index has every label the events may need."""
+        each event's own time once the index has every label the events may need; and the
+        replies to ``tail``, commands sent in the first read's round trip."""
         assert self.labels is not None
         try:
             offsets = {tp.partition: fut.result().offset for tp, fut in stable.items()}
@@ -226,10 +250,11 @@ class PredictionStage:
             raise RetryBatch(f"labels offsets unavailable: {exc}", retry_after_s=0.5) from None
         started = time.monotonic()
         deadline = started + self.settings.prediction.label_wait_max_ms / 1000.0
+        values, progress = self.labels.terminal_features(
+            batch.terminal_id, batch.event_ms, with_progress=True, tail=tail
+        )
+        replies = self.labels.last_tail_replies
         while True:
-            values, progress = self.labels.terminal_features(
-                batch.terminal_id, batch.event_ms, with_progress=True
-            )
             exact = exact_mask(batch.event_ms, progress or {}, offsets)
             if exact.all():
                 break
@@ -243,14 +268,18 @@ class PredictionStage:
                 )
                 break
             time.sleep(0.001)
+            values, progress = self.labels.terminal_features(
+                batch.terminal_id, batch.event_ms, with_progress=True
+            )
         self.metrics.label_wait.observe(time.monotonic() - started)
         n = len(batch)
-        return OnlineBatch(
+        joined = OnlineBatch(
             values=np.concatenate([online.values, values], axis=1),
             event_ts_ms={**online.event_ts_ms, TERMINAL_VIEW: batch.event_ms.copy()},
             found={**online.found, TERMINAL_VIEW: np.ones(n, dtype=bool)},
             feature_names=(*online.feature_names, *TERMINAL_FEATURES),
         )
+        return joined, replies
 
     def _canary(
         self,

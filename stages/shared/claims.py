@@ -44,6 +44,31 @@ class TransactionClaims:
         self._ttl = b"%d" % horizon_s
         self._raw = RawRedis(redis_client) if RawRedis.supports(redis_client) else None
 
+    def commands(self, ids: np.ndarray, fingerprints: list[int]) -> list[tuple[bytes, ...]]:
+        """The claim commands, to send in another call's round trip; :meth:`conflicts`
+        reads their replies."""
+        return [
+            (b"SET", self._prefix + b"%d" % i, b"%d" % f, b"NX", b"GET", b"EX", self._ttl)
+            for i, f in zip(np.asarray(ids).tolist(), fingerprints, strict=True)
+        ]
+
+    @staticmethod
+    def conflicts(replies: list[Any], fingerprints: list[int]) -> np.ndarray:
+        """True where a claim's reply holds another fingerprint than the claimer's."""
+        import redis
+
+        err = next((r for r in replies if isinstance(r, Exception)), None)
+        if err is not None:
+            raise redis.ResponseError(str(err))
+        return np.fromiter(
+            (
+                r is not None and bytes(r) != b"%d" % f
+                for r, f in zip(replies, fingerprints, strict=True)
+            ),
+            dtype=bool,
+            count=len(fingerprints),
+        )
+
     def claim(self, ids: np.ndarray, fingerprints: list[int]) -> np.ndarray:
         """Claim each id with its fingerprint; True where another fingerprint holds it.
 

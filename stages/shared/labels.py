@@ -40,6 +40,7 @@ from typing import Any, Final
 import numpy as np
 
 from stages.shared.online import RawRedis
+from stages.shared.online_cluster import cluster_unavailable, is_cluster_unavailable
 from stages.shared.schemas import DAY_MS, LABEL_DELAY_DAYS, TERMINAL_FEATURES, WINDOWS_DAYS
 
 # Labels kept per terminal: the longest window's span, plus slack for late events.
@@ -200,6 +201,8 @@ class LabelIndex:
         self.progress_key = f"{project}:lbl:progress:{labels_topic}".encode()
         self._raw = RawRedis(redis_client) if RawRedis.supports(redis_client) else None
         self._sha: dict[str, str] = {}
+        # Replies to the ``tail`` commands of the last terminal_features call.
+        self.last_tail_replies: list[Any] = []
 
     # -- keys --------------------------------------------------------------------------------
     def keys(self, terminal_id: int) -> tuple[bytes, bytes]:
@@ -250,6 +253,8 @@ class LabelIndex:
                 finally:
                     pipe.reset()
             except redis.ResponseError as exc:
+                if is_cluster_unavailable(exc):  # a failover: transient, retried by callers
+                    raise cluster_unavailable(exc) from exc
                 # redis-py parses a NOSCRIPT reply into NoScriptError without the prefix;
                 # the raw path keeps the server's text.
                 lost = isinstance(exc, redis.exceptions.NoScriptError) or "NOSCRIPT" in str(exc)
@@ -302,13 +307,24 @@ class LabelIndex:
 
     # -- reads -------------------------------------------------------------------------------
     def terminal_features(
-        self, terminal_id: np.ndarray, event_ms: np.ndarray, with_progress: bool = False
+        self,
+        terminal_id: np.ndarray,
+        event_ms: np.ndarray,
+        with_progress: bool = False,
+        tail: Sequence[Sequence[bytes]] = (),
     ) -> tuple[np.ndarray, dict[int, PartitionProgress] | None]:
         """Terminal features for each (terminal, event time) row, in one round trip.
 
+        Args:
+            terminal_id: the rows' terminals.
+            event_ms: the rows' event times.
+            with_progress: read the progress hash in the same round trip.
+            tail: more commands for the same round trip (their replies are in
+                :attr:`last_tail_replies` afterwards).
+
         Returns:
-            ``(n, len(TERMINAL_FEATURES))`` float64 values, and the progress hash read in
-            the same round trip when ``with_progress``.
+            ``(n, len(TERMINAL_FEATURES))`` float64 values, and the progress hash when
+            ``with_progress``.
         """
         terminal_id = np.asarray(terminal_id, dtype=np.int64)
         n = len(terminal_id)
@@ -318,19 +334,30 @@ class LabelIndex:
         uniq, starts = np.unique(terminal_id[order], return_index=True)
         ends = np.append(starts[1:], n)
         bound_bytes = [b"%d" % v for v in bounds[order].ravel().tolist()]
-        calls = []
+        per_terminal = []
         for term, s, e in zip(uniq.tolist(), starts.tolist(), ends.tolist(), strict=True):
-            args = [b"%d" % w, b"%d" % (e - s), *bound_bytes[s * (1 + w) : e * (1 + w)]]
-            calls.append((self.keys(term), args))
-        tail = [(b"HGETALL", self.progress_key)] if with_progress else []
-        replies = self._eval_many(_COUNT_WINDOWS, calls, tail) if (calls or tail) else []
+            args = [b"%d" % (e - s), *bound_bytes[s * (1 + w) : e * (1 + w)]]
+            per_terminal.append((self.keys(term), args))
+        calls: list[tuple[Sequence[bytes], Sequence[bytes]]]
+        if self._raw is not None and per_terminal:
+            # One server: one script call for every terminal of the batch.
+            keys = [k for ks, _ in per_terminal for k in ks]
+            args = [b"%d" % w, *(a for _, aa in per_terminal for a in aa)]
+            calls = [(keys, args)]
+        else:
+            # Redis Cluster: one call per terminal, routed by its hash tag.
+            calls = [(ks, [b"%d" % w, *aa]) for ks, aa in per_terminal]
+        progress_cmd = [(b"HGETALL", self.progress_key)] if with_progress else []
+        extra = [*progress_cmd, *tail]
+        replies = self._eval_many(_COUNT_WINDOWS, calls, extra) if (calls or extra) else []
         counts = np.empty((n, 2 * w), dtype=np.int64)
         if calls:
             flat = [c for reply in replies[: len(calls)] for c in reply]
             counts[order] = np.asarray(flat, dtype=np.int64).reshape(n, 2 * w)
         progress = None
         if with_progress:
-            progress = parse_progress(replies[-1])
+            progress = parse_progress(replies[len(calls)])
+        self.last_tail_replies = replies[len(calls) + len(progress_cmd) :]
         return terminal_features_from_counts(counts), progress
 
 

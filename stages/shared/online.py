@@ -703,6 +703,15 @@ class OnlineBatch:
     found: dict[str, np.ndarray]
     feature_names: tuple[str, ...]
 
+    def take(self, keep: np.ndarray) -> OnlineBatch:
+        """The rows where ``keep`` (a boolean mask) is True."""
+        return OnlineBatch(
+            values=self.values[keep],
+            event_ts_ms={v: ts[keep] for v, ts in self.event_ts_ms.items()},
+            found={v: f[keep] for v, f in self.found.items()},
+            feature_names=self.feature_names,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class _ViewRead:
