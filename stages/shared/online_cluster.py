@@ -24,6 +24,7 @@ from itertools import chain
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
+import redis
 
 from stages.shared.online import (
     _WRITE_CHUNK,
@@ -55,6 +56,34 @@ CLUSTER_WRITE_MANY_IF_NEWER: Final = (
 
 class _Redirected(Exception):
     """A node answered MOVED or ASK: the slot map is stale."""
+
+
+class ClusterUnavailableError(redis.ConnectionError):
+    """The cluster does not serve a slot right now (a master failed and its replica is not
+    promoted yet: ``CLUSTERDOWN``, ``TRYAGAIN``, ``MASTERDOWN``). Transient, like a refused
+    connection, so it is one: the stages back off and retry the batch."""
+
+
+# Error replies (and the text redis-py puts in its cluster exceptions) of a cluster that is
+# failing over; a script's own call fails with "... while the cluster is down".
+UNAVAILABLE_REPLIES: Final = ("CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN")
+_UNAVAILABLE_TEXT: Final = ("The cluster is down", "while the cluster is down")
+
+
+def is_cluster_unavailable(error: object) -> bool:
+    """Whether ``error`` (an error reply or a redis-py exception) says the cluster is
+    failing over rather than that the command is wrong."""
+    from redis.exceptions import ClusterDownError, MasterDownError, TryAgainError
+
+    if isinstance(error, ClusterDownError | MasterDownError | TryAgainError):
+        return True
+    text = str(error)
+    return text.startswith(UNAVAILABLE_REPLIES) or any(t in text for t in _UNAVAILABLE_TEXT)
+
+
+def cluster_unavailable(error: object) -> ClusterUnavailableError:
+    """A :class:`redis.ConnectionError` for an ``error`` of :func:`is_cluster_unavailable`."""
+    return ClusterUnavailableError(f"Redis Cluster unavailable: {error}")
 
 
 def key_slots(keys: Sequence[bytes]) -> np.ndarray:
@@ -171,6 +200,10 @@ class ClusterRawRedis:
             for r in replies:
                 if isinstance(r, Exception) and str(r).startswith(("MOVED", "ASK")):
                     raise _Redirected(str(r))
+        for replies in out.values():
+            for r in replies:
+                if isinstance(r, Exception) and is_cluster_unavailable(r):
+                    raise cluster_unavailable(r)
         return out
 
     def _retrying(self, build: Any) -> tuple[dict[int, list[Any]], Any]:
