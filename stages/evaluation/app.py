@@ -138,6 +138,8 @@ class RedisJoinStore:
         (on every primary), the others are not applied twice."""
         from redis.exceptions import NoScriptError
 
+        from stages.shared.online_cluster import cluster_unavailable, is_cluster_unavailable
+
         out: list[object] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in (0, 1):
@@ -147,6 +149,11 @@ class RedisJoinStore:
                     keys, args = calls[i]
                     pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
                 replies = pipe.execute(raise_on_error=False)
+            except redis.ResponseError as exc:
+                # A failover (CLUSTERDOWN...) is transient: a ConnectionError, retried.
+                if is_cluster_unavailable(exc):
+                    raise cluster_unavailable(exc) from exc
+                raise
             finally:
                 pipe.reset()
             missing = []
@@ -154,7 +161,7 @@ class RedisJoinStore:
                 if isinstance(reply, NoScriptError):
                     missing.append(i)
                 elif isinstance(reply, Exception):
-                    raise reply
+                    raise cluster_unavailable(reply) if is_cluster_unavailable(reply) else reply
                 else:
                     out[i] = reply
             if not missing:
