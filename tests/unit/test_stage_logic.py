@@ -275,3 +275,29 @@ def test_replay_puts_a_label_before_a_transaction_at_the_instant_it_becomes_know
 def test_a_malformed_feature_age_goes_to_review(ages: object) -> None:
     rec = {"transaction_id": 1, "score": 0.01, "feature_age_s": ages}
     assert decide(rec, RoutingSettings()) == ("review", "prediction_error")
+
+
+def test_the_enriched_record_is_what_the_prediction_stage_decodes() -> None:
+    # The enrichment app's writer and the prediction stage's reader of the same contract.
+    from stages.enrichment.app import _enriched_json
+    from stages.prediction.logic import decode_enriched
+    from stages.shared.schemas import CUSTOMER_FEATURES, CUSTOMER_VIEW
+
+    feats = {f: float(i) + 0.5 for i, f in enumerate(CUSTOMER_FEATURES)}
+    rec = {
+        "kind": "ok",
+        "raw": b"{...}",
+        "warmup": False,
+        "transaction_id": 7,
+        "customer_id": 3,
+        "terminal_id": 11,
+        "amount": 12.5,
+        "event_ms": 1_530_000_000_000,
+        "ts": {"ingest_ms": 1_800_000_000_000, "consumed_ms": 1, "enriched_ms": 1_800_000_000_005},
+        "features": feats,
+    }
+    batch, bad = decode_enriched([_enriched_json(rec)])
+    assert bad == []
+    assert batch.transaction_id.tolist() == [7] and batch.terminal_id.tolist() == [11]
+    assert batch.enriched_ms.tolist() == [1_800_000_000_005]
+    assert batch.carried == [{CUSTOMER_VIEW: feats}]
