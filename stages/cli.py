@@ -194,6 +194,53 @@ def run_stage(
 
 
 @app.command()
+def retrain(
+    request: Annotated[
+        bool, typer.Option("--request", help="Send one retraining request and exit.")
+    ] = False,
+    labels_known: Annotated[
+        str | None,
+        typer.Option(help="With --request: labels are known before this time (ISO, UTC)."),
+    ] = None,
+) -> None:
+    """The retrain job until SIGTERM: requests on model.retrain_requests (group retrain), a
+    candidate trained on the latest window, served as shadow, promoted by the gate."""
+    from stages.shared.kafka import StopFlag
+
+    stop = StopFlag()
+    stop.install_signal_handlers()
+    settings = _settings()
+    if request:
+        import time as _time
+
+        import pandas as pd
+        from confluent_kafka import Producer
+
+        from stages.retrain.app import retrain_topic
+        from stages.retrain.logic import request_payload
+        from stages.shared.kafka import ensure_topics, producer_config
+
+        known = None if labels_known is None else pd.Timestamp(labels_known, tz="UTC")
+        topic = retrain_topic(settings)
+        ensure_topics(settings.kafka, settings.topics, [topic])
+        producer = Producer(producer_config(settings.kafka))
+        name = settings.prediction.model_name
+        known_ms = None if known is None else int(known.value // 1_000_000)
+        producer.produce(
+            topic,
+            request_payload(name, "manual", known_ms, int(_time.time() * 1000)),
+            name.encode(),
+        )
+        producer.flush(30)
+        console.print(f"retraining of {name} requested on {topic}")
+        return
+    from stages.retrain.app import run as run_retrain
+
+    job = run_retrain(settings, stop)
+    logger.info("retrain stopped: %d requests, promoted %s", job.requests, job.promoted)
+
+
+@app.command()
 def replay(
     start: Annotated[str, typer.Option(help="First day replayed, YYYY-MM-DD.")] = "2018-08-08",
     days: Annotated[float, typer.Option(help="Days of transactions to replay.")] = 7,
@@ -336,23 +383,40 @@ def chaos(
 
 @model_app.command("list")
 def model_list() -> None:
-    """List registered versions; the promoted one is marked."""
+    """List registered versions (the promoted one and the shadow are marked) and the
+    lifecycle steps the retrain job recorded (request, candidate, shadow, gate, promotion)."""
     from training import registry
 
     settings = _settings()
     name = settings.prediction.model_name
     current = registry.current_version(settings.registry_dir, name)
-    table = Table("version", "created", "metrics", "current")
+    shadow = registry.shadow_version(settings.registry_dir, name)
+    events = registry.events(settings.registry_dir, name)
+    last_step = {e["version"]: e for e in events if e.get("version")}
+    table = Table("version", "created", "metrics", "current", "last step")
     for v in registry.list_versions(settings.registry_dir, name):
         found = v.metadata.get("metrics") or {}
         metrics = ", ".join(f"{k}={val:.4f}" for k, val in found.items() if isinstance(val, float))
+        ev = last_step.get(v.version)
         table.add_row(
             v.version,
             str(v.metadata.get("created_at", "")),
             metrics,
-            "*" if v.version == current else "",
+            "*" if v.version == current else ("shadow" if v.version == shadow else ""),
+            f"{ev['step']} {ev.get('detail', '')}".strip() if ev else "",
         )
     Console().print(table)
+    if events:
+        log = Table("at", "step", "version", "details", title="lifecycle")
+        for e in events:
+            rest = {k: v for k, v in e.items() if k not in ("at", "step", "version")}
+            log.add_row(
+                e["at"],
+                e["step"],
+                str(e.get("version") or ""),
+                ", ".join(f"{k}={v}" for k, v in rest.items()),
+            )
+        Console().print(log)
 
 
 @model_app.command("promote")

@@ -331,3 +331,71 @@ def load_current(registry_dir: Path, name: str) -> LoadedModel:
             f"model {name} has no promoted version under {registry_dir}: train and promote one"
         )
     return load_version(registry_dir, name, version)
+
+
+# --- lifecycle: shadow marker and the log of every step ---------------------------------------
+SHADOW_FILE = "SHADOW"
+EVENTS_FILE = "EVENTS"
+
+
+def shadow_version(registry_dir: Path, name: str) -> str | None:
+    """The version marked to be scored as shadow beside the promoted one, or None."""
+    path = _model_dir(registry_dir, name) / SHADOW_FILE
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text:
+        return None
+    version_number(text)
+    return text
+
+
+def set_shadow(registry_dir: Path, name: str, version: str | None) -> None:
+    """Mark ``version`` as the shadow (the prediction stage scores it on every batch, logged
+    on each prediction, never routed), or clear the marker with None.
+
+    Raises:
+        RegistryError: if the version does not exist.
+    """
+    root = _model_dir(registry_dir, name)
+    if version is None:
+        (root / SHADOW_FILE).unlink(missing_ok=True)
+        logger.info("%s: shadow cleared", name)
+        return
+    get_version(registry_dir, name, version)
+    _atomic_write_text(root / SHADOW_FILE, version + "\n")
+    logger.info("%s: %s is the shadow", name, version)
+
+
+def record_event(
+    registry_dir: Path, name: str, step: str, version: str | None = None, **details: Any
+) -> dict[str, Any]:
+    """Append one lifecycle step (``requested``, ``candidate``, ``shadow``, ``gate``,
+    ``promoted``, ``rejected``...) to the model's ``EVENTS`` log (JSON lines, append-only).
+
+    Returns:
+        The event as written.
+    """
+    root = _model_dir(registry_dir, name)
+    root.mkdir(parents=True, exist_ok=True)
+    event = {"at": datetime.now(UTC).isoformat(), "step": step, "version": version, **details}
+    line = json.dumps(event, sort_keys=True, default=str)
+    with (root / EVENTS_FILE).open("a") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return event
+
+
+def events(registry_dir: Path, name: str) -> list[dict[str, Any]]:
+    """Every recorded lifecycle step, oldest first (a torn last line is skipped)."""
+    path = _model_dir(registry_dir, name) / EVENTS_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -48,6 +48,7 @@ from stages.evaluation.logic import (
     LabelledWindow,
     OnlineMetrics,
     PredictionRow,
+    ShadowComparison,
     decode_window,
     drift_psi,
     label_half,
@@ -57,6 +58,7 @@ from stages.evaluation.logic import (
     prediction_half,
     retrain_request,
     retrain_triggers,
+    shadow_comparisons,
 )
 from stages.evaluation.metrics import EvaluationMetrics, evaluation_metrics
 from stages.shared.kafka import (
@@ -179,6 +181,23 @@ class RedisJoinStore:
     def claim_retrain(self, cooldown_s: int, payload: str) -> bool:
         return bool(self._client.set(self.key("retrain"), payload, nx=True, ex=cooldown_s))
 
+    def publish_comparisons(self, comparisons: Sequence[ShadowComparison]) -> None:
+        # One hash, field "<champion>|<shadow>"; expires with the pending predictions.
+        if not comparisons:
+            return
+        key = self.key("shadow")
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hset(
+            key,
+            mapping={f"{c.champion}|{c.shadow}": orjson.dumps(c.to_dict()) for c in comparisons},
+        )
+        pipe.expire(key, self._cfg.pending_ttl_s)
+        pipe.execute()
+
+    def comparisons(self) -> list[ShadowComparison]:
+        raw = cast(dict[bytes, bytes], self._client.hgetall(self.key("shadow")))
+        return [ShadowComparison.from_dict(orjson.loads(v)) for v in raw.values()]
+
 
 @dataclass
 class EvaluationStage:
@@ -269,6 +288,11 @@ class EvaluationStage:
         if len(window):
             online = online_metrics(window.is_fraud, window.score, self.settings.routing)
             self.emetrics.set_online(online)
+            # Champion vs shadow on the same labelled events: the retrain job's gate.
+            comparisons = shadow_comparisons(window)
+            if comparisons:
+                self.emetrics.set_comparisons(comparisons)
+                self.store.publish_comparisons(comparisons)
         drift = None
         ref = self.reference(self.drift.model_version)
         if ref is not None and len(self.drift):

@@ -37,6 +37,9 @@ class PredictionRow:
     model_version: str
     event_ms: int
     features: dict[str, float]
+    # The shadow model's score of the same event, when one was scored (logged, not routed).
+    shadow_version: str = ""
+    shadow_score: float = math.nan
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +76,20 @@ def parse_prediction(raw: bytes | None) -> PredictionRow:
             ok = isinstance(v, int | float) and not isinstance(v, bool)
             features[str(name)] = float(v) if ok else math.nan
     event_ms = obj.get("event_ms")
+    shadow = obj.get("shadow")
+    shadow_version, shadow_score = "", math.nan
+    if isinstance(shadow, dict):
+        s = shadow.get("score")
+        if isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s):
+            shadow_version, shadow_score = str(shadow.get("model_version") or ""), float(s)
     return PredictionRow(
         transaction_id=tid,
         score=float(score),
         model_version=str(obj.get("model_version") or ""),
         event_ms=event_ms if isinstance(event_ms, int) and not isinstance(event_ms, bool) else 0,
         features=features,
+        shadow_version=shadow_version,
+        shadow_score=shadow_score,
     )
 
 
@@ -98,8 +109,11 @@ def parse_label(raw: bytes | None) -> LabelRow:
 
 # --- the join --------------------------------------------------------------------------------
 # A window entry is "<score>|<model_version>|<event_ms>|<is_fraud>": the prediction half
-# then the label half, whichever arrived first.
+# then the label half, whichever arrived first. A prediction with a shadow score has two more
+# fields in its half: "<score>|<version>|<event_ms>|<shadow_version>|<shadow_score>|<is_fraud>".
 def prediction_half(p: PredictionRow) -> str:
+    if p.shadow_version and math.isfinite(p.shadow_score):
+        return f"{p.score!r}|{p.model_version}|{p.event_ms}|{p.shadow_version}|{p.shadow_score!r}"
     return f"{p.score!r}|{p.model_version}|{p.event_ms}"
 
 
@@ -139,6 +153,14 @@ class JoinStore(Protocol):
         """True for the one caller allowed to request retraining in this cooldown."""
         ...
 
+    def publish_comparisons(self, comparisons: Sequence[ShadowComparison]) -> None:
+        """Store the latest champion-vs-shadow comparisons (read by the retrain job's gate)."""
+        ...
+
+    def comparisons(self) -> list[ShadowComparison]:
+        """The comparisons last published."""
+        ...
+
 
 @dataclass
 class MemoryJoinStore:
@@ -152,6 +174,7 @@ class MemoryJoinStore:
     _done: dict[int, float] = field(default_factory=dict)
     _window: list[str] = field(default_factory=list)
     _cooldown_until: float = -math.inf
+    _comparisons: dict[tuple[str, str], ShadowComparison] = field(default_factory=dict)
 
     def _live(self, store: dict[int, Any], tid: int, now: float) -> Any:
         hit = store.get(tid)
@@ -200,6 +223,12 @@ class MemoryJoinStore:
         self._cooldown_until = now + cooldown_s
         return True
 
+    def publish_comparisons(self, comparisons: Sequence[ShadowComparison]) -> None:
+        self._comparisons = {(c.champion, c.shadow): c for c in comparisons}
+
+    def comparisons(self) -> list[ShadowComparison]:
+        return list(self._comparisons.values())
+
 
 @dataclass(frozen=True, slots=True)
 class LabelledWindow:
@@ -209,6 +238,9 @@ class LabelledWindow:
     is_fraud: np.ndarray
     model_version: np.ndarray
     event_ms: np.ndarray
+    # "" and NaN where no shadow scored the event.
+    shadow_version: np.ndarray | None = None
+    shadow_score: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.score)
@@ -220,25 +252,106 @@ def decode_window(entries: Sequence[str | bytes]) -> LabelledWindow:
     ys: list[int] = []
     versions: list[str] = []
     events: list[int] = []
+    shadow_versions: list[str] = []
+    shadow_scores: list[float] = []
     for e in entries:
         text = e.decode() if isinstance(e, bytes) else e
         parts = text.split("|")
-        if len(parts) != 4:
+        if len(parts) not in (4, 6):
             continue
         try:
-            s, v, ev, y = float(parts[0]), parts[1], int(parts[2]), int(parts[3])
+            s, v, ev, y = float(parts[0]), parts[1], int(parts[2]), int(parts[-1])
+            sv, ss = (parts[3], float(parts[4])) if len(parts) == 6 else ("", math.nan)
         except ValueError:
             continue
         scores.append(s)
         versions.append(v)
         events.append(ev)
         ys.append(y)
+        shadow_versions.append(sv)
+        shadow_scores.append(ss)
     return LabelledWindow(
         score=np.asarray(scores, dtype=np.float64),
         is_fraud=np.asarray(ys, dtype=np.int64),
         model_version=np.asarray(versions, dtype=object),
         event_ms=np.asarray(events, dtype=np.int64),
+        shadow_version=np.asarray(shadow_versions, dtype=object),
+        shadow_score=np.asarray(shadow_scores, dtype=np.float64),
     )
+
+
+# --- champion vs shadow on the same labelled events ------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ShadowComparison:
+    """The champion's and a shadow's metrics on the same labelled events: those the champion
+    served and the shadow scored beside it (paired, so window drift cannot favour either)."""
+
+    champion: str
+    shadow: str
+    n: int
+    n_frauds: int
+    champion_average_precision: float
+    shadow_average_precision: float
+    champion_roc_auc: float
+    shadow_roc_auc: float
+    first_event_ms: int
+    last_event_ms: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _finite(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ShadowComparison:
+        def num(k: str) -> float:
+            v = d.get(k)
+            return float(v) if isinstance(v, int | float) else math.nan
+
+        return cls(
+            champion=str(d["champion"]),
+            shadow=str(d["shadow"]),
+            n=int(d["n"]),
+            n_frauds=int(d["n_frauds"]),
+            champion_average_precision=num("champion_average_precision"),
+            shadow_average_precision=num("shadow_average_precision"),
+            champion_roc_auc=num("champion_roc_auc"),
+            shadow_roc_auc=num("shadow_roc_auc"),
+            first_event_ms=int(d["first_event_ms"]),
+            last_event_ms=int(d["last_event_ms"]),
+        )
+
+
+def shadow_comparisons(window: LabelledWindow) -> list[ShadowComparison]:
+    """One comparison per (champion version, shadow version) pair found in the window."""
+    if window.shadow_version is None or window.shadow_score is None or not len(window):
+        return []
+    has = window.shadow_version.astype(str) != ""
+    if not has.any():
+        return []
+    pairs = np.char.add(
+        np.char.add(window.model_version.astype(str), "|"), window.shadow_version.astype(str)
+    )
+    out = []
+    for pair in sorted(set(pairs[has].tolist())):
+        rows = has & (pairs == pair)
+        champion, shadow = pair.split("|", 1)
+        y = window.is_fraud[rows]
+        both = y.size > 0 and 0 < int(y.sum()) < y.size
+        cs, ss = window.score[rows], window.shadow_score[rows]
+        out.append(
+            ShadowComparison(
+                champion=champion,
+                shadow=shadow,
+                n=int(y.size),
+                n_frauds=int(y.sum()),
+                champion_average_precision=average_precision(y, cs) if both else math.nan,
+                shadow_average_precision=average_precision(y, ss) if both else math.nan,
+                champion_roc_auc=roc_auc(y, cs) if both else math.nan,
+                shadow_roc_auc=roc_auc(y, ss) if both else math.nan,
+                first_event_ms=int(window.event_ms[rows].min()),
+                last_event_ms=int(window.event_ms[rows].max()),
+            )
+        )
+    return out
 
 
 # --- online metrics --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from stages.evaluation.logic import Drift, OnlineMetrics, Reason
+from stages.evaluation.logic import Drift, OnlineMetrics, Reason, ShadowComparison
 
 _CACHE: weakref.WeakKeyDictionary[CollectorRegistry, EvaluationMetrics] = (
     weakref.WeakKeyDictionary()
@@ -39,6 +39,9 @@ class EvaluationMetrics:
     labels_joined: Counter
     records: Counter
     retrain_requests: Counter
+    shadow_average_precision: Gauge
+    shadow_roc_auc: Gauge
+    shadow_labelled: Gauge
 
     def set_online(self, m: OnlineMetrics) -> None:
         self.labelled.set(m.n)
@@ -52,6 +55,17 @@ class EvaluationMetrics:
         for i, b in enumerate(m.calibration):
             self.calibration_score.labels(str(i + 1)).set(b.mean_score)
             self.calibration_rate.labels(str(i + 1)).set(b.fraud_rate)
+
+    def set_comparisons(self, comparisons: list[ShadowComparison]) -> None:
+        """Champion and shadow metrics on the events both scored, per shadow version."""
+        for c in comparisons:
+            self.shadow_labelled.labels(c.shadow).set(c.n)
+            for role, ap, auc in (
+                ("champion", c.champion_average_precision, c.champion_roc_auc),
+                ("shadow", c.shadow_average_precision, c.shadow_roc_auc),
+            ):
+                self.shadow_average_precision.labels(c.shadow, role).set(ap)
+                self.shadow_roc_auc.labels(c.shadow, role).set(auc)
 
     def set_drift(self, d: Drift) -> None:
         self.drift_window.set(d.n)
@@ -119,6 +133,21 @@ def evaluation_metrics(registry: CollectorRegistry) -> EvaluationMetrics:
             "Retraining requests emitted, by primary reason",
             ["reason"],
             registry=reg,
+        ),
+        shadow_average_precision=gauge(
+            "rtpipe_shadow_online_average_precision",
+            "Average precision of the champion and of a shadow on the labelled events both scored",
+            ("shadow_version", "role"),
+        ),
+        shadow_roc_auc=gauge(
+            "rtpipe_shadow_online_roc_auc",
+            "ROC AUC of the champion and of a shadow on the labelled events both scored",
+            ("shadow_version", "role"),
+        ),
+        shadow_labelled=gauge(
+            "rtpipe_shadow_online_labelled",
+            "Labelled events in the window scored by both the champion and this shadow",
+            ("shadow_version",),
         ),
     )
     # Every reason exported from the start (at 0), so increase() sees the first request.

@@ -1,5 +1,9 @@
 """The model in use by the prediction stage: loaded from the registry, verified, hot-swapped
 between batches when a new version is promoted; an optional shadow model beside it.
+
+The shadow is ``RTPIPE_PREDICTION__SHADOW_VERSION`` when set (fixed for the process), else the
+registry's shadow marker (``training.registry.set_shadow``, what the retrain job sets for its
+candidate), polled with the promotion pointer and swapped between batches like it.
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ class ModelHolder:
         self._swap(version)
         if self._current is None:
             raise NoModelError(f"model {name!r} version {version} failed to load; see the log")
-        self.shadow = self._optional(self._settings.prediction.shadow_version, "shadow")
+        self.shadow = self._optional(self._shadow_wanted(), "shadow")
         self.canary = self._optional(self._settings.prediction.canary_version, "canary")
 
     def _optional(self, version: str | None, role: str) -> ServingModel | None:
@@ -96,8 +100,40 @@ class ModelHolder:
             logger.error("%s model %s not loaded: %s", role, version, exc)
             return None
 
+    def _shadow_wanted(self) -> str | None:
+        """The configured shadow, else the registry's marker; never the promoted version."""
+        fixed = self._settings.prediction.shadow_version
+        if fixed:
+            return fixed
+        try:
+            marked = registry.shadow_version(
+                self._settings.registry_dir, self._settings.prediction.model_name
+            )
+        except (ValueError, OSError) as exc:
+            logger.warning("registry shadow marker unreadable: %s", exc)
+            return self.shadow.version if self.shadow else None
+        if self._current is not None and marked == self._current.version:
+            return None
+        return marked
+
+    def _reload_shadow(self) -> None:
+        wanted = self._shadow_wanted()
+        have = self.shadow.version if self.shadow else None
+        if wanted == have or (wanted is not None and wanted in self._rejected):
+            return
+        if wanted is None:
+            logger.info("shadow model %s dropped", have)
+            self.shadow = None
+            return
+        self.shadow = self._optional(wanted, "shadow")
+        if self.shadow is None:
+            self._rejected.add(wanted)
+        else:
+            logger.info("shadow model now %s (was %s)", wanted, have)
+
     def maybe_reload(self) -> None:
-        """Poll the registry (at most every ``reload_interval_s``) and swap if promoted."""
+        """Poll the registry (at most every ``reload_interval_s``) and swap if promoted; the
+        shadow follows the registry's marker."""
         now = time.monotonic()
         if now < self._next_check:
             return
@@ -108,6 +144,7 @@ class ModelHolder:
         changed = self._current is None or version != self._current.version
         if version and changed and version not in self._rejected:
             self._swap(version)
+        self._reload_shadow()
 
     def _swap(self, version: str) -> None:
         name = self._settings.prediction.model_name

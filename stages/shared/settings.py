@@ -312,6 +312,33 @@ class EvaluationSettings(BaseModel):
     retrain_topic: str = "model.retrain_requests"
 
 
+class RetrainSettings(BaseModel):
+    """The retrain job (``rtpipe retrain``): requests in, candidate trained on the latest
+    window, served as shadow, promoted when the gate passes (stages/retrain/)."""
+
+    model_config = _FROZEN
+
+    consumer_group: str = "retrain"
+    # The protocol's windows (days): train, label gap, test; the test window ends where the
+    # request says labels are known.
+    train_days: int = Field(default=7, ge=1)
+    delay_days: int = Field(default=7, ge=0)
+    test_days: int = Field(default=7, ge=1)
+    # LightGBM search (training.tune): configurations tried and validation folds (at most as
+    # many as the data before the training window holds).
+    n_trials: int = Field(default=6, ge=1)
+    n_folds: int = Field(default=3, ge=1)
+    # The gate: decided once the champion and the candidate have scored this many labelled
+    # events (with at least min_frauds frauds) side by side; the candidate is promoted if its
+    # average precision is at least the champion's minus ap_tolerance.
+    min_labelled: int = Field(default=2_000, ge=10)
+    min_frauds: int = Field(default=20, ge=1)
+    ap_tolerance: float = Field(default=0.0, ge=0, le=1)
+    # A candidate whose gate has not been decided by then is withdrawn.
+    gate_timeout_s: float = Field(default=3 * 86_400.0, gt=0)
+    gate_poll_s: float = Field(default=5.0, gt=0)
+
+
 class MetricsSettings(BaseModel):
     model_config = _FROZEN
 
@@ -368,6 +395,7 @@ class Settings(BaseSettings):
     prediction: PredictionSettings = PredictionSettings()
     routing: RoutingSettings = RoutingSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    retrain: RetrainSettings = RetrainSettings()
     metrics: MetricsSettings = MetricsSettings()
 
     @property

@@ -1,0 +1,246 @@
+"""The closed loop of issue #13 on the real stack: a retraining request ends with a promoted
+candidate that the prediction stage serves, with nothing lost or duplicated meanwhile.
+
+The champion is deliberately useless (trained on shuffled labels: the drift made it so); the
+request goes straight to ``model.retrain_requests``. The retrain job trains a candidate on the
+latest window of the Feast offline store whose labels are known, registers it, marks it as the
+shadow; the prediction stage scores it beside the champion; once the labels of those events
+arrive the evaluation stage publishes both models' AP on them and the job's gate promotes the
+candidate; the prediction stage hot-swaps it. The test prints the time from the request to the
+first prediction served by the candidate.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+from confluent_kafka import Producer
+
+from stages.ops.audit import audit, read_topic
+from stages.ops.demo import start_stages, stop_stages
+from stages.ops.replay import ReplayPlan, replay
+from stages.retrain.app import retrain_topic
+from stages.retrain.logic import request_payload
+from stages.shared.feast_store import apply_repo
+from stages.shared.kafka import ensure_topics, producer_config
+from stages.shared.schemas import MODEL_FEATURES
+from stages.shared.settings import Settings, settings_to_env
+from tests.support import isolated_settings
+from training import registry
+from training.features import backfill_offline_store, compute_features
+from training.simulate import SimulatorConfig, simulate, write_dataset
+
+pytestmark = pytest.mark.integration
+
+DAY = pd.Timedelta(days=1)
+STAGES = ("enrichment", "prediction", "routing", "evaluation")
+
+
+def _wait(what: str, cond, timeout_s: float = 120.0, every_s: float = 0.2):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _useless_champion(settings: Settings, tx: pd.DataFrame) -> str:
+    feats = compute_features(tx)
+    y = np.random.default_rng(0).permutation(tx["is_fraud"].to_numpy())
+    booster = lgb.train(
+        {"objective": "binary", "num_leaves": 8, "verbose": -1, "seed": 0},
+        lgb.Dataset(
+            feats[list(MODEL_FEATURES)].to_numpy(np.float64),
+            label=y,
+            feature_name=list(MODEL_FEATURES),
+        ),
+        num_boost_round=20,
+    )
+    mv = registry.register(
+        settings.registry_dir,
+        settings.prediction.model_name,
+        booster.model_to_string(),
+        {"features": list(MODEL_FEATURES), "feature_service": settings.prediction.feature_service},
+    )
+    registry.promote(settings.registry_dir, settings.prediction.model_name, mv.version)
+    return mv.version
+
+
+def _start_retrain(settings: Settings) -> tuple[subprocess.Popen[bytes], Path]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RTPIPE_")}
+    resolved = settings.model_copy(
+        update={"home": settings.home.resolve(), "feature_repo": settings.feature_repo.resolve()}
+    )
+    env.update(settings_to_env(resolved))
+    log = settings.run_dir / "stages" / f"{settings.topics.prefix}retrain.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stages.cli", "retrain"],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    return proc, log
+
+
+def test_retrain_request_ends_with_the_candidate_serving(
+    unique_topics: Settings, tmp_path: Path
+) -> None:
+    tx = simulate(
+        SimulatorConfig(n_customers=120, n_terminals=250, nb_days=50, seed=11), progress=False
+    )
+    base = isolated_settings(unique_topics, tmp_path)
+    settings = base.model_copy(
+        update={
+            "prediction": base.prediction.model_copy(
+                update={"reload_interval_s": 0.2, "max_wait_ms": 5}
+            ),
+            # Metrics often; its own triggers off (this test sends the request itself).
+            "evaluation": base.evaluation.model_copy(
+                update={"metrics_interval_s": 0.5, "min_labelled": 10**9, "min_predictions": 10**9}
+            ),
+            "retrain": base.retrain.model_copy(
+                update={
+                    "n_trials": 1,
+                    "n_folds": 1,
+                    "min_labelled": 200,
+                    "min_frauds": 5,
+                    "gate_poll_s": 0.5,
+                }
+            ),
+        }
+    )
+    apply_repo(settings)
+    backfill_offline_store(settings, tx)
+    write_dataset(tx, settings.data_dir)
+    ensure_topics(settings.kafka, settings.topics)
+    name = settings.prediction.model_name
+    champion = _useless_champion(settings, tx)
+
+    day0 = pd.Timestamp("2018-05-08", tz="UTC")
+    # A: champion alone. B: champion and, once marked, the candidate as shadow. C: B's labels
+    # (known 7 days later) and a day of traffic. D: after the promotion.
+    plan_a = ReplayPlan(day0, day0 + 2 * DAY)
+    plan_b = ReplayPlan(plan_a.end, plan_a.end + 2 * DAY, label_lookback_days=0)
+    plan_c = ReplayPlan(plan_b.start + 9 * DAY, plan_b.start + 10 * DAY, label_lookback_days=9)
+    plan_d = ReplayPlan(plan_c.end, plan_c.end + DAY / 2, label_lookback_days=0)
+
+    def ids(p: ReplayPlan) -> list[int]:
+        sel = (tx["tx_datetime"] >= p.start) & (tx["tx_datetime"] < p.end)
+        return tx.loc[sel, "transaction_id"].tolist()
+
+    def decided(expected: list[int]) -> bool:
+        return not audit(settings, expected).lost
+
+    reg = settings.registry_dir
+    procs = start_stages(settings, STAGES)
+    retrain_proc, retrain_log = _start_retrain(settings)
+    expected: list[int] = []
+    try:
+        replay(settings, tx, plan_a)
+        expected += ids(plan_a)
+        _wait("plan A decided", lambda: decided(expected), 150, 1.0)
+
+        producer = Producer(producer_config(settings.kafka))
+        t_request = time.time()
+        # Labels are known for the events before A (A's own labels come 7 days later).
+        producer.produce(
+            retrain_topic(settings),
+            request_payload(
+                name, "drift", int(plan_a.start.value // 1_000_000), int(t_request * 1000)
+            ),
+            name.encode(),
+        )
+        producer.flush(10)
+        candidate = _wait("a candidate in shadow", lambda: registry.shadow_version(reg, name), 90)
+        t_shadow = time.time()
+        assert candidate != champion
+        assert registry.current_version(reg, name) == champion
+        time.sleep(1.0)  # the prediction stage polls the marker every 0.2 s
+
+        replay(settings, tx, plan_b)
+        expected += ids(plan_b)
+        replay(settings, tx, plan_c)
+        expected += ids(plan_c)
+        _wait("the gate's promotion", lambda: registry.current_version(reg, name) == candidate, 90)
+        t_promoted = time.time()
+        assert registry.shadow_version(reg, name) is None
+
+        replay(settings, tx, plan_d)
+        expected += ids(plan_d)
+        _wait("every transaction decided", lambda: decided(expected), 120, 1.0)
+        report = audit(settings, expected)
+    finally:
+        codes = stop_stages(procs)
+        retrain_proc.terminate()
+        retrain_code = retrain_proc.wait(30)
+    assert codes == dict.fromkeys(STAGES, 0)
+    assert retrain_code == 0, retrain_log.read_text()[-3000:]
+    assert report.lost == [] and report.duplicated == []
+
+    predictions = [
+        orjson.loads(v) for _, v, _ in read_topic(settings, settings.topics.name("predictions"))
+    ]
+    by_time = sorted(predictions, key=lambda p: p["ts"]["predicted_ms"])
+    b_ids = set(ids(plan_b))
+    shadowed = [p for p in by_time if p["transaction_id"] in b_ids]
+    assert shadowed and all(p.get("shadow", {}).get("model_version") == candidate for p in shadowed)
+    served = [p for p in by_time if p["model_version"] == candidate]
+    assert served, "the candidate never served"
+    # Once it serves it keeps serving, and every transaction of D is scored by it.
+    first = by_time.index(served[0])
+    assert all(p["model_version"] == candidate for p in by_time[first:])
+    assert set(ids(plan_d)) <= {p["transaction_id"] for p in served}
+
+    steps = [(e["step"], e["version"]) for e in registry.events(reg, name)]
+    assert steps == [
+        ("requested", champion),
+        ("candidate", candidate),
+        ("shadow", candidate),
+        ("gate", candidate),
+        ("promoted", candidate),
+    ]
+    gate_event = registry.events(reg, name)[3]
+    assert gate_event["outcome"] == "promote"
+    assert gate_event["n"] >= 200
+    assert gate_event["shadow_average_precision"] >= gate_event["champion_average_precision"]
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "stages.cli", "model", "list"],
+        env={
+            **os.environ,
+            **settings_to_env(
+                settings.model_copy(
+                    update={
+                        "home": settings.home.resolve(),
+                        "feature_repo": settings.feature_repo.resolve(),
+                    }
+                )
+            ),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "promoted" in cli.stdout and "gate" in cli.stdout and candidate in cli.stdout
+
+    t_serving = served[0]["ts"]["predicted_ms"] / 1000
+    print(
+        f"\nretrain loop: request -> candidate in shadow {t_shadow - t_request:.1f} s, "
+        f"-> promoted {t_promoted - t_request:.1f} s, -> first prediction by the candidate "
+        f"{t_serving - t_request:.1f} s (gate: {gate_event['detail']})"
+    )
