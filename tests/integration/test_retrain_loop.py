@@ -16,7 +16,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import lightgbm as lgb
 import numpy as np
@@ -42,10 +44,11 @@ from training.simulate import SimulatorConfig, simulate, write_dataset
 pytestmark = pytest.mark.integration
 
 DAY = pd.Timedelta(days=1)
+T = TypeVar("T")
 STAGES = ("enrichment", "prediction", "routing", "evaluation")
 
 
-def _wait(what: str, cond, timeout_s: float = 120.0, every_s: float = 0.2):  # type: ignore[no-untyped-def]
+def _wait(what: str, cond: Callable[[], T], timeout_s: float = 120.0, every_s: float = 0.2) -> T:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = cond()
@@ -167,7 +170,7 @@ def test_retrain_request_ends_with_the_candidate_serving(
         producer.flush(10)
         candidate = _wait("a candidate in shadow", lambda: registry.shadow_version(reg, name), 90)
         t_shadow = time.time()
-        assert candidate != champion
+        assert candidate is not None and candidate != champion
         assert registry.current_version(reg, name) == champion
         time.sleep(1.0)  # the prediction stage polls the marker every 0.2 s
 
@@ -192,7 +195,8 @@ def test_retrain_request_ends_with_the_candidate_serving(
     assert report.lost == [] and report.duplicated == []
 
     predictions = [
-        orjson.loads(v) for _, v, _ in read_topic(settings, settings.topics.name("predictions"))
+        orjson.loads(v or b"null")
+        for _, v, _ in read_topic(settings, settings.topics.name("predictions"))
     ]
     by_time = sorted(predictions, key=lambda p: p["ts"]["predicted_ms"])
     b_ids = set(ids(plan_b))
