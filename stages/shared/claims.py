@@ -93,7 +93,9 @@ class TransactionClaims:
             pipe = self._client.pipeline(transaction=False)
             try:
                 for k, v in zip(keys, values, strict=True):
-                    pipe.execute_command("SET", k, v, "NX", "GET", "EX", self._ttl)
+                    # get=True: without it redis-py's SET callback turns the old value
+                    # into False, and every claim made again reads as a conflict.
+                    pipe.execute_command("SET", k, v, "NX", "GET", "EX", self._ttl, get=True)
                 replies = pipe.execute()
             finally:
                 pipe.reset()

@@ -247,8 +247,11 @@ class LabelIndex:
                         # plain command is routed by its first key (one slot per terminal).
                         pipe.execute_command("EVALSHA", sha.decode(), len(k), *k, *a)
                     for name, *args in tail:
-                        # A cluster pipeline looks its command names up as str.
-                        pipe.execute_command(name.decode(), *args)
+                        # A cluster pipeline looks its command names up as str. get=True:
+                        # redis-py's SET callback would turn a SET ... GET reply (the old
+                        # value, e.g. a transaction claim's) into False.
+                        opts = {"get": True} if name == b"SET" and b"GET" in args else {}
+                        pipe.execute_command(name.decode(), *args, **opts)
                     return list(pipe.execute())
                 finally:
                     pipe.reset()

@@ -157,3 +157,29 @@ def test_label_index_on_the_cluster_equals_the_stream_reference(
         index.terminal_features(np.arange(400), late)[0],
         reference(labels + more, np.arange(400), late),
     )
+
+
+def test_transaction_claims_made_again_are_not_conflicts_on_the_cluster(
+    cluster_client: tuple[Any, str],
+) -> None:
+    """A batch redone after a crash claims its ids again with the same fingerprints: not a
+    conflict, whether the claims go alone or in the label index's round trip (redis-py's
+    SET callback used to turn the old value of SET ... GET into False: every re-claim a
+    conflict, dead-lettered after a killed prediction replica)."""
+    from stages.shared.claims import TransactionClaims
+
+    client, project = cluster_client
+    claims = TransactionClaims(client, project, 60)
+    index = LabelIndex(client, project, "labels")
+    ids = np.arange(1_000, 1_050, dtype=np.int64)
+    fps = [10**18 + i for i in range(len(ids))]
+    assert not claims.claim(ids[:25], fps[:25]).any()
+    assert not claims.claim(ids[:25], fps[:25]).any()
+    for _ in range(2):
+        index.terminal_features(np.arange(50), np.full(50, T0_MS), tail=claims.commands(ids, fps))
+        assert not claims.conflicts(index.last_tail_replies, fps).any()
+    other = [f + 1 for f in fps]
+    assert claims.claim(ids, other).all()
+    for node in client.get_primaries():
+        for key in list(node.redis_connection.scan_iter(match=f"{{{project}:tx}}:*")):
+            node.redis_connection.delete(key)
