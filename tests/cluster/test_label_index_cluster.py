@@ -129,15 +129,15 @@ def test_label_index_on_the_cluster_equals_the_stream_reference(
     assert sum(per_node) == len({lab.terminal_id for lab in labels}) + len(
         {lab.terminal_id for lab in labels if lab.is_fraud}
     )
-    # Both scripts are loaded on every primary.
-    for source in (_ADD_LABELS, _COUNT_WINDOWS):
-        sha = hashlib.sha1(source.encode()).hexdigest()
-        assert all(n.redis_connection.script_exists(sha) == [True] for n in primaries)
 
     terms, ms = events(rng, labels, 3_000, terminals=400)
     want = reference(labels, terms, ms)
     got, progress = index.terminal_features(terms, ms, with_progress=True)
     np.testing.assert_array_equal(got, want)
+    # Both scripts, once used, are loaded on every primary.
+    for source in (_ADD_LABELS, _COUNT_WINDOWS):
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        assert all(n.redis_connection.script_exists(sha) == [True] for n in primaries)
     assert progress == index.progress()
     assert sorted(progress) == [0, 1, 2, 3]
     assert progress[2].next_offset == 7  # batches 2 and 6 on partition 2: the last one wins
