@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.shared.online import RawRedis
+from stages.shared.online import RawRedis, reply_error
 
 
 def _bulk(b: bytes) -> bytes:
@@ -55,11 +55,10 @@ class TransactionClaims:
     @staticmethod
     def conflicts(replies: list[Any], fingerprints: list[int]) -> np.ndarray:
         """True where a claim's reply holds another fingerprint than the claimer's."""
-        import redis
 
         err = next((r for r in replies if isinstance(r, Exception)), None)
         if err is not None:
-            raise redis.ResponseError(str(err))
+            raise reply_error(err)
         return np.fromiter(
             (
                 r is not None and bytes(r) != b"%d" % f
@@ -86,9 +85,7 @@ class TransactionClaims:
             replies = self._raw.round_trip(payload, len(keys))
             err = next((r for r in replies if isinstance(r, Exception)), None)
             if err is not None:
-                import redis
-
-                raise redis.ResponseError(str(err))
+                raise reply_error(err)
         else:
             pipe = self._client.pipeline(transaction=False)
             try:

@@ -232,6 +232,10 @@ BatchHandler = Callable[[list[Message]], list[Output]]
 
 def _fatal(exc: KafkaException) -> bool:
     err = exc.args[0] if exc.args else None
+    if isinstance(err, KafkaError) and err.code() == KafkaError._FATAL:
+        # What a consumer's message says once its client hit a fatal error (e.g. a static
+        # member fenced by another with its group.instance.id): fatal() is False on it.
+        return True
     return bool(getattr(err, "fatal", lambda: False)())
 
 
@@ -516,7 +520,7 @@ class TransactionalBatchLoop:
             return True
         if err.code() == KafkaError._PARTITION_EOF:
             return False
-        if err.fatal():
+        if err.fatal() or err.code() == KafkaError._FATAL:
             raise KafkaException(err)
         logger.warning("%s consumer error: %s", self._stage, err)
         return False

@@ -39,7 +39,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from stages.shared.online import RawRedis
+from stages.shared.online import RawRedis, reply_error
 from stages.shared.online_cluster import cluster_unavailable, is_cluster_unavailable
 from stages.shared.schemas import DAY_MS, LABEL_DELAY_DAYS, TERMINAL_FEATURES, WINDOWS_DAYS
 
@@ -238,7 +238,7 @@ class LabelIndex:
                     replies = self._raw.round_trip(payload, len(calls) + len(tail))
                     err = next((r for r in replies if isinstance(r, Exception)), None)
                     if err is not None:
-                        raise redis.ResponseError(str(err))
+                        raise reply_error(err)
                     return replies
                 pipe = self._client.pipeline(transaction=False)
                 try:

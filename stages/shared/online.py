@@ -600,6 +600,19 @@ def resp_fixed_width_commands(
     return rows.tobytes()
 
 
+def reply_error(reply: object) -> Exception:
+    """The redis-py exception for an error reply read on the raw path, as redis-py's own
+    parser would raise it: ``LOADING`` (a restarted server reading its append-only file) is
+    :class:`redis.exceptions.BusyLoadingError`, a ``ConnectionError`` the stages back off
+    from; anything else a ``ResponseError``."""
+    from redis.exceptions import BusyLoadingError, ResponseError
+
+    text = str(reply)
+    if text.startswith("LOADING"):
+        return BusyLoadingError(text)
+    return ResponseError(text)
+
+
 class RawRedis:
     """Pipelined raw RESP on one pooled connection of a redis-py ``Redis`` client (RESP2).
 
@@ -884,9 +897,7 @@ class OnlineFeatureReader:
             replies = self._raw.round_trip(payload, total)
             bad = next((r for r in replies if not isinstance(r, list)), None)
             if bad is not None:
-                from redis.exceptions import ResponseError
-
-                raise ResponseError(str(bad))
+                raise reply_error(bad)
         else:
             pipe = self._client.pipeline(transaction=False)
             try:
@@ -1136,7 +1147,7 @@ class OnlineFeatureWriter:
 
         def run_raw(sha: str) -> list[Any]:
             assert self._raw is not None
-            from redis.exceptions import NoScriptError, ResponseError
+            from redis.exceptions import NoScriptError
 
             # Every argument column bulk-encoded once, then interleaved row by row in C.
             def bulks(col: Sequence[bytes]) -> list[bytes]:
@@ -1179,7 +1190,7 @@ class OnlineFeatureWriter:
                     text = str(r)
                     if text.startswith("NOSCRIPT"):
                         raise NoScriptError(text)
-                    raise ResponseError(text)
+                    raise reply_error(r)
             return replies
 
         run: Callable[[str], list[Any]] = run_raw if self._raw is not None else run_pipeline

@@ -263,3 +263,16 @@ def test_full_feature_names() -> None:
         f"{CUSTOMER_VIEW}__c_n",
         f"{TERMINAL_VIEW}__t_risk",
     )
+
+
+def test_raw_error_replies_become_redis_py_exceptions() -> None:
+    # A restarted Redis answers LOADING while it reads its append-only file: transient, a
+    # ConnectionError the stages back off from (as redis-py's own parser raises it).
+    import redis
+
+    from stages.shared.online import reply_error
+
+    loading = reply_error(Exception("LOADING Redis is loading the dataset in memory"))
+    assert isinstance(loading, redis.ConnectionError)
+    other = reply_error(Exception("WRONGTYPE Operation against a key"))
+    assert isinstance(other, redis.ResponseError) and not isinstance(other, redis.ConnectionError)
