@@ -23,6 +23,8 @@ import time
 import orjson
 import redis
 from confluent_kafka import Message
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from stages.enrichment.logic import parse_label
 from stages.shared.kafka import (
@@ -136,7 +138,11 @@ def run(
 ) -> LoopStats:
     """Run the labels process until ``stop`` is set."""
     metrics = metrics or build_metrics()
-    index = label_index(settings, socket_timeout=5.0, socket_connect_timeout=2.0)
+    # No client-side retries (redis-py's default backs off for up to ~20 s): a failed batch
+    # is retried by the loop.
+    index = label_index(
+        settings, socket_timeout=5.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
+    )
     stage = LabelsStage(settings, index, metrics)
     cfg = settings.enrichment
     backoff_s = 1.0
