@@ -248,7 +248,12 @@ class PredictionStage:
         try:
             offsets = {tp.partition: fut.result().offset for tp, fut in stable.items()}
         except KafkaException as exc:
-            # Without the offsets the wait cannot be bounded: retry the batch.
+            # Without the offsets the wait cannot be bounded: retry the batch, with a new
+            # admin client. After a broker restart the old one kept answering
+            # FENCED_LEADER_EPOCH from its cached metadata until its next refresh (5
+            # minutes without decisions in the kafka-restart chaos run).
+            self.admin = AdminClient(self.settings.kafka.client_config())
+            self._label_partitions = []
             raise RetryBatch(f"labels offsets unavailable: {exc}", retry_after_s=0.5) from None
         started = time.monotonic()
         deadline = started + self.settings.prediction.label_wait_max_ms / 1000.0
