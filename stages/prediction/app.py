@@ -225,7 +225,10 @@ class PredictionStage:
         """Start reading the ``labels`` partitions' last stable offsets (one request)."""
         assert self.admin is not None
         if not self._label_partitions:
-            meta = self.admin.list_topics(self._labels_topic, timeout=10)
+            try:
+                meta = self.admin.list_topics(self._labels_topic, timeout=10)
+            except KafkaException as exc:  # the broker is down or restarting: retry later
+                raise RetryBatch(f"labels metadata unavailable: {exc}", 1.0) from None
             parts = meta.topics[self._labels_topic].partitions
             self._label_partitions = [TopicPartition(self._labels_topic, p) for p in parts]
         return self.admin.list_offsets(
