@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import threading
 import time
@@ -33,6 +32,7 @@ from stages.ops.demo import (
 from stages.ops.replay import ReplayPlan, replay
 from stages.shared.schemas import MODEL_FEATURES
 from stages.shared.settings import Settings, TopicSettings
+from tests.support import isolated_settings as support_isolated_settings
 from training.features import compute_features
 from training.simulate import SimulatorConfig, simulate
 
@@ -49,18 +49,11 @@ def small_data_set(n_customers: int = 150, n_terminals: int = 300) -> pd.DataFra
 
 
 def isolated_settings(base: Settings, tmp: Path) -> Settings:
-    """Own feature repo copy, registry, state, Feast project, topics and groups (the topics
-    replicated on the three brokers, min.insync.replicas 2)."""
-    repo = tmp / "feature_repo"
-    repo.mkdir()
-    for f in REPO.joinpath("feature_repo").iterdir():
-        if f.is_file():
-            shutil.copy(f, repo / f.name)
-    return base.model_copy(
+    """:func:`tests.support.isolated_settings` with topics and groups of their own, the
+    topics replicated on the three brokers (min.insync.replicas 2)."""
+    settings = support_isolated_settings(base, tmp)
+    return settings.model_copy(
         update={
-            "home": tmp / "home",
-            "feature_repo": repo,
-            "feast_project": f"p{uuid.uuid4().hex[:8]}",
             "topics": TopicSettings(prefix=f"t{uuid.uuid4().hex[:10]}.", replication_factor=3),
             "prediction": base.prediction.model_copy(update={"reload_interval_s": 0.5}),
         }
