@@ -8,7 +8,10 @@ Terminal risk: over the terminal's transactions in ``(t - (7+n) days, t - 7 days
 number and fraud fraction. Every transaction gets a label (fraud or not) that is known
 7 days later, so the window is computed from the ``labels`` stream alone: a label carries its
 transaction's time, and the window's upper bound ``t - 7 days`` means that every label it
-needs became known at or before ``t``.
+needs became known at or before ``t``. The pipeline serves these windows from the label index
+(``stages/shared/labels.py``, counted per event by the prediction stage); ``TerminalState``
+and :func:`terminal_features` here are the per-terminal stream formulation the index is
+checked against (tests/cluster/test_label_index_cluster.py, tests/unit/test_stage_logic.py).
 """
 
 from __future__ import annotations
