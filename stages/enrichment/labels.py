@@ -51,12 +51,7 @@ RETRY_AFTER_S = 0.5
 def label_index(settings: Settings, **client_kwargs: object) -> LabelIndex:
     """The label index of ``settings``' Feast project and labels topic."""
     client = settings.redis.client(**client_kwargs)
-    return LabelIndex(
-        client,
-        settings.feast_project,
-        settings.topics.name("labels"),
-        retention_ms=settings.enrichment.label_retention_ms,
-    )
+    return LabelIndex.from_settings(settings, client)
 
 
 def _key_terminal(key: bytes | None) -> int | None:

@@ -296,12 +296,7 @@ def check_online_features(
         }
     )
     terminals = lasts["terminal_id"]
-    index = LabelIndex(
-        client,
-        settings.feast_project,
-        settings.topics.name("labels"),
-        retention_ms=settings.enrichment.label_retention_ms,
-    )
+    index = LabelIndex.from_settings(settings, client)
     term_values, _ = index.terminal_features(
         terminals.index.to_numpy(np.int64), terminals["ms"].to_numpy(np.int64)
     )

@@ -370,12 +370,7 @@ def build_stage(settings: Settings, metrics: Metrics | None = None) -> Predictio
     models.load_initial()
     labels = admin = None
     if on_demand:
-        labels = LabelIndex(
-            client,
-            settings.feast_project,
-            settings.topics.name("labels"),
-            retention_ms=settings.enrichment.label_retention_ms,
-        )
+        labels = LabelIndex.from_settings(settings, client)
         admin = AdminClient(settings.kafka.client_config())
     claims = TransactionClaims(
         client, settings.feast_project, settings.enrichment.dedup_horizon_ms // 1000

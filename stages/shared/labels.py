@@ -42,6 +42,7 @@ import numpy as np
 from stages.shared.online import RawRedis, reply_error
 from stages.shared.online_cluster import cluster_unavailable, is_cluster_unavailable
 from stages.shared.schemas import DAY_MS, LABEL_DELAY_DAYS, TERMINAL_FEATURES, WINDOWS_DAYS
+from stages.shared.settings import Settings
 
 # Labels kept per terminal: the longest window's span, plus slack for late events.
 DEFAULT_RETENTION_MS: Final = (LABEL_DELAY_DAYS + max(WINDOWS_DAYS) + 30) * DAY_MS
@@ -203,6 +204,16 @@ class LabelIndex:
         self._sha: dict[str, str] = {}
         # Replies to the ``tail`` commands of the last terminal_features call.
         self.last_tail_replies: list[Any] = []
+
+    @classmethod
+    def from_settings(cls, settings: Settings, redis_client: Any) -> LabelIndex:
+        """The index of ``settings``' Feast project, labels topic and label retention."""
+        return cls(
+            redis_client,
+            settings.feast_project,
+            settings.topics.name("labels"),
+            retention_ms=settings.enrichment.label_retention_ms,
+        )
 
     # -- keys --------------------------------------------------------------------------------
     def keys(self, terminal_id: int) -> tuple[bytes, bytes]:
