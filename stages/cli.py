@@ -4,8 +4,10 @@ and passes it down; heavy imports happen inside the commands so ``--help`` is in
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -146,6 +148,10 @@ def run_stage(
     # instead of killing it half-started.
     stop = StopFlag()
     stop.install_signal_handlers()
+    # SIGUSR1 prints every thread's stack to the stage's log, even while the main thread is
+    # blocked in librdkafka: what stop_stages sends a stage that ignored SIGTERM, before
+    # SIGKILL, so a hang says where it was.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     from stages.shared.procenv import drop_feast_prometheus_dirs
 
     # Before prometheus_client is imported: it picks its value store then.

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -406,11 +407,34 @@ class _Run:
         self.log(
             f"audit: lost {r.lost}, duplicated {r.duplicated}; features {r.features_mismatched}"
         )
+        if r.lost or r.duplicated or not all(r.checks.values()):
+            # What the stages said, in the report itself: a failure in CI is diagnosable
+            # from its output alone (the logs stay in the run dir).
+            for sp in self.all_procs():
+                for line in log_digest(sp.log):
+                    r.events.append(f"  [{sp.log.name}] {line}")
 
     def begin(self, names: tuple[str, ...] = ("enrichment", "prediction", "routing")) -> None:
         for name in names:
             self.start(name)
         self.start_replay()
+
+
+_DIGEST = re.compile(
+    r"(ERROR|WARNING|CRITICAL) stages\.|^Traceback|^Thread 0x|^Current thread|^  File |Error: "
+)
+
+
+def log_digest(path: Path, max_lines: int = 30) -> list[str]:
+    """The last ``max_lines`` lines of a stage log that say something went wrong: the
+    stages' warnings and errors, tracebacks and faulthandler stacks (librdkafka's own
+    connection chatter left out)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return [f"unreadable: {exc}"]
+    picked = [line[:300] for line in text.splitlines() if _DIGEST.search(line)]
+    return picked[-max_lines:]
 
 
 # -- the faults -----------------------------------------------------------------------------

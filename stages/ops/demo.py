@@ -126,9 +126,17 @@ def stop_stages(procs: list[StageProcess], timeout_s: float = 30.0) -> dict[str,
         try:
             codes[sp.name] = sp.proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            # Its stacks into its log first (faulthandler, stages/cli.py): where it hung.
+            sp.proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
             sp.proc.kill()
             codes[sp.name] = sp.proc.wait()
-            logger.error("%s did not stop within %.0fs: killed", sp.name, timeout_s)
+            logger.error(
+                "%s did not stop within %.0fs: killed (its stacks are in %s)",
+                sp.name,
+                timeout_s,
+                sp.log,
+            )
     return codes
 
 

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -56,6 +56,67 @@ TRANSACTIONAL_LINGER_MS = 100
 TRANSACTIONAL_RETRY_BACKOFF: dict[str, int] = {"retry.backoff.ms": 5, "retry.backoff.max.ms": 50}
 # How long the batch loop waits for a first message before it checks its stop flag again.
 IDLE_POLL_S = 0.1
+# How long the loop keeps resuming a commit or retrying an abort that fails with a retriable
+# error (the broker restarting) before it replaces both clients instead. Replacing them is
+# always safe: the new producer takes the transactional id over (the broker completes or
+# aborts what the old one left) and the new consumer re-reads from the committed offsets.
+TXN_RECOVERY_S = 60.0
+# A consumer whose close() has not returned by then is abandoned (logged): a hung close
+# must not stop the stage from replacing its clients or from exiting on SIGTERM.
+CONSUMER_CLOSE_TIMEOUT_S = 20.0
+
+TxnAction = Literal["resume", "abort", "replace"]
+
+
+def txn_failure_action(
+    err: object, call: Literal["commit", "abort"], elapsed_s: float, stopping: bool
+) -> TxnAction:
+    """What the batch loop does after a transactional call raised ``err``.
+
+    ``resume``: call the same API again (librdkafka keeps a retriable commit or abort going
+    in the background, and until it is resumed every other transactional call fails with
+    ``_CONFLICT``); ``abort``: abort the transaction and re-read its batches; ``replace``:
+    new clients (fatal errors, a conflict with a call that is still current, or recovery
+    that has taken ``TXN_RECOVERY_S`` or outlived a stop request).
+    """
+    if not isinstance(err, KafkaError) or err.fatal() or err.code() == KafkaError._FATAL:
+        return "replace"
+    if stopping or elapsed_s >= TXN_RECOVERY_S:
+        return "replace"
+    if call == "abort":
+        if err.code() == KafkaError._CONFLICT or not err.retriable():
+            return "replace"
+        return "resume"
+    if err.txn_requires_abort() or not err.retriable():
+        return "abort"
+    return "resume"
+
+
+def replacement_error(reason: str, cause: object) -> KafkaException:
+    """A fatal error that makes the batch loop replace its clients (see ``run``)."""
+    return KafkaException(KafkaError(KafkaError._FATAL, f"{reason}: {cause}", fatal=True))
+
+
+def close_consumer(consumer: Consumer, stage: str, timeout_s: float) -> bool:
+    """``consumer.close()`` with a bound: in a daemon thread, abandoned (and logged) if it
+    has not returned within ``timeout_s``. Returns whether it returned."""
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            errors.append(exc)
+
+    closer = threading.Thread(target=work, name=f"{stage}-consumer-close", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+    if closer.is_alive():
+        logger.error("%s consumer close did not return within %.0fs: abandoned", stage, timeout_s)
+        return False
+    for exc in errors:
+        logger.warning("%s consumer close: %s", stage, exc)
+    return True
 
 
 class KafkaUnavailableError(RuntimeError):
@@ -311,6 +372,7 @@ class TransactionalBatchLoop:
         self.stats = LoopStats()
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
+        self._stop: StopFlag | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _open(self) -> None:
@@ -343,6 +405,8 @@ class TransactionalBatchLoop:
         )
 
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self._consumer:  # a discarded consumer, closing
+            return
         self.stats.rebalances += 1
         logger.info("%s assigned %s", self._stage, [(p.topic, p.partition) for p in partitions])
         if self._on_rebalance:
@@ -352,6 +416,8 @@ class TransactionalBatchLoop:
         # With one transaction per batch none is open here: every batch is committed or
         # aborted before the next consume(), the only place this callback runs. A shared
         # transaction is committed now, while this member still owns the partitions.
+        if consumer is not self._consumer:  # a discarded consumer, closing
+            return
         self._commit_open()
         logger.info("%s revoked %s", self._stage, [(p.topic, p.partition) for p in partitions])
         if self._on_rebalance:
@@ -359,6 +425,8 @@ class TransactionalBatchLoop:
 
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another member owns them already: what is open must not commit.
+        if consumer is not self._consumer:  # a discarded consumer, closing
+            return
         if self._txn_msgs and self._producer is not None:
             logger.warning("%s partitions lost; aborting the open transaction", self._stage)
             msgs, self._txn_msgs = self._txn_msgs, []
@@ -376,7 +444,8 @@ class TransactionalBatchLoop:
             # Aborted by the broker; the next owner re-reads from the committed offsets.
             logger.warning("%s final commit failed: %s", self._stage, exc)
         if self._consumer is not None:
-            self._consumer.close()
+            # Still ours while it closes: its revoke callback commits what is open.
+            close_consumer(self._consumer, self._stage, CONSUMER_CLOSE_TIMEOUT_S)
             self._consumer = None
         if self._producer is not None:
             self._producer.flush(10)
@@ -391,6 +460,7 @@ class TransactionalBatchLoop:
         clients and opens new ones, which resume from the group's committed offsets (the
         unfinished batch is processed again; its transaction was never committed).
         """
+        self._stop = stop
         self._open()
         idle_since = time.monotonic()
         backoff_s = 1.0
@@ -447,10 +517,7 @@ class TransactionalBatchLoop:
         self._producer = None
         self._txn_msgs, self._txn_outputs = [], 0
         if consumer is not None:
-            try:
-                consumer.close()
-            except (KafkaException, RuntimeError) as exc:
-                logger.warning("%s consumer close: %s", self._stage, exc)
+            close_consumer(consumer, self._stage, CONSUMER_CLOSE_TIMEOUT_S)
 
     def _next_batch(self) -> list[Message]:
         assert self._consumer is not None
@@ -568,7 +635,21 @@ class TransactionalBatchLoop:
         self._producer.send_offsets_to_transaction(
             self._next_offsets(msgs), self._consumer.consumer_group_metadata(), 30
         )
-        self._producer.commit_transaction(60)
+        started = time.monotonic()
+        while True:
+            try:
+                self._producer.commit_transaction(10)
+                break
+            except KafkaException as exc:
+                err = exc.args[0]
+                action = txn_failure_action(
+                    err, "commit", time.monotonic() - started, self._stopping()
+                )
+                if action != "resume":
+                    raise
+                # A retriable commit goes on in the background; any other call conflicts
+                # with it until it is resumed and done.
+                logger.warning("%s commit not done yet (%s); resuming it", self._stage, err)
         self.stats.batches += 1
         self.stats.messages += len(msgs)
         self.stats.outputs += self._txn_outputs
@@ -615,26 +696,35 @@ class TransactionalBatchLoop:
         err = exc.args[0]
         self.stats.aborted += 1
         self.stats.errors.append(str(err))
-        if getattr(err, "fatal", lambda: False)():
+        if _fatal(exc):
             # The loop replaces both clients (see run()).
             raise exc
         logger.warning(
             "%s transaction aborted (%s); rewinding %d messages", self._stage, err, len(msgs)
         )
         # With the broker down the abort times out too: librdkafka says retry the call to
-        # resume it, which is what keeps the stage alive through a broker restart.
+        # resume it, which is what keeps the stage alive through a broker restart. An abort
+        # that cannot complete (a commit still current: _CONFLICT; the broker gone for
+        # longer than TXN_RECOVERY_S; a stop request) replaces the clients instead.
+        started = time.monotonic()
         while True:
             try:
-                self._producer.abort_transaction(30)
+                self._producer.abort_transaction(10)
                 break
             except KafkaException as abort_exc:
                 abort_err = abort_exc.args[0]
-                if getattr(abort_err, "fatal", lambda: True)() or not abort_err.retriable():
-                    logger.error("%s abort failed: %s", self._stage, abort_exc)
-                    raise
+                action = txn_failure_action(
+                    abort_err, "abort", time.monotonic() - started, self._stopping()
+                )
+                if action == "replace":
+                    logger.error("%s abort failed: %s", self._stage, abort_err)
+                    raise replacement_error("abort failed", abort_err) from abort_exc
                 logger.warning("%s abort not done yet (%s); retrying", self._stage, abort_err)
-                time.sleep(1.0)
+                time.sleep(0.5)
         self._rewind(msgs)
+
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
 
     def _rewind(self, msgs: list[Message]) -> None:
         """Seek every partition of the batch back to its first message in the batch."""
