@@ -27,15 +27,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from stages.enrichment.logic import parse_label
-from stages.shared.kafka import (
-    LoopStats,
-    Output,
-    RetryBatch,
-    StopFlag,
-    dead_letter,
-    instrumented_loop,
-    where,
-)
+from stages.shared.batch_loop import LoopStats, RetryBatch, instrumented_loop
+from stages.shared.kafka import Output, StopFlag, dead_letter, where
 from stages.shared.labels import Label, LabelIndex, PartitionProgress
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.schemas import InvalidMessage

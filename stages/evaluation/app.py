@@ -61,14 +61,8 @@ from stages.evaluation.logic import (
     shadow_comparisons,
 )
 from stages.evaluation.metrics import EvaluationMetrics, evaluation_metrics
-from stages.shared.kafka import (
-    LoopStats,
-    Output,
-    RetryBatch,
-    StopFlag,
-    ensure_topics,
-    instrumented_loop,
-)
+from stages.shared.batch_loop import LoopStats, RetryBatch, instrumented_loop
+from stages.shared.kafka import Output, StopFlag, ensure_topics
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.schemas import MODEL_FEATURES, InvalidMessage
 from stages.shared.settings import EvaluationSettings, Settings

@@ -30,17 +30,9 @@ from stages.prediction.logic import (
     stable_fraction,
 )
 from stages.prediction.models import ModelHolder, ServingModel
+from stages.shared.batch_loop import LoopStats, RetryBatch, instrumented_loop
 from stages.shared.claims import TransactionClaims
-from stages.shared.kafka import (
-    LoopStats,
-    Output,
-    RetryBatch,
-    StopFlag,
-    dead_letter,
-    ensure_topics,
-    instrumented_loop,
-    where,
-)
+from stages.shared.kafka import Output, StopFlag, dead_letter, ensure_topics, where
 from stages.shared.labels import LabelIndex, exact_mask
 from stages.shared.layout import online_layout
 from stages.shared.metrics import Metrics, build_metrics

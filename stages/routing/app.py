@@ -13,15 +13,8 @@ import orjson
 from confluent_kafka import Message
 
 from stages.routing.logic import decide, parse_prediction
-from stages.shared.kafka import (
-    LoopStats,
-    Output,
-    StopFlag,
-    dead_letter,
-    ensure_topics,
-    instrumented_loop,
-    where,
-)
+from stages.shared.batch_loop import LoopStats, instrumented_loop
+from stages.shared.kafka import Output, StopFlag, dead_letter, ensure_topics, where
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.schemas import InvalidMessage
 from stages.shared.settings import Settings
