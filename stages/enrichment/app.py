@@ -547,8 +547,8 @@ def run_part(
 
 def run(
     settings: Settings,
-    metrics: Metrics | None = None,
     stop: StopFlag | None = None,
+    metrics: Metrics | None = None,
     labels: LabelsProcess | None = None,
 ) -> None:
     """Run the whole enrichment stage until SIGTERM/SIGINT: the customer-window application

@@ -33,17 +33,17 @@ from stages.ops.report import MetricsSampler, render_live_latency, render_run_re
 from stages.shared.kafka import ensure_topics
 from stages.shared.procenv import drop_feast_prometheus_dirs
 from stages.shared.schemas import CUSTOMER_VIEW, TERMINAL_VIEW
-from stages.shared.settings import Settings, settings_to_env, stage_groups
+from stages.shared.settings import Settings, settings_to_env
+from stages.shared.topology import PIPELINE_STAGES, STAGES, stage_groups
 from training.skew import SkewReport
 
 logger = logging.getLogger(__name__)
 console = Console()
 
-PIPELINE_STAGES = ("enrichment", "prediction", "routing")
 # The demo's live-rate phase, after the max-speed replay.
 LIVE_RATE = 500.0
 LIVE_SECONDS = 30.0
-DEMO_STAGES = (*PIPELINE_STAGES, "evaluation")
+DEMO_STAGES = STAGES
 
 
 @dataclass

@@ -38,11 +38,12 @@ from stages.shared.layout import online_layout
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.online import OnlineBatch, OnlineFeatureReader
 from stages.shared.schemas import TERMINAL_FEATURES, TERMINAL_VIEW
-from stages.shared.settings import Settings
+from stages.shared.settings import Settings, StageName
+from stages.shared.topology import single_group
 
 logger = logging.getLogger(__name__)
 
-STAGE = "prediction"
+STAGE: StageName = "prediction"
 
 
 @dataclass
@@ -381,20 +382,22 @@ def build_stage(settings: Settings, metrics: Metrics | None = None) -> Predictio
 def run(
     settings: Settings,
     stop: StopFlag,
-    max_idle_s: float | None = None,
     metrics: Metrics | None = None,
+    *,
+    max_idle_s: float | None = None,
 ) -> LoopStats:
     """Run the prediction stage until ``stop`` is set."""
     stage = build_stage(settings, metrics)
     ensure_topics(settings.kafka, settings.topics)
     cfg = settings.prediction
 
+    group_id, inputs = single_group(settings, STAGE)
     loop = instrumented_loop(
         settings,
         stage.metrics,
         stage=STAGE,
-        group_id=settings.topics.group(cfg.consumer_group),
-        input_topics=[settings.topics.name("enriched")],
+        group_id=group_id,
+        input_topics=list(inputs),
         handler=stage.handle,
         max_batch=cfg.max_batch,
         max_wait_ms=cfg.max_wait_ms,

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     import redis
 
 StageName = Literal["enrichment", "prediction", "routing", "evaluation"]
-STAGES: tuple[StageName, ...] = ("enrichment", "prediction", "routing", "evaluation")
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -440,25 +439,6 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
     for name in Settings.model_fields:
         put(f"RTPIPE_{name.upper()}", getattr(settings, name))
     return env
-
-
-def stage_groups(settings: Settings, stage: StageName) -> dict[str, tuple[str, ...]]:
-    """Each consumer group of a stage (full id) with its input topics (full names)."""
-    t = settings.topics
-
-    def names(*keys: str) -> tuple[str, ...]:
-        return tuple(t.name(k) for k in keys)
-
-    if stage == "enrichment":
-        return {
-            t.group(settings.enrichment.consumer_group): names("transactions"),
-            t.group(settings.enrichment.labels_consumer_group): names("labels"),
-        }
-    if stage == "prediction":
-        return {t.group(settings.prediction.consumer_group): names("enriched")}
-    if stage == "routing":
-        return {t.group(settings.routing.consumer_group): names("predictions")}
-    return {t.group(settings.evaluation.consumer_group): names("predictions", "labels")}
 
 
 def on_port_base(settings: Settings, base: int) -> Settings:
