@@ -53,17 +53,17 @@ from stages.evaluation.logic import (
     drift_psi,
     label_half,
     online_metrics,
-    parse_label,
-    parse_prediction,
     prediction_half,
     retrain_request,
     retrain_triggers,
+    scored_prediction,
     shadow_comparisons,
 )
 from stages.evaluation.metrics import EvaluationMetrics, evaluation_metrics
 from stages.shared.batch_loop import LoopStats, RetryBatch, instrumented_loop
 from stages.shared.kafka import Output, StopFlag, ensure_topics
 from stages.shared.metrics import Metrics, build_metrics
+from stages.shared.records import parse_label
 from stages.shared.schemas import MODEL_FEATURES, InvalidMessage
 from stages.shared.settings import EvaluationSettings, Settings, StageName
 from stages.shared.topology import retrain_requests_topic, single_group
@@ -232,7 +232,7 @@ class EvaluationStage:
             # enrichment for labels); here they are only counted.
             try:
                 if msg.topic() == self._pred_topic:
-                    p = parse_prediction(msg.value())
+                    p = scored_prediction(msg.value())
                     preds.append(p)
                     items.append(JoinItem("prediction", p.transaction_id, prediction_half(p)))
                 elif msg.topic() == self._label_topic:

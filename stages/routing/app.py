@@ -12,10 +12,11 @@ from typing import Any
 import orjson
 from confluent_kafka import Message
 
-from stages.routing.logic import decide, parse_prediction
+from stages.routing.logic import decide
 from stages.shared.batch_loop import LoopStats, instrumented_loop
 from stages.shared.kafka import Output, StopFlag, dead_letter, ensure_topics, where
 from stages.shared.metrics import Metrics, build_metrics
+from stages.shared.records import parse_prediction
 from stages.shared.schemas import InvalidMessage
 from stages.shared.settings import Settings, StageName
 from stages.shared.topology import single_group
@@ -49,7 +50,7 @@ class RoutingStage:
         outputs: list[Output] = []
         for msg in msgs:
             try:
-                rec = parse_prediction(msg.value())
+                rec = parse_prediction(msg.value()).fields
             except InvalidMessage as err:
                 logger.warning("dead letter %s: %s", where(msg), err)
                 m.dlq.labels(STAGE, err.reason).inc()
