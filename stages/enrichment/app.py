@@ -74,7 +74,7 @@ from stages.shared.kafka import (
     static_member_config,
 )
 from stages.shared.layout import online_layout
-from stages.shared.metrics import Metrics, build_metrics
+from stages.shared.metrics import Assignment, Metrics, build_metrics
 from stages.shared.online import OnlineFeatureWriter, OnlineWriteError
 from stages.shared.schemas import (
     CUSTOMER_FEATURES,
@@ -152,6 +152,7 @@ class NaturalBatchingApplication(Application):
     """
 
     _watch: PartitionWatch | None = None
+    _assignment: Assignment | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -169,9 +170,26 @@ class NaturalBatchingApplication(Application):
 
         ctx.commit_checkpoint = commit_checkpoint  # type: ignore[method-assign]
 
-    def watch_partitions(self, watch: PartitionWatch) -> None:
-        """Check the input partitions for stalls (and export their lag) as it runs."""
+    def watch_partitions(self, watch: PartitionWatch, assignment: Assignment) -> None:
+        """Check the input partitions for stalls (and export their lag) as it runs, and
+        export which of them it holds (readiness)."""
         self._watch = watch
+        self._assignment = assignment
+
+    def _on_assign(self, consumer: Any, topic_partitions: list[Any]) -> None:
+        super()._on_assign(consumer, topic_partitions)
+        if self._assignment is not None:
+            self._assignment.assigned(topic_partitions)
+
+    def _on_revoke(self, consumer: Any, topic_partitions: list[Any]) -> None:
+        if self._assignment is not None:
+            self._assignment.revoked(topic_partitions)
+        super()._on_revoke(consumer, topic_partitions)
+
+    def _on_lost(self, consumer: Any, topic_partitions: list[Any]) -> None:
+        if self._assignment is not None:
+            self._assignment.revoked(topic_partitions)
+        super()._on_lost(consumer, topic_partitions)
 
     def _process_message(self, dataframe_composed: Any) -> None:
         tracker = self._run_tracker
@@ -483,7 +501,8 @@ def build_customer_app(
         .sink(sink)
     )
     app.watch_partitions(
-        PartitionWatch({tx_name}, metrics, settings.stall_timeout_s, lambda: sink.total_retries)
+        PartitionWatch({tx_name}, metrics, settings.stall_timeout_s, lambda: sink.total_retries),
+        Assignment(metrics, STAGE, settings.topics.group(cfg.consumer_group), [tx_name]),
     )
     return app
 

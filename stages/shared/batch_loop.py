@@ -35,7 +35,7 @@ from stages.shared.kafka import (
     producer_config,
     static_member_config,
 )
-from stages.shared.metrics import Metrics
+from stages.shared.metrics import Assignment, Metrics
 from stages.shared.settings import Settings
 from stages.shared.stall import StallWatch
 
@@ -174,6 +174,7 @@ class TransactionalBatchLoop:
         on_idle: Callable[[], None] | None = None,
         commit_interval_ms: int = 0,
         on_stall: Callable[[str, int, int], None] | None = None,
+        assignment: Assignment | None = None,
     ) -> None:
         self._settings = settings
         self._group_id = group_id
@@ -193,6 +194,8 @@ class TransactionalBatchLoop:
         # Partitions with lag that do not move (stages/shared/stall.py); checked with the lag.
         self._stalls = StallWatch(settings.stall_timeout_s)
         self._on_stall = on_stall
+        # The partitions held, for readiness (rtpipe_assigned_partitions).
+        self._assignment = assignment
         # 0: one transaction per batch. Otherwise batches share a transaction until it is
         # this old (or the input is drained, or partitions are revoked): for a handler whose
         # effect that matters happens before the commit (the labels process writes Redis),
@@ -241,6 +244,8 @@ class TransactionalBatchLoop:
         if consumer is not self._consumer:  # a discarded consumer, closing
             return
         self.stats.rebalances += 1
+        if self._assignment is not None:
+            self._assignment.assigned(partitions)
         logger.info("%s assigned %s", self._stage, [(p.topic, p.partition) for p in partitions])
         if self._on_rebalance:
             self._on_rebalance("assign", partitions)
@@ -252,6 +257,8 @@ class TransactionalBatchLoop:
         if consumer is not self._consumer:  # a discarded consumer, closing
             return
         self._commit_open()
+        if self._assignment is not None:
+            self._assignment.revoked(partitions)
         logger.info("%s revoked %s", self._stage, [(p.topic, p.partition) for p in partitions])
         if self._on_rebalance:
             self._on_rebalance("revoke", partitions)
@@ -280,6 +287,8 @@ class TransactionalBatchLoop:
             # Still ours while it closes: its revoke callback commits what is open.
             close_consumer(self._consumer, self._stage, CONSUMER_CLOSE_TIMEOUT_S)
             self._consumer = None
+            if self._assignment is not None:
+                self._assignment.clear()
         if self._producer is not None:
             self._producer.flush(10)
             self._producer = None
@@ -349,6 +358,8 @@ class TransactionalBatchLoop:
         consumer, self._consumer = self._consumer, None
         self._producer = None
         self._txn_msgs, self._txn_outputs = [], 0
+        if self._assignment is not None:
+            self._assignment.clear()
         if consumer is not None:
             close_consumer(consumer, self._stage, CONSUMER_CLOSE_TIMEOUT_S)
 
@@ -615,4 +626,5 @@ def instrumented_loop(
         on_stall=lambda topic, part, offset: metrics.partition_stalled.labels(
             stage, topic, str(part)
         ).inc(),
+        assignment=Assignment(metrics, stage, group_id, input_topics),
     )
