@@ -51,9 +51,24 @@ def run_stage(settings: Settings, stop: StopFlag, metrics: Metrics | None = None
     customer app until ``stop``."""
     labels = LabelsProcess(settings)
     labels.start()
-    from stages.enrichment.app import run
+    from stages.enrichment.app import ProcessRestartRequired, run
 
-    run(settings, stop, metrics, labels=labels)
+    try:
+        run(settings, stop, metrics, labels=labels)
+    except ProcessRestartRequired as exc:
+        # The labels process is stopped by now (run's finally). The same pid, log and
+        # arguments: a supervisor watching this process sees it carry on.
+        logger.error("enrichment stage restarts as a new process: %s", exc)
+        restart_process()
+
+
+def restart_process() -> None:
+    """Replace this process by a fresh run of the same command (``exec``): whatever the
+    failed run held (file locks, librdkafka handles) is released by the kernel."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def run_labels_part(settings: Settings, stop: StopFlag, metrics: Metrics) -> None:
