@@ -24,7 +24,9 @@ import pandas as pd
 
 from bench.online import BASE_MS, fill
 from stages.shared.feast_store import apply_repo, open_feature_store
-from stages.shared.online import OnlineFeatureReader, OnlineFeatureWriter, OnlineLayout
+from stages.shared.online.layout import OnlineLayout
+from stages.shared.online.reader import OnlineFeatureReader
+from stages.shared.online.writer import OnlineFeatureWriter
 from stages.shared.schemas import CUSTOMER_FEATURES, CUSTOMER_VIEW
 from stages.shared.settings import RedisSettings, Settings
 

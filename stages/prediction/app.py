@@ -42,9 +42,9 @@ from stages.shared.kafka import (
     where,
 )
 from stages.shared.labels import LabelIndex, exact_mask
-from stages.shared.layout import online_layout
 from stages.shared.metrics import Metrics, build_metrics
-from stages.shared.online import OnlineBatch, OnlineFeatureReader
+from stages.shared.online.layout import online_layout
+from stages.shared.online.reader import OnlineBatch, OnlineFeatureReader
 from stages.shared.schemas import TERMINAL_FEATURES, TERMINAL_VIEW
 from stages.shared.settings import Settings
 

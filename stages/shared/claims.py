@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.shared.online import RawRedis, reply_error
+from stages.shared.online.resp import RawRedis, reply_error
 
 
 def _bulk(b: bytes) -> bytes:

@@ -39,8 +39,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from stages.shared.online import RawRedis, reply_error
-from stages.shared.online_cluster import cluster_unavailable, is_cluster_unavailable
+from stages.shared.online.cluster import cluster_unavailable, is_cluster_unavailable
+from stages.shared.online.resp import RawRedis, reply_error
 from stages.shared.schemas import DAY_MS, LABEL_DELAY_DAYS, TERMINAL_FEATURES, WINDOWS_DAYS
 from stages.shared.settings import Settings
 

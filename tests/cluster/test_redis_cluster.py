@@ -15,8 +15,10 @@ import pytest
 from feast import FeatureStore
 
 from stages.shared.feast_store import apply_repo, open_feature_store, repo_config
-from stages.shared.online import OnlineFeatureReader, OnlineFeatureWriter, OnlineLayout
-from stages.shared.online_cluster import ClusterRawRedis
+from stages.shared.online.cluster import ClusterRawRedis
+from stages.shared.online.layout import OnlineLayout
+from stages.shared.online.reader import OnlineFeatureReader
+from stages.shared.online.writer import OnlineFeatureWriter
 from stages.shared.schemas import CUSTOMER_FEATURES, CUSTOMER_VIEW, TERMINAL_FEATURES, TERMINAL_VIEW
 from stages.shared.settings import Settings
 

@@ -22,7 +22,7 @@ import yaml
 
 from stages.shared.feast_store import apply_repo, materialize, open_feature_store
 from stages.shared.offline import OfflineSchemaError, read_offline, write_offline
-from stages.shared.online import OnlineFeatureReader
+from stages.shared.online.reader import OnlineFeatureReader
 from stages.shared.schemas import (
     CUSTOMER_FEATURES,
     CUSTOMER_VIEW,

@@ -15,12 +15,10 @@ import pytest
 from feast import FeatureStore
 
 from stages.shared.feast_store import apply_repo, open_feature_store
-from stages.shared.online import (
-    OnlineFeatureReader,
-    OnlineFeatureWriter,
-    OnlineLayout,
-    redis_keys,
-)
+from stages.shared.online.keys import redis_keys
+from stages.shared.online.layout import OnlineLayout
+from stages.shared.online.reader import OnlineFeatureReader
+from stages.shared.online.writer import OnlineFeatureWriter
 from stages.shared.schemas import (
     CUSTOMER_FEATURES,
     CUSTOMER_VIEW,
@@ -202,7 +200,7 @@ def test_clients_without_the_raw_path_write_and_read_the_same(env: Env) -> None:
     # call and pipelined HMGETs, against the same Redis.
     resp3 = env.settings.redis.client(protocol=3)
     writer = OnlineFeatureWriter(resp3, env.layout)
-    assert writer._raw is None
+    assert writer._transport.kind == "pipeline"
     rng = np.random.default_rng(13)
     ids = np.arange(30_000, 30_200, dtype=np.int64)
     ts = T0_MS + rng.integers(0, 10**9, len(ids))
