@@ -93,7 +93,7 @@ class RedisSettings(BaseModel):
 
         With ``cluster`` on it is a ``redis.cluster.RedisCluster`` (same commands, keys routed
         by hash slot); the online reader and writer batch per node over it
-        (``stages/shared/online_cluster.py``).
+        (``stages/shared/online/cluster.py``, ``transport.py``).
         """
         import redis as redis_py
 
