@@ -65,6 +65,7 @@ from stages.enrichment.intake import (
 )
 from stages.enrichment.logic import CustomerState, update_customer
 from stages.enrichment.supervise import LabelsProcess
+from stages.shared.errors import RtpipeError
 from stages.shared.kafka import (
     DLQ_DETAIL,
     DLQ_REASON,
@@ -261,7 +262,7 @@ class LoopWatchdog:
                 return
 
 
-class PartitionStalledError(RuntimeError):
+class PartitionStalledError(RtpipeError, RuntimeError):
     """An input partition had lag and made no progress for the stall timeout."""
 
     def __init__(self, where: list[str], timeout_s: float) -> None:
@@ -574,7 +575,7 @@ def input_partitions(settings: Settings, topic: str) -> int:
     return len(admin.list_topics(topic, timeout=10).topics[topic].partitions)
 
 
-class ProcessRestartRequired(RuntimeError):
+class ProcessRestartRequired(RtpipeError, RuntimeError):
     """The customer app cannot be rebuilt in this process: a failed app left a RocksDB
     partition of its state open (its LOCK is held by this process), and every new app
     waits for it in vain. Only a new process releases it."""

@@ -78,6 +78,7 @@ from typing import Any, Final, Literal, NamedTuple
 
 import orjson
 
+from stages.shared.errors import RtpipeError
 from stages.shared.schemas import DAY_MS, WINDOWS_DAYS, Transaction
 
 # --- placement -------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ _U32: Final = "I" if array("I").itemsize == 4 else "L"
 _SWAP: Final = sys.byteorder == "big"
 
 
-class DedupStateError(ValueError):
+class DedupStateError(RtpipeError, ValueError):
     """A stored dedup state that cannot be decoded."""
 
 

@@ -26,6 +26,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from stages.shared.errors import RtpipeError
 from stages.shared.kafka import (
     TRANSACTIONAL_LINGER_MS,
     TRANSACTIONAL_RETRY_BACKOFF,
@@ -111,7 +112,7 @@ def close_consumer(consumer: Consumer, stage: str, timeout_s: float) -> bool:
     return True
 
 
-class RetryBatch(Exception):
+class RetryBatch(RtpipeError):
     """Raised by a batch handler when a dependency is down: the batch is rewound and
     retried after ``retry_after_s`` (backpressure) instead of being dropped or misrouted."""
 
