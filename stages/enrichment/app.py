@@ -51,12 +51,10 @@ from redis.retry import Retry
 
 from stages.enrichment.backpressure import RetryingBatchingSink
 from stages.enrichment.intake import (
-    CONFLICT_REASON,
     DedupState,
     canonical_key,
     check_duplicate,
     check_horizon,
-    content_fingerprint,
     describe_placement,
     rekey_headers,
     rekeyed_reason,
@@ -80,6 +78,7 @@ from stages.shared.metrics import Assignment, Metrics, build_metrics
 from stages.shared.online.errors import OnlineWriteError
 from stages.shared.online.layout import online_layout
 from stages.shared.online.writer import OnlineFeatureWriter
+from stages.shared.records import CONFLICT_REASON, content_fingerprint
 from stages.shared.schemas import (
     CUSTOMER_FEATURES,
     CUSTOMER_VIEW,

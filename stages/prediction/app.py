@@ -19,7 +19,6 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from stages.enrichment.intake import CONFLICT_REASON, content_fingerprint
 from stages.prediction.logic import (
     EnrichedBatch,
     assemble_matrix,
@@ -37,6 +36,7 @@ from stages.shared.labels import LabelIndex, exact_mask
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.online.layout import online_layout
 from stages.shared.online.reader import OnlineBatch, OnlineFeatureReader
+from stages.shared.records import CONFLICT_REASON, content_fingerprint
 from stages.shared.schemas import TERMINAL_FEATURES, TERMINAL_VIEW
 from stages.shared.settings import Settings, StageName
 from stages.shared.topology import single_group
