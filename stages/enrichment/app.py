@@ -102,7 +102,7 @@ SINK_RETRY_BUDGET_S = 20.0
 # producer is fenced (fatal). Longer than the batch loop's, shorter than librdkafka's 60 s
 # (the stall a killed instance leaves its readers): the flush is bounded by the socket
 # timeouts below, with no client-side retries (backpressure retries instead).
-TRANSACTION_TIMEOUT_MS = 30_000
+CHECKPOINT_TRANSACTION_TIMEOUT_MS = 30_000
 
 
 class FeastOnlineSink(RetryingBatchingSink):
@@ -335,7 +335,7 @@ def application(settings: Settings, group: str) -> NaturalBatchingApplication:
     producer: dict[str, Any] = {
         "linger.ms": TRANSACTIONAL_LINGER_MS,
         "compression.type": "lz4",
-        "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+        "transaction.timeout.ms": CHECKPOINT_TRANSACTION_TIMEOUT_MS,
         **TRANSACTIONAL_RETRY_BACKOFF,
     }
     consumer: dict[str, Any] = {"fetch.wait.max.ms": kafka.fetch_wait_max_ms}

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 # a second). A stage killed mid-transaction leaves it open until this timeout, and until the
 # broker aborts it, read_committed readers of its output partitions and the offset fetch of
 # its successor wait: librdkafka's 60 s default turned each crash into a minute-long stall.
-TRANSACTION_TIMEOUT_MS = 10_000
+BATCH_TRANSACTION_TIMEOUT_MS = 10_000
 # How long the batch loop waits for a first message before it checks its stop flag again.
 IDLE_POLL_S = 0.1
 # How long the loop keeps resuming a commit or retrying an abort that fails with a retriable
@@ -227,7 +227,7 @@ class TransactionalBatchLoop:
                 kafka,
                 **{
                     "transactional.id": txn_id,
-                    "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+                    "transaction.timeout.ms": BATCH_TRANSACTION_TIMEOUT_MS,
                     "linger.ms": TRANSACTIONAL_LINGER_MS,
                     **TRANSACTIONAL_RETRY_BACKOFF,
                 },
@@ -354,7 +354,7 @@ class TransactionalBatchLoop:
     def _discard(self) -> None:
         """Drop both clients after a fatal error (nothing left to flush or commit). A
         transaction the broker still holds open is aborted by its timeout
-        (``TRANSACTION_TIMEOUT_MS``), until when read_committed readers of its partitions
+        (``BATCH_TRANSACTION_TIMEOUT_MS``), until when read_committed readers of its partitions
         wait."""
         consumer, self._consumer = self._consumer, None
         self._producer = None
