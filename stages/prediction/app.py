@@ -29,7 +29,7 @@ from stages.prediction.logic import (
     stable_fraction,
 )
 from stages.prediction.models import ModelHolder, ServingModel
-from stages.shared.batch_loop import LoopStats, RetryBatch, instrumented_loop
+from stages.shared.batch_loop import LoopStats, RetryBatch, stage_loop
 from stages.shared.claims import TransactionClaims
 from stages.shared.kafka import Output, StopFlag, dead_letter, ensure_topics, where
 from stages.shared.labels import LabelIndex, exact_mask
@@ -39,7 +39,6 @@ from stages.shared.online.reader import OnlineBatch, OnlineFeatureReader
 from stages.shared.records import CONFLICT_REASON, content_fingerprint
 from stages.shared.schemas import TERMINAL_FEATURES, TERMINAL_VIEW
 from stages.shared.settings import Settings, StageName
-from stages.shared.topology import single_group
 
 logger = logging.getLogger(__name__)
 
@@ -389,19 +388,13 @@ def run(
     """Run the prediction stage until ``stop`` is set."""
     stage = build_stage(settings, metrics)
     ensure_topics(settings.kafka, settings.topics)
-    cfg = settings.prediction
-
-    group_id, inputs = single_group(settings, STAGE)
-    loop = instrumented_loop(
+    # A promoted model is loaded (or rejected) while no events flow, not on the next one.
+    loop = stage_loop(
         settings,
         stage.metrics,
-        stage=STAGE,
-        group_id=group_id,
-        input_topics=list(inputs),
-        handler=stage.handle,
-        max_batch=cfg.max_batch,
-        max_wait_ms=cfg.max_wait_ms,
-        # A promoted model is loaded (or rejected) while no events flow, not on the next one.
+        STAGE,
+        stage.handle,
+        settings.prediction,
         on_idle=stage.models.maybe_reload,
     )
     return loop.run(stop, max_idle_s=max_idle_s)

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -37,8 +37,9 @@ from stages.shared.kafka import (
     static_member_config,
 )
 from stages.shared.metrics import Assignment, Metrics
-from stages.shared.settings import Settings
+from stages.shared.settings import Settings, StageName
 from stages.shared.stall import StallWatch
+from stages.shared.topology import single_group
 
 logger = logging.getLogger(__name__)
 
@@ -628,4 +629,35 @@ def instrumented_loop(
             stage, topic, str(part)
         ).inc(),
         assignment=Assignment(metrics, stage, group_id, input_topics),
+    )
+
+
+class Batching(Protocol):
+    """A stage's micro-batch settings (PredictionSettings, RoutingSettings, ...)."""
+
+    max_batch: int
+    max_wait_ms: int
+
+
+def stage_loop(
+    settings: Settings,
+    metrics: Metrics,
+    stage: StageName,
+    handler: BatchHandler,
+    batching: Batching,
+    on_idle: Callable[[], None] | None = None,
+) -> TransactionalBatchLoop:
+    """The instrumented loop of a stage with one consumer group, whose group and input
+    topics are the topology's (stages/shared/topology.py)."""
+    group_id, inputs = single_group(settings, stage)
+    return instrumented_loop(
+        settings,
+        metrics,
+        stage=stage,
+        group_id=group_id,
+        input_topics=list(inputs),
+        handler=handler,
+        max_batch=batching.max_batch,
+        max_wait_ms=batching.max_wait_ms,
+        on_idle=on_idle,
     )
