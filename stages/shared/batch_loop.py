@@ -248,9 +248,7 @@ class TransactionalBatchLoop:
         self.stats.rebalances += 1
         if self._assignment is not None:
             self._assignment.assigned(partitions)
-        logger.info("%s assigned %s", self._stage, [(p.topic, p.partition) for p in partitions])
-        if self._on_rebalance:
-            self._on_rebalance("assign", partitions)
+        self._rebalanced("assign", partitions)
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # With one transaction per batch none is open here: every batch is committed or
@@ -261,9 +259,13 @@ class TransactionalBatchLoop:
         self._commit_open()
         if self._assignment is not None:
             self._assignment.revoked(partitions)
-        logger.info("%s revoked %s", self._stage, [(p.topic, p.partition) for p in partitions])
+        self._rebalanced("revoke", partitions)
+
+    def _rebalanced(self, kind: str, partitions: list[TopicPartition]) -> None:
+        done = "assigned" if kind == "assign" else "revoked"
+        logger.info("%s %s %s", self._stage, done, [(p.topic, p.partition) for p in partitions])
         if self._on_rebalance:
-            self._on_rebalance("revoke", partitions)
+            self._on_rebalance(kind, partitions)
 
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another member owns them already: what is open must not commit.
