@@ -56,6 +56,18 @@ def ratio(ours: float, baseline: float, better: Better = "higher") -> float:
 
 
 @dataclass(frozen=True)
+class Versus:
+    """Events/s of ours against a baseline's, each the median of ``trials`` runs over
+    its number of events."""
+
+    ours_eps: float
+    baseline_eps: float
+    ours_events: int
+    baseline_events: int
+    trials: int
+
+
+@dataclass(frozen=True)
 class Goal:
     """A goal on a line's ratio (``min_ratio``) or on ``ours`` itself (``max_ours`` or
     ``min_ours``)."""

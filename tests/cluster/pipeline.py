@@ -21,18 +21,13 @@ import orjson
 import pandas as pd
 
 from stages.ops.audit import AuditReport, audit, read_topic
-from stages.ops.demo import (
-    PIPELINE_STAGES,
-    StageProcess,
-    start_stage,
-    start_stages,
-    stop_stages,
-    wait_until_ready,
-)
+from stages.ops.harness.processes import StageProcess, start_stage, start_stages, stop_stages
+from stages.ops.harness.sandbox import isolated_settings as support_isolated_settings
+from stages.ops.readiness import wait_until_ready
 from stages.ops.replay import ReplayPlan, replay
 from stages.shared.schemas import MODEL_FEATURES
 from stages.shared.settings import Settings, TopicSettings
-from tests.support import isolated_settings as support_isolated_settings
+from stages.shared.topology import PIPELINE_STAGES
 from training.features import compute_features
 from training.simulate import SimulatorConfig, simulate
 
@@ -63,11 +58,6 @@ def isolated_settings(base: Settings, tmp: Path) -> Settings:
 def replay_plan(days: float) -> ReplayPlan:
     """``days`` from :data:`REPLAY_START`, with 30 days of warm-up history."""
     return ReplayPlan(REPLAY_START, REPLAY_START + pd.Timedelta(days=days), history_days=30)
-
-
-def expected_ids(tx: pd.DataFrame, plan: ReplayPlan) -> list[int]:
-    sel = (tx["tx_datetime"] >= plan.start) & (tx["tx_datetime"] < plan.end)
-    return tx.loc[sel, "transaction_id"].tolist()
 
 
 def wait_for_outcomes(
@@ -185,13 +175,6 @@ def kill9(pid: int) -> None:
     raise AssertionError(f"pid {pid} still alive 10 s after SIGKILL")
 
 
-def kill9_stage(sp: StageProcess) -> None:
-    """SIGKILL a stage replica's session (its enrichment labels child too) and reap it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(sp.proc.pid, signal.SIGKILL)
-    sp.proc.wait(10)
-
-
 def redis_masters(stack_settings: Settings, exclude: tuple[int, ...] = ()) -> list[int]:
     """Ports of the Redis Cluster's masters not flagged failed, as the first node that
     answers (and is not in ``exclude``) sees them."""
@@ -244,7 +227,7 @@ def wait_serving(settings: Settings, name: str, replica: int, timeout_s: float =
     import urllib.error
     import urllib.request
 
-    from stages.ops.demo import replica_settings
+    from stages.ops.harness.processes import replica_settings
 
     ports = replica_settings(settings, replica).metrics.ports(name)  # type: ignore[arg-type]
     started = time.monotonic()
@@ -270,7 +253,7 @@ class StreamRun:
         self.tx = tx
         self.plan = plan
         self.rate = rate
-        self.expected = expected_ids(tx, plan)
+        self.expected = plan.transaction_ids(tx)
         self.procs: dict[tuple[str, int], StageProcess] = {}
         self.replicas = replicas
         self.events: list[str] = []

@@ -32,7 +32,8 @@ import pytest
 from confluent_kafka import Producer
 
 from stages.ops.audit import audit, read_topic
-from stages.ops.demo import start_stages, stop_stages
+from stages.ops.harness.processes import start_stages, stop_stages
+from stages.ops.harness.sandbox import isolated_settings, register_tiny_model
 from stages.ops.replay import ReplayPlan, replay
 from stages.prediction.logic import decode_enriched
 from stages.shared.feast_store import apply_repo
@@ -40,7 +41,6 @@ from stages.shared.kafka import DLQ_REASON, DLQ_SOURCE, ensure_topics, producer_
 from stages.shared.records import parse_label, parse_prediction
 from stages.shared.schemas import DAY_MS, MAX_ID, InvalidMessage, parse_transaction
 from stages.shared.settings import Settings
-from tests.support import isolated_settings, register_tiny_model
 from training.simulate import SimulatorConfig, simulate
 
 pytestmark = pytest.mark.integration

@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 
 from stages.ops.audit import AuditReport, audit, read_topic
-from stages.ops.demo import start_stages, stop_stages
+from stages.ops.harness.processes import start_stages, stop_stages
+from stages.ops.harness.sandbox import isolated_settings, register_tiny_model
 from stages.ops.replay import ReplayPlan, replay
 from stages.prediction.logic import stable_fraction
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import ensure_topics
 from stages.shared.settings import Settings
-from tests.support import isolated_settings, register_tiny_model
 from training import registry
 from training.simulate import SimulatorConfig, simulate
 

@@ -14,13 +14,13 @@ import pytest
 from confluent_kafka import Producer
 
 from stages.ops.audit import audit, read_topic
-from stages.ops.demo import start_stages, stop_stages
+from stages.ops.harness.processes import start_stages, stop_stages
+from stages.ops.harness.sandbox import isolated_settings, register_tiny_model
 from stages.ops.replay import ReplayPlan, replay
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import DLQ_REASON, ensure_topics, producer_config
 from stages.shared.schemas import CUSTOMER_FEATURES, TERMINAL_FEATURES
 from stages.shared.settings import Settings
-from tests.support import isolated_settings, register_tiny_model
 from training.features import compute_features
 
 pytestmark = pytest.mark.integration
