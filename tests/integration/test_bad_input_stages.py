@@ -41,7 +41,6 @@ from stages.shared.kafka import DLQ_REASON, DLQ_SOURCE, ensure_topics, producer_
 from stages.shared.records import parse_label, parse_prediction
 from stages.shared.schemas import DAY_MS, MAX_ID, InvalidMessage, parse_transaction
 from stages.shared.settings import Settings
-from training.simulate import SimulatorConfig, simulate
 
 pytestmark = pytest.mark.integration
 
@@ -201,11 +200,8 @@ def malformed_inputs(settings: Settings, rng: random.Random) -> dict[str, list[t
 
 
 def test_malformed_input_lands_in_dlqs_and_valid_events_are_unaffected(
-    unique_topics: Settings, tmp_path: Path
+    unique_topics: Settings, small_tx: pd.DataFrame, tmp_path: Path
 ) -> None:
-    small_tx = simulate(
-        SimulatorConfig(n_customers=150, n_terminals=300, nb_days=50, seed=7), progress=False
-    )
     settings = isolated_settings(unique_topics, tmp_path)
     apply_repo(settings)
     register_tiny_model(settings, small_tx)
@@ -218,10 +214,7 @@ def test_malformed_input_lands_in_dlqs_and_valid_events_are_unaffected(
     assert len({r for rows in bad.values() for _, r in rows}) >= 7
 
     plan = ReplayPlan(START, START + pd.Timedelta(days=1))
-    expected = small_tx.loc[
-        (small_tx["tx_datetime"] >= plan.start) & (small_tx["tx_datetime"] < plan.end),
-        "transaction_id",
-    ].tolist()
+    expected = plan.transaction_ids(small_tx)
     # Never-seen customers and terminals are valid: each is anchored at one event; a second
     # event of that customer a year (or ten minutes) older is late.
     grace = settings.enrichment.grace_ms

@@ -47,15 +47,26 @@ class _Loop(TransactionalBatchLoop):
         self._producer = _FailOnce(self._producer, self.failed)  # type: ignore[arg-type,assignment]
 
 
-def test_fatal_producer_error_gets_new_clients_and_loses_nothing(unique_topics: Settings) -> None:
-    settings = unique_topics
+def _input(settings: Settings, n: int) -> tuple[str, str]:
+    """The test's input topic holding ``n`` records (values 0..n-1), and its output topic."""
     src, dst = settings.topics.name("transactions"), settings.topics.name("enriched")
     ensure_topics(settings.kafka, settings.topics, [src, dst])
     producer = Producer(producer_config(settings.kafka))
-    n = 300
     for i in range(n):
         producer.produce(src, key=b"%d" % i, value=b"%d" % i)
     assert producer.flush(30) == 0
+    return src, dst
+
+
+def _outputs(settings: Settings, dst: str) -> list[int]:
+    """The committed outputs of the ``handler``s below (``value + b"!"``), as sorted ints."""
+    return sorted(int(v[:-1]) for _, v, _ in read_topic(settings, dst) if v)
+
+
+def test_fatal_producer_error_gets_new_clients_and_loses_nothing(unique_topics: Settings) -> None:
+    settings = unique_topics
+    n = 300
+    src, dst = _input(settings, n)
 
     def handler(msgs: list[Message]) -> list[Output]:
         return [Output(dst, m.key(), m.value() + b"!") for m in msgs]
@@ -74,8 +85,8 @@ def test_fatal_producer_error_gets_new_clients_and_loses_nothing(unique_topics: 
 
     assert loop.failed == [True]
     assert stats.restarts == 1
-    values = sorted(int(v[:-1]) for _, v, _ in read_topic(settings, dst) if v)
-    assert values == list(range(n))  # each exactly once, the failed batch's included
+    # Each exactly once, the failed batch's included.
+    assert _outputs(settings, dst) == list(range(n))
 
 
 def test_a_stalled_partition_is_detected_counted_and_re_read(unique_topics: Settings) -> None:
@@ -83,13 +94,8 @@ def test_a_stalled_partition_is_detected_counted_and_re_read(unique_topics: Sett
     # issue #15, here injected): lag and no progress. The loop counts it, re-reads it from
     # the committed offset, and every input still yields its output exactly once.
     settings = unique_topics.model_copy(update={"stall_timeout_s": 1.5})
-    src, dst = settings.topics.name("transactions"), settings.topics.name("enriched")
-    ensure_topics(settings.kafka, settings.topics, [src, dst])
-    producer = Producer(producer_config(settings.kafka))
     n = 400
-    for i in range(n):
-        producer.produce(src, key=b"%d" % i, value=b"%d" % i)
-    assert producer.flush(30) == 0
+    src, dst = _input(settings, n)
     stalls: list[tuple[str, int, int]] = []
     paused: list[int] = []
 
@@ -116,5 +122,4 @@ def test_a_stalled_partition_is_detected_counted_and_re_read(unique_topics: Sett
 
     assert stats.restarts == 0
     assert [(t, p) for t, p, _ in stalls] == [(src, paused[0])]
-    values = sorted(int(v[:-1]) for _, v, _ in read_topic(settings, dst) if v)
-    assert values == list(range(n))
+    assert _outputs(settings, dst) == list(range(n))

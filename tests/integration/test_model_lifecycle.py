@@ -57,17 +57,13 @@ def _run(
     """Replay ``plan`` through the three stages and wait until every transaction is decided;
     with ``then``, call its function and replay its plan after that."""
 
-    def ids(p: ReplayPlan) -> list[int]:
-        sel = (tx["tx_datetime"] >= p.start) & (tx["tx_datetime"] < p.end)
-        return tx.loc[sel, "transaction_id"].tolist()
-
     def drain(expected: list[int]) -> AuditReport:
         deadline = time.monotonic() + 120
         while (report := audit(settings, expected)).lost and time.monotonic() < deadline:
             time.sleep(1)
         return report
 
-    expected = ids(plan)
+    expected = plan.transaction_ids(tx)
     procs = start_stages(settings)
     try:
         replay(settings, tx, plan, rate=rate)
@@ -76,7 +72,7 @@ def _run(
             between, second = then
             between()
             replay(settings, tx, second, rate=rate)
-            expected += ids(second)
+            expected += second.transaction_ids(tx)
             report = drain(expected)
     finally:
         codes = stop_stages(procs)

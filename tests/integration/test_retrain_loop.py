@@ -85,9 +85,6 @@ def test_retrain_request_ends_with_the_candidate_serving(
     plan_c = ReplayPlan(plan_b.start + 9 * DAY, plan_b.start + 10 * DAY, label_lookback_days=9)
     plan_d = ReplayPlan(plan_c.end, plan_c.end + DAY / 2, label_lookback_days=0)
 
-    def ids(p: ReplayPlan) -> list[int]:
-        return p.transaction_ids(tx)
-
     def decided(expected: list[int]) -> bool:
         return not audit(settings, expected).lost
 
@@ -97,7 +94,7 @@ def test_retrain_request_ends_with_the_candidate_serving(
     expected: list[int] = []
     try:
         replay(settings, tx, plan_a)
-        expected += ids(plan_a)
+        expected += plan_a.transaction_ids(tx)
         wait_until("plan A decided", lambda: decided(expected), 150, 1.0)
 
         producer = Producer(producer_config(settings.kafka))
@@ -122,9 +119,9 @@ def test_retrain_request_ends_with_the_candidate_serving(
         time.sleep(3.0)
 
         replay(settings, tx, plan_b)
-        expected += ids(plan_b)
+        expected += plan_b.transaction_ids(tx)
         replay(settings, tx, plan_c)
-        expected += ids(plan_c)
+        expected += plan_c.transaction_ids(tx)
         wait_until(
             "the gate's promotion", lambda: registry.current_version(reg, name) == candidate, 240
         )
@@ -132,7 +129,7 @@ def test_retrain_request_ends_with_the_candidate_serving(
         assert registry.shadow_version(reg, name) is None
 
         replay(settings, tx, plan_d)
-        expected += ids(plan_d)
+        expected += plan_d.transaction_ids(tx)
         wait_until("every transaction decided", lambda: decided(expected), 120, 1.0)
         report = audit(settings, expected)
     finally:
@@ -147,7 +144,7 @@ def test_retrain_request_ends_with_the_candidate_serving(
         for _, v, _ in read_topic(settings, settings.topics.name("predictions"))
     ]
     by_time = sorted(predictions, key=lambda p: p["ts"]["predicted_ms"])
-    b_ids = set(ids(plan_b))
+    b_ids = set(plan_b.transaction_ids(tx))
     shadowed = [p for p in by_time if p["transaction_id"] in b_ids]
     assert shadowed and all(p.get("shadow", {}).get("model_version") == candidate for p in shadowed)
     served = [p for p in by_time if p["model_version"] == candidate]
@@ -155,7 +152,7 @@ def test_retrain_request_ends_with_the_candidate_serving(
     # Once it serves it keeps serving, and every transaction of D is scored by it.
     first = by_time.index(served[0])
     assert all(p["model_version"] == candidate for p in by_time[first:])
-    assert set(ids(plan_d)) <= {p["transaction_id"] for p in served}
+    assert set(plan_d.transaction_ids(tx)) <= {p["transaction_id"] for p in served}
 
     steps = [(e["step"], e["version"]) for e in registry.events(reg, name)]
     assert steps == [
