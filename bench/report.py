@@ -66,6 +66,10 @@ class Versus:
     baseline_events: int
     trials: int
 
+    def row(self, what: str, note: str, goal: Goal | None = None) -> Row:
+        """The results line of this comparison (events/s, higher is better)."""
+        return Row(what, self.ours_eps, self.baseline_eps, "ev/s", goal=goal or NO_GOAL, note=note)
+
 
 @dataclass(frozen=True)
 class Goal:

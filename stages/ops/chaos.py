@@ -55,9 +55,8 @@ from stages.ops.harness.processes import (
     start_stages,
     stop_stages,
 )
-from stages.ops.harness.sandbox import isolated_settings, register_tiny_model
+from stages.ops.harness.sandbox import isolated_settings, provision
 from stages.ops.replay import ReplayPlan, replay
-from stages.shared.kafka import ensure_topics
 from stages.shared.settings import Settings
 from training.simulate import SimulatorConfig
 
@@ -568,7 +567,6 @@ def run_chaos(
         ValueError: an unknown fault name.
     """
     from infra import stack
-    from stages.shared.feast_store import apply_repo
     from training.simulate import simulate
 
     cfg = config or ChaosConfig()
@@ -603,9 +601,7 @@ def run_chaos(
         s = _isolated(base, root, label.replace("#", "-").split(" ")[0], **extra)
         run = _Run(s, settings, tx, cfg, result)
         try:
-            apply_repo(s)
-            version = register_tiny_model(s, tx[tx["tx_datetime"] < run.plan.start])
-            ensure_topics(s.kafka, s.topics)
+            version = provision(s, tx[tx["tx_datetime"] < run.plan.start])
             if fault.startswith("kill-"):
                 _kill_stage(run, fault.removeprefix("kill-"), rng)
             elif fault == "rebalance":

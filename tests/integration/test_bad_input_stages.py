@@ -23,7 +23,6 @@ import random
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -33,11 +32,9 @@ from confluent_kafka import Producer
 
 from stages.ops.audit import audit, read_topic
 from stages.ops.harness.processes import start_stages, stop_stages
-from stages.ops.harness.sandbox import isolated_settings, register_tiny_model
 from stages.ops.replay import ReplayPlan, replay
 from stages.prediction.logic import decode_enriched
-from stages.shared.feast_store import apply_repo
-from stages.shared.kafka import DLQ_REASON, DLQ_SOURCE, ensure_topics, producer_config
+from stages.shared.kafka import DLQ_REASON, DLQ_SOURCE, producer_config
 from stages.shared.records import parse_label, parse_prediction
 from stages.shared.schemas import DAY_MS, MAX_ID, InvalidMessage, parse_transaction
 from stages.shared.settings import Settings
@@ -200,12 +197,9 @@ def malformed_inputs(settings: Settings, rng: random.Random) -> dict[str, list[t
 
 
 def test_malformed_input_lands_in_dlqs_and_valid_events_are_unaffected(
-    unique_topics: Settings, small_tx: pd.DataFrame, tmp_path: Path
+    pipeline_settings: Settings, small_tx: pd.DataFrame
 ) -> None:
-    settings = isolated_settings(unique_topics, tmp_path)
-    apply_repo(settings)
-    register_tiny_model(settings, small_tx)
-    ensure_topics(settings.kafka, settings.topics)
+    settings = pipeline_settings
     t = settings.topics
     rng = random.Random(SEED)
     bad = malformed_inputs(settings, rng)

@@ -4,7 +4,8 @@ batch is processed again with every input yielding its output exactly once."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -58,9 +59,35 @@ def _input(settings: Settings, n: int) -> tuple[str, str]:
     return src, dst
 
 
+def _marked(dst: str, msgs: list[Message]) -> list[Output]:
+    """What the loops below output for ``msgs``: each value with a ``!``, to ``dst``."""
+    return [Output(dst, m.key(), m.value() + b"!") for m in msgs]
+
+
 def _outputs(settings: Settings, dst: str) -> list[int]:
-    """The committed outputs of the ``handler``s below (``value + b"!"``), as sorted ints."""
+    """The committed outputs of :func:`_marked`, as sorted ints."""
     return sorted(int(v[:-1]) for _, v, _ in read_topic(settings, dst) if v)
+
+
+L = TypeVar("L", bound=TransactionalBatchLoop)
+
+
+def _loop(
+    cls: type[L],
+    settings: Settings,
+    src: str,
+    handler: Callable[[list[Message]], list[Output]],
+    **options: Any,
+) -> L:
+    """A loop of ``cls`` in group ``loop`` over ``src``, running ``handler``."""
+    return cls(
+        settings,
+        group_id=settings.topics.group("loop"),
+        input_topics=[src],
+        handler=handler,
+        stage="test",
+        **options,
+    )
 
 
 def test_fatal_producer_error_gets_new_clients_and_loses_nothing(unique_topics: Settings) -> None:
@@ -68,18 +95,7 @@ def test_fatal_producer_error_gets_new_clients_and_loses_nothing(unique_topics: 
     n = 300
     src, dst = _input(settings, n)
 
-    def handler(msgs: list[Message]) -> list[Output]:
-        return [Output(dst, m.key(), m.value() + b"!") for m in msgs]
-
-    loop = _Loop(
-        settings,
-        group_id=settings.topics.group("loop"),
-        input_topics=[src],
-        handler=handler,
-        max_batch=50,
-        max_wait_ms=5,
-        stage="test",
-    )
+    loop = _loop(_Loop, settings, src, lambda msgs: _marked(dst, msgs), max_batch=50, max_wait_ms=5)
     loop.failed = []
     stats = loop.run(StopFlag(), max_idle_s=5.0)
 
@@ -105,16 +121,15 @@ def test_a_stalled_partition_is_detected_counted_and_re_read(unique_topics: Sett
             part = msgs[0].partition()
             paused.append(part)
             loop._consumer.pause([TopicPartition(src, part)])  # type: ignore[union-attr]
-        return [Output(dst, m.key(), m.value() + b"!") for m in msgs]
+        return _marked(dst, msgs)
 
-    loop = TransactionalBatchLoop(
+    loop = _loop(
+        TransactionalBatchLoop,
         settings,
-        group_id=settings.topics.group("loop"),
-        input_topics=[src],
-        handler=handler,
+        src,
+        handler,
         max_batch=20,
         max_wait_ms=0,
-        stage="test",
         lag_interval_s=0.5,
         on_stall=lambda topic, part, offset: stalls.append((topic, part, offset)),
     )

@@ -91,6 +91,18 @@ def feast_project(settings: Settings, name: str = "p") -> Iterator[Settings]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def provision(settings: Settings, tx: pd.DataFrame) -> str:
+    """Make a sandbox ready for the stages: its feature repo applied, a tiny model trained
+    on ``tx`` registered and promoted, its topics created. Returns the model version."""
+    from stages.shared.feast_store import apply_repo
+    from stages.shared.kafka import ensure_topics
+
+    apply_repo(settings)
+    version = register_tiny_model(settings, tx)
+    ensure_topics(settings.kafka, settings.topics)
+    return version
+
+
 def register_model(
     settings: Settings,
     x: np.ndarray,
