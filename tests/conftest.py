@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Iterator
 
+import pandas as pd
 import pytest
 from hypothesis import settings as hypothesis_settings
 
@@ -43,3 +44,13 @@ def unique_topics(stack_settings: Settings) -> Settings:
     """Settings whose topics (prefix) and consumer groups are unique to one test."""
     prefix = f"t{uuid.uuid4().hex[:10]}."
     return stack_settings.model_copy(update={"topics": TopicSettings(prefix=prefix)})
+
+
+@pytest.fixture(scope="module")
+def small_tx() -> pd.DataFrame:
+    """A small simulated data set: 150 customers, 300 terminals, 50 days (seed 7)."""
+    from training.simulate import SimulatorConfig, simulate
+
+    return simulate(
+        SimulatorConfig(n_customers=150, n_terminals=300, nb_days=50, seed=7), progress=False
+    )

@@ -1,5 +1,5 @@
 """What the cluster pipeline tests share: isolated settings on the cluster stack (topics on
-three replicas), the data set, the checks every run ends with (each transaction exactly one
+three replicas), the replay window, the checks every run ends with (each transaction exactly one
 outcome; served features equal to the batch definitions) and the longest time without
 decisions."""
 
@@ -29,18 +29,9 @@ from stages.shared.schemas import MODEL_FEATURES
 from stages.shared.settings import Settings, TopicSettings
 from stages.shared.topology import PIPELINE_STAGES
 from training.features import compute_features
-from training.simulate import SimulatorConfig, simulate
 
 REPO = Path(__file__).resolve().parents[2]
 REPLAY_START = pd.Timestamp("2018-05-05", tz="UTC")
-
-
-def small_data_set(n_customers: int = 150, n_terminals: int = 300) -> pd.DataFrame:
-    """The simulated transactions the cluster runs replay (50 days)."""
-    return simulate(
-        SimulatorConfig(n_customers=n_customers, n_terminals=n_terminals, nb_days=50, seed=7),
-        progress=False,
-    )
 
 
 def isolated_settings(base: Settings, tmp: Path) -> Settings:

@@ -41,7 +41,6 @@ from tests.cluster.pipeline import (
     redis_masters,
     replay_plan,
     served_feature_mismatches,
-    small_data_set,
     wait_failover,
     wait_serving,
 )
@@ -53,11 +52,6 @@ pytestmark = pytest.mark.integration
 REPLICAS = 2
 # Where each run's numbers are appended (one JSON line per fault).
 RESULTS = CLUSTER_HOME / "faults.jsonl"
-
-
-@pytest.fixture(scope="module")
-def small_tx() -> pd.DataFrame:
-    return small_data_set()
 
 
 @pytest.fixture

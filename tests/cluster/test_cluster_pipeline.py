@@ -30,7 +30,6 @@ from tests.cluster.pipeline import (
     isolated_settings,
     replay_plan,
     served_feature_mismatches,
-    small_data_set,
     wait_for_outcomes,
 )
 from training.features import event_ms
@@ -39,11 +38,6 @@ from training.simulate import write_dataset
 pytestmark = pytest.mark.integration
 
 REPLICAS = 2
-
-
-@pytest.fixture(scope="module")
-def small_tx() -> pd.DataFrame:
-    return small_data_set()
 
 
 def produce_window_labels(settings: Settings, tx: pd.DataFrame, ids: list[int]) -> None:
