@@ -47,6 +47,7 @@ from typing import Any, Literal, get_args
 import pandas as pd
 
 from stages.ops.audit import AuditReport, FeatureCheck, audit, check_online_features
+from stages.ops.harness.outcomes import drain
 from stages.ops.harness.processes import (
     StageProcess,
     exited,
@@ -312,15 +313,15 @@ class _Run:
         self.log("replay done")
 
     def drain(self) -> AuditReport:
-        """Poll the audit until every transaction has an outcome (or the timeout)."""
-        deadline = time.monotonic() + self.cfg.drain_timeout_s
-        while True:
-            report = audit(self.settings, self.expected)
-            if not report.lost or time.monotonic() > deadline:
-                return report
-            if exited(self.running_expected()):
-                return report
-            time.sleep(3.0)
+        """Poll the audit until every transaction has an outcome (or the timeout, or a
+        stage died)."""
+        return drain(
+            self.settings,
+            self.expected,
+            self.running_expected(),
+            self.cfg.drain_timeout_s,
+            every_s=3.0,
+        )
 
     def running_expected(self) -> list[StageProcess]:
         """The newest process of each stage name, which should be running."""

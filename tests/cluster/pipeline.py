@@ -21,6 +21,7 @@ import orjson
 import pandas as pd
 
 from stages.ops.audit import AuditReport, audit, read_topic
+from stages.ops.harness.outcomes import drain
 from stages.ops.harness.processes import StageProcess, start_stage, start_stages, stop_stages
 from stages.ops.harness.sandbox import isolated_settings as support_isolated_settings
 from stages.ops.readiness import wait_until_ready
@@ -54,15 +55,14 @@ def replay_plan(days: float) -> ReplayPlan:
 def wait_for_outcomes(
     settings: Settings, expected: list[int], procs: list[StageProcess], timeout_s: float
 ) -> AuditReport:
-    """Audit until every transaction has an outcome, the timeout passes or a stage dies."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        report = audit(settings, expected)
-        if not report.lost or time.monotonic() > deadline:
-            return report
-        dead = [f"{sp.name}.{sp.replica}" for sp in procs if sp.proc.poll() is not None]
-        assert not dead, f"stage replica(s) died: {dead}; logs in {procs[0].log.parent}"
-        time.sleep(2.0)
+    """Audit until every transaction has an outcome, the timeout passes or a stage dies
+    (which fails the test, unless every transaction had its outcome)."""
+    report = drain(settings, expected, procs, timeout_s, every_s=2.0)
+    dead = [f"{sp.name}.{sp.replica}" for sp in procs if sp.proc.poll() is not None]
+    assert not (report.lost and dead), (
+        f"stage replica(s) died: {dead}; logs in {procs[0].log.parent}"
+    )
+    return report
 
 
 def served_feature_mismatches(settings: Settings, tx: pd.DataFrame) -> dict[str, int]:

@@ -12,7 +12,8 @@ import orjson
 import pandas as pd
 import pytest
 
-from stages.ops.audit import AuditReport, audit, read_topic
+from stages.ops.audit import read_topic
+from stages.ops.harness.outcomes import drain
 from stages.ops.harness.processes import start_stages, stop_stages
 from stages.ops.harness.sandbox import isolated_settings, register_tiny_model
 from stages.ops.replay import ReplayPlan, replay
@@ -57,23 +58,17 @@ def _run(
     """Replay ``plan`` through the three stages and wait until every transaction is decided;
     with ``then``, call its function and replay its plan after that."""
 
-    def drain(expected: list[int]) -> AuditReport:
-        deadline = time.monotonic() + 120
-        while (report := audit(settings, expected)).lost and time.monotonic() < deadline:
-            time.sleep(1)
-        return report
-
     expected = plan.transaction_ids(tx)
     procs = start_stages(settings)
     try:
         replay(settings, tx, plan, rate=rate)
-        report = drain(expected)
+        report = drain(settings, expected)
         if then is not None:
             between, second = then
             between()
             replay(settings, tx, second, rate=rate)
             expected += second.transaction_ids(tx)
-            report = drain(expected)
+            report = drain(settings, expected)
     finally:
         codes = stop_stages(procs)
     assert codes == {"enrichment": 0, "prediction": 0, "routing": 0}
