@@ -39,10 +39,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal, cast, get_args
+from typing import TYPE_CHECKING, Literal, cast, get_args
 
 from stages.shared.settings import Settings
 from stages.shared.topology import STAGES
+
+if TYPE_CHECKING:
+    import redis
 
 logger = logging.getLogger(__name__)
 
@@ -361,16 +364,14 @@ def _kafka_healthy(settings: Settings) -> bool:
     return bool(meta.brokers) and meta.controller_id is not None and meta.controller_id >= 0
 
 
-def _redis_healthy(settings: Settings) -> bool:
-    port = settings.stack.redis_port
-    if not _port_open(port):
-        return False
+def _redis_probe(settings: Settings, port: int) -> redis.Redis:
+    """A client of the local node on ``port`` for one health question (2 s timeouts)."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
     password = settings.redis.password.get_secret_value() if settings.redis.password else None
-    client = redis.Redis(
+    return redis.Redis(
         host="127.0.0.1",
         port=port,
         password=password,
@@ -379,6 +380,15 @@ def _redis_healthy(settings: Settings) -> bool:
         # A probe answers once: redis-py's default retries turn one timeout into twelve seconds.
         retry=Retry(NoBackoff(), 0),
     )
+
+
+def _redis_healthy(settings: Settings) -> bool:
+    port = settings.stack.redis_port
+    if not _port_open(port):
+        return False
+    import redis
+
+    client = _redis_probe(settings, port)
     try:
         return bool(client.ping())
     except redis.RedisError:
@@ -839,18 +849,8 @@ def _cluster_info(settings: Settings, port: int) -> dict[str, str]:
     if not _port_open(port):
         return {}
     import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
 
-    password = settings.redis.password.get_secret_value() if settings.redis.password else None
-    client = redis.Redis(
-        host="127.0.0.1",
-        port=port,
-        password=password,
-        socket_timeout=2,
-        socket_connect_timeout=2,
-        retry=Retry(NoBackoff(), 0),
-    )
+    client = _redis_probe(settings, port)
     try:
         raw = client.execute_command("CLUSTER", "INFO")
     except redis.RedisError:

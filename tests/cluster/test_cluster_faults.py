@@ -21,41 +21,36 @@ import pandas as pd
 import pytest
 
 from infra import stack
+from stages.ops.harness.processes import kill9 as kill9_stage
+from stages.ops.harness.sandbox import register_tiny_model
 from stages.ops.readiness import wait_until_ready
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import ensure_topics
 from stages.shared.schemas import MODEL_FEATURES
 from stages.shared.settings import Settings
 from stages.shared.topology import PIPELINE_STAGES
-from tests.cluster.conftest import CLUSTER_HOME, FULL
 from tests.cluster.pipeline import (
     Gap,
     StreamRun,
     active_controller,
     isolated_settings,
     kill9,
-    kill9_stage,
     longest_decision_gap,
     node_pid,
     redis_masters,
     replay_plan,
     served_feature_mismatches,
-    small_data_set,
     wait_failover,
     wait_serving,
 )
-from tests.support import register_tiny_model
+from tests.support import CLUSTER_FULL as FULL
+from tests.support import CLUSTER_HOME
 
 pytestmark = pytest.mark.integration
 
 REPLICAS = 2
 # Where each run's numbers are appended (one JSON line per fault).
 RESULTS = CLUSTER_HOME / "faults.jsonl"
-
-
-@pytest.fixture(scope="module")
-def small_tx() -> pd.DataFrame:
-    return small_data_set()
 
 
 @pytest.fixture
