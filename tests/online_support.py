@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 from feast import FeatureStore
 
+from stages.ops.harness.sandbox import isolated_settings
 from stages.shared.feast_store import apply_repo, open_feature_store
 from stages.shared.online.layout import OnlineLayout
 from stages.shared.online.reader import OnlineBatch
 from stages.shared.schemas import CUSTOMER_FEATURES, CUSTOMER_VIEW, TERMINAL_FEATURES, TERMINAL_VIEW
 from stages.shared.settings import Settings
-from tests.support import isolated_settings
 
 SERVICE = "fraud_model_v1"
 T0_MS = 1_750_000_000_123

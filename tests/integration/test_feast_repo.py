@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from stages.ops.harness.sandbox import isolated_settings
 from stages.shared.feast_store import apply_repo, materialize, open_feature_store
 from stages.shared.offline import OfflineSchemaError, read_offline, write_offline
 from stages.shared.online.reader import OnlineFeatureReader
@@ -28,7 +29,6 @@ from stages.shared.schemas import (
 )
 from stages.shared.settings import Settings
 from tests.online_support import drop_project_rows
-from tests.support import isolated_settings
 
 pytestmark = pytest.mark.integration
 
