@@ -13,7 +13,7 @@ import orjson
 import pandas as pd
 from confluent_kafka import Consumer
 
-from bench.report import Versus, median
+from bench.results import Versus, median
 from stages.ops.harness.processes import start_process, start_stages, stop_stages
 from stages.ops.harness.sandbox import clear_online_store
 from stages.ops.replay import ReplayPlan, replay

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 # The fixed low rate of the latency phases (events/s).
 LOW_RATE = 200.0
-# Re-exported for bench.report and the tests.
+# Re-exported for bench.results and the tests.
 __all__ = [
     "HOPS",
     "LOW_RATE",

@@ -13,7 +13,7 @@ import pandas as pd
 from confluent_kafka import Producer
 
 from bench.naive import NaiveScorer, run_naive
-from bench.report import Versus, median
+from bench.results import Versus, median
 from stages.prediction.app import build_stage
 from stages.shared.batch_loop import TransactionalBatchLoop
 from stages.shared.feast_store import open_feature_store

@@ -16,7 +16,7 @@ import pandas as pd
 
 from bench import enrichment, online, pipeline, prediction
 from bench.env import bench_settings, bench_stack, register_model, simulate_data, with_prefix
-from bench.report import Goal, Results, Row, fmt_number, machine
+from bench.results import Goal, Results, Row, fmt_number, machine
 from stages.ops.harness.sandbox import clear_online_store, feast_project
 from stages.shared.settings import Settings
 

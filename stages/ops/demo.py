@@ -18,12 +18,12 @@ from rich.table import Table
 
 from stages.ops.audit import AuditReport, audit
 from stages.ops.harness.processes import StageProcess, exited, start_stages, stop_stages
+from stages.ops.harness.readiness import wait_until_ready
 from stages.ops.harness.sandbox import clear_online_store
 from stages.ops.latency import HOPS, TOTAL, DecisionCollector, decision_stats, plans
 from stages.ops.offline import backfill, skew_check
-from stages.ops.readiness import wait_until_ready
 from stages.ops.replay import ReplayPlan, ReplayResult, replay, replay_producer
-from stages.ops.report import MetricsSampler, render_live_latency, render_run_report
+from stages.ops.run_charts import MetricsSampler, render_live_latency, render_run_report
 from stages.shared.kafka import ensure_topics
 from stages.shared.settings import Settings
 from stages.shared.topology import STAGES

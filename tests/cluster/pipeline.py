@@ -23,8 +23,8 @@ import pandas as pd
 from stages.ops.audit import AuditReport, audit, read_topic
 from stages.ops.harness.outcomes import drain
 from stages.ops.harness.processes import StageProcess, start_stage, start_stages, stop_stages
+from stages.ops.harness.readiness import wait_until_ready
 from stages.ops.harness.sandbox import isolated_settings as support_isolated_settings
-from stages.ops.readiness import wait_until_ready
 from stages.ops.replay import ReplayPlan, replay
 from stages.shared.schemas import MODEL_FEATURES
 from stages.shared.settings import Settings, TopicSettings

@@ -22,8 +22,8 @@ import pytest
 
 from infra import stack
 from stages.ops.harness.processes import kill9 as kill9_stage
+from stages.ops.harness.readiness import wait_until_ready
 from stages.ops.harness.sandbox import register_tiny_model
-from stages.ops.readiness import wait_until_ready
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import ensure_topics
 from stages.shared.schemas import MODEL_FEATURES

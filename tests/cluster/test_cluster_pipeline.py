@@ -18,9 +18,9 @@ import pytest
 from confluent_kafka import Producer
 
 from stages.ops.harness.processes import PIPELINE_STAGES, child_env, start_stages, stop_stages
+from stages.ops.harness.readiness import wait_until_ready
 from stages.ops.harness.sandbox import clear_online_store, register_tiny_model
 from stages.ops.offline import skew_check
-from stages.ops.readiness import wait_until_ready
 from stages.ops.replay import replay
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import ensure_topics, producer_config

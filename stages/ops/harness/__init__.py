@@ -9,5 +9,5 @@ pipeline on a real stack.
 - :mod:`stages.ops.harness.outcomes`: the audit repeated until a run has drained.
 
 The ids a replay window must decide: :meth:`stages.ops.replay.ReplayPlan.transaction_ids`;
-when started stages serve: :func:`stages.ops.readiness.wait_until_ready`.
+when started stages serve: :func:`stages.ops.harness.readiness.wait_until_ready`.
 """

@@ -1,7 +1,7 @@
 """Processes of a run: each stage (or any ``python -m`` module, such as the retrain job or
 a bench baseline) as its own process rebuilt from the same settings, and its end: SIGTERM,
 then its stacks (SIGUSR1) and SIGKILL if it does not stop. When started stages are
-serving: :func:`stages.ops.readiness.wait_until_ready`.
+serving: :func:`stages.ops.harness.readiness.wait_until_ready`.
 """
 
 from __future__ import annotations
