@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.ops.harness.sandbox import isolated_settings
+from stages.ops.harness.sandbox import clear_online_store, isolated_settings
 from stages.shared.feast_store import apply_repo, materialize, open_feature_store
 from stages.shared.offline import OfflineSchemaError, read_offline, write_offline
 from stages.shared.online.reader import OnlineFeatureReader
@@ -28,7 +28,6 @@ from stages.shared.schemas import (
     TERMINAL_VIEW,
 )
 from stages.shared.settings import Settings
-from tests.online_support import drop_project_rows
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +39,7 @@ def feast_settings(stack_settings: Settings, tmp_path: Path) -> Iterator[Setting
     """Settings on a private repo copy and a unique Feast project."""
     settings = isolated_settings(stack_settings, tmp_path)
     yield settings
-    drop_project_rows(settings.redis.client(), settings.feast_project)
+    clear_online_store(settings)
 
 
 def customer_rows(ids: list[int], ts: list[datetime], base: float, **extra: object) -> pd.DataFrame:
