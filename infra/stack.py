@@ -750,6 +750,11 @@ class RedisNode:
         return f"redis-{self.port}"
 
     @property
+    def bus_port(self) -> int:
+        """The cluster bus (node-to-node) port."""
+        return self.port + 100
+
+    @property
     def log(self) -> Path:
         return self.dir.parent / f"{self.name}.log"
 
@@ -929,6 +934,11 @@ def _start_redis_node(settings: Settings, node: RedisNode) -> int:
         "yes",
         "--cluster-config-file",
         "nodes.conf",
+        # The bus port defaults to port + 10000: 40701 for the test stack's first node, in
+        # Linux's ephemeral range (32768-60999), where a client's outgoing connection took it
+        # once and the node could not start. Next to the node instead.
+        "--cluster-port",
+        str(node.bus_port),
         "--cluster-node-timeout",
         "5000",
         "--appendonly",
