@@ -39,27 +39,25 @@ import orjson
 import redis
 from confluent_kafka import Message
 
-from stages.evaluation.logic import (
-    Drift,
-    DriftWindow,
+from stages.evaluation.drift import Drift, DriftWindow, drift_psi, retrain_request, retrain_triggers
+from stages.evaluation.join import (
     JoinItem,
     JoinOutcome,
     JoinStore,
     LabelledWindow,
-    OnlineMetrics,
     PredictionRow,
-    ShadowComparison,
     decode_window,
-    drift_psi,
     label_half,
-    online_metrics,
     prediction_half,
-    retrain_request,
-    retrain_triggers,
     scored_prediction,
-    shadow_comparisons,
 )
 from stages.evaluation.metrics import EvaluationMetrics, evaluation_metrics
+from stages.evaluation.quality import (
+    OnlineMetrics,
+    ShadowComparison,
+    online_metrics,
+    shadow_comparisons,
+)
 from stages.shared.batch_loop import LoopStats, RetryBatch, stage_loop
 from stages.shared.kafka import Output, StopFlag, ensure_topics
 from stages.shared.metrics import Metrics, build_metrics
@@ -96,7 +94,7 @@ _OUTCOMES: dict[int, JoinOutcome] = {0: "pending", 1: "joined", 2: "duplicate"}
 
 
 class RedisJoinStore:
-    """:class:`~stages.evaluation.logic.JoinStore` on Redis (semantics in its docstring)."""
+    """:class:`~stages.evaluation.join.JoinStore` on Redis (semantics in its docstring)."""
 
     def __init__(self, client: redis.Redis, namespace: str, cfg: EvaluationSettings) -> None:
         self._client = client

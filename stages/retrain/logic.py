@@ -28,7 +28,7 @@ from typing import Literal
 import orjson
 import pandas as pd
 
-from stages.evaluation.logic import ShadowComparison
+from stages.evaluation.quality import ShadowComparison
 from stages.shared.errors import RtpipeError
 from stages.shared.schemas import InvalidMessage, json_object
 from stages.shared.settings import RetrainSettings

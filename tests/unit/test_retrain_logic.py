@@ -11,15 +11,14 @@ import orjson
 import pandas as pd
 import pytest
 
-from stages.evaluation.logic import (
+from stages.evaluation.join import (
     PredictionRow,
-    ShadowComparison,
     decode_window,
     label_half,
     prediction_half,
     scored_prediction,
-    shadow_comparisons,
 )
+from stages.evaluation.quality import ShadowComparison, shadow_comparisons
 from stages.retrain.logic import (
     WindowError,
     gate,
