@@ -29,17 +29,13 @@ always finds the aggregates that include its event (read-your-writes).
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import orjson
 import redis
-from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from quixstreams import Application, State
 from quixstreams.context import message_context
@@ -62,15 +58,13 @@ from stages.enrichment.intake import (
     route,
 )
 from stages.enrichment.logic import CustomerState, update_customer
-from stages.enrichment.supervise import LabelsProcess
-from stages.shared.errors import RtpipeError
+from stages.enrichment.watch import LoopWatchdog, PartitionWatch
 from stages.shared.kafka import (
     DLQ_DETAIL,
     DLQ_REASON,
     DLQ_SOURCE,
     TRANSACTIONAL_LINGER_MS,
     TRANSACTIONAL_RETRY_BACKOFF,
-    StopFlag,
     ensure_topics,
     static_member_config,
 )
@@ -86,7 +80,6 @@ from stages.shared.schemas import (
     parse_transaction,
 )
 from stages.shared.settings import Settings
-from stages.shared.stall import StallWatch
 
 logger = logging.getLogger(__name__)
 
@@ -218,113 +211,6 @@ class NaturalBatchingApplication(Application):
             self._watch.check(self._consumer)
         if self._watchdog is not None:
             self._watchdog.beat()
-
-
-class LoopWatchdog:
-    """Calls ``on_stuck`` (once, from its own thread) when :meth:`beat` has not been called
-    for ``timeout_s`` while not :meth:`paused`: the loop it watches is blocked somewhere
-    that no timeout of its own ends."""
-
-    def __init__(self, timeout_s: float, on_stuck: Callable[[float], None]) -> None:
-        self._timeout_s = timeout_s
-        self._on_stuck = on_stuck
-        self._beat = time.monotonic()
-        self._paused = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
-
-    def beat(self) -> None:
-        self._beat = time.monotonic()
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        self._paused += 1
-        try:
-            yield
-        finally:
-            self._paused -= 1
-            self.beat()
-
-    def start(self) -> None:
-        self.beat()
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _watch(self) -> None:
-        step = min(1.0, self._timeout_s / 4)
-        while not self._stop.wait(step):
-            idle = time.monotonic() - self._beat
-            if not self._paused and idle >= self._timeout_s:
-                self._on_stuck(idle)
-                return
-
-
-class PartitionStalledError(RtpipeError, RuntimeError):
-    """An input partition had lag and made no progress for the stall timeout."""
-
-    def __init__(self, where: list[str], timeout_s: float) -> None:
-        super().__init__(f"stalled for {timeout_s:.0f}s: {', '.join(where)}")
-        self.where = where
-
-
-class PartitionWatch:
-    """Every ``interval_s``: lag and position of the app's input partitions into the
-    stage's gauges, and the stall watch (``stages/shared/stall.py``). A stalled partition
-    is counted, logged and raises :class:`PartitionStalledError`: the stage restarts the
-    app, which resumes from its committed offsets (exactly-once: nothing lost or doubled).
-    """
-
-    def __init__(
-        self,
-        topics: set[str],
-        metrics: Metrics,
-        timeout_s: float,
-        retries: Callable[[], int],
-        interval_s: float = 5.0,
-    ) -> None:
-        self._topics = topics
-        self._metrics = metrics
-        self._stalls = StallWatch(timeout_s)
-        self._retries = retries
-        self._seen_retries = retries()
-        self._interval_s = interval_s
-        self._next = 0.0
-
-    def check(self, consumer: Any) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            return
-        self._next = now + self._interval_s
-        retries = self._retries()
-        if retries != self._seen_retries:  # Redis was down since the last check
-            self._seen_retries = retries
-            self._stalls.dependency_down()
-        assigned = [tp for tp in consumer.assignment() if tp.topic in self._topics]
-        if not assigned:
-            return
-        stalled = []
-        for tp in consumer.position(assigned):
-            try:
-                _, high = consumer.get_watermark_offsets(tp, cached=True)
-            except KafkaException:
-                continue
-            labels = (STAGE, tp.topic, str(tp.partition))
-            if tp.offset >= 0 and high >= 0:
-                self._metrics.consumer_lag.labels(*labels).set(max(0, high - tp.offset))
-                self._metrics.consumer_position.labels(*labels).set(tp.offset)
-            if self._stalls.observe((tp.topic, tp.partition), tp.offset, high):
-                self._metrics.partition_stalled.labels(*labels).inc()
-                stalled.append(f"{tp.topic}[{tp.partition}]@{tp.offset}")
-        if stalled:
-            logger.error(
-                "enrichment partitions stalled (lag, no progress for %.0fs): %s; restarting "
-                "from the committed offsets",
-                self._stalls.timeout_s,
-                ", ".join(stalled),
-            )
-            raise PartitionStalledError(stalled, self._stalls.timeout_s)
 
 
 def application(settings: Settings, group: str) -> NaturalBatchingApplication:
@@ -572,108 +458,3 @@ def input_partitions(settings: Settings, topic: str) -> int:
     ensure_topics(settings.kafka, settings.topics, [topic])
     admin = AdminClient(settings.kafka.client_config())
     return len(admin.list_topics(topic, timeout=10).topics[topic].partitions)
-
-
-class ProcessRestartRequired(RtpipeError, RuntimeError):
-    """The customer app cannot be rebuilt in this process: a failed app left a RocksDB
-    partition of its state open (its LOCK is held by this process), and every new app
-    waits for it in vain. Only a new process releases it."""
-
-
-def _holds_rocksdb_lock(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if "While lock file" in str(seen):  # RocksDB's IOError on a LOCK held
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def run_customer_app(
-    settings: Settings, metrics: Metrics, stop: StopFlag, watchdog: LoopWatchdog | None = None
-) -> None:
-    """Run the customer-window application until ``stop`` (SIGTERM or SIGINT).
-
-    quixstreams stops on a failed checkpoint (a broker down for longer than the transaction
-    timeout, a fenced producer) and leaves the restart to a supervisor. The stage is its own
-    supervisor: it rebuilds the application, which resumes from the committed offsets and
-    the changelogs (exactly-once), until it is asked to stop. Until quixstreams installs its
-    own handlers (in ``app.run()``), SIGTERM/SIGINT set ``stop``, checked before each run.
-
-    Raises:
-        ProcessRestartRequired: a rebuilt app found its state locked by the failed one
-            (seen after a broker of three was killed: the fenced app kept a partition's
-            RocksDB open); the caller starts the stage again in a new process.
-    """
-    backoff_s = 1.0
-    while not stop.is_set():
-        started = time.monotonic()
-        try:
-            # Inside the try: building it fetches topic metadata, which fails while the
-            # broker is still down.
-            if watchdog is not None:
-                watchdog.beat()
-            app = build_customer_app(settings, metrics)
-            if watchdog is not None:
-                app.watch_loop(watchdog)
-            if stop.is_set():
-                return  # asked to stop while starting
-            app.run()
-            return  # stopped by a signal
-        except Exception as exc:
-            if _holds_rocksdb_lock(exc):
-                raise ProcessRestartRequired(str(exc)) from exc
-            if time.monotonic() - started > 60:
-                backoff_s = 1.0  # it ran fine for a while: this is a new failure
-            # Between runs our handlers apply (quixstreams installs its own inside run()).
-            stop.install_signal_handlers()
-            logger.exception("enrichment customer app failed; restarting in %.0fs", backoff_s)
-        deadline = time.monotonic() + backoff_s
-        while not stop.is_set() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        backoff_s = min(backoff_s * 2, 30.0)
-
-
-def run(
-    settings: Settings,
-    stop: StopFlag | None = None,
-    metrics: Metrics | None = None,
-    labels: LabelsProcess | None = None,
-) -> None:
-    """Run the whole enrichment stage until SIGTERM/SIGINT: the customer-window application
-    in this process and the labels process as its supervised child (``labels``, when the
-    caller started it already, as the CLI does before importing this module)."""
-    if stop is None:
-        stop = StopFlag()
-        stop.install_signal_handlers()
-    ensure_topics(settings.kafka, settings.topics)
-    if labels is None:
-        labels = LabelsProcess(settings)
-        labels.start()
-    supervised = labels
-
-    def stuck(idle_s: float) -> None:
-        if stop.is_set():
-            # Stopping: whoever asked will kill it if it does not finish.
-            logger.error("enrichment customer app stuck for %.0fs while stopping", idle_s)
-            faulthandler.dump_traceback(all_threads=True)
-            return
-        logger.error(
-            "enrichment customer app has not turned its loop for %.0fs (stacks follow); "
-            "the stage starts again as a new process",
-            idle_s,
-        )
-        faulthandler.dump_traceback(all_threads=True)
-        supervised.stop()
-        from stages.enrichment.supervise import restart_process
-
-        restart_process()
-
-    watchdog = LoopWatchdog(settings.enrichment.loop_watchdog_s, stuck)
-    watchdog.start()
-    try:
-        run_customer_app(settings, metrics or build_metrics(), stop, watchdog)
-    finally:
-        watchdog.stop()
-        code = labels.stop()
-        logger.info("enrichment labels process stopped (exit code %s)", code)

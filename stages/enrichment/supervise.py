@@ -1,12 +1,15 @@
 """The enrichment stage's process supervision: its labels process runs as a child of the
 stage process, restarted when it exits and never outliving it (Linux ``PR_SET_PDEATHSIG``).
 
-Kept apart from the apps so the labels process starts without importing quixstreams.
+Kept apart from the apps so the labels process starts without importing quixstreams; the
+stage process imports the customer app (quixstreams) only once its labels process is
+started (:func:`run_stage`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -16,6 +19,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from stages.enrichment.watch import LoopWatchdog
+from stages.shared.errors import RtpipeError
 from stages.shared.settings import Settings, settings_to_env
 
 if TYPE_CHECKING:
@@ -46,20 +51,109 @@ def die_with_supervisor() -> None:
 
 
 def run_stage(settings: Settings, stop: StopFlag, metrics: Metrics | None = None) -> None:
-    """The enrichment stage's entry point (stages/shared/topology.py): the labels process
-    first, so it starts while this one imports the customer app (quixstreams), then the
-    customer app until ``stop``."""
+    """The enrichment stage's entry point (stages/shared/topology.py) until ``stop``: the
+    labels process first, so it starts while this one imports the customer app
+    (quixstreams), then the customer app in this process, watched by a
+    :class:`~stages.enrichment.watch.LoopWatchdog`. A customer app that cannot go on in this
+    process (its loop stuck, or its state locked by a failed predecessor) starts the stage
+    again as a new process."""
+    from stages.shared.kafka import ensure_topics
+    from stages.shared.metrics import build_metrics
+
     labels = LabelsProcess(settings)
     labels.start()
-    from stages.enrichment.app import ProcessRestartRequired, run
+    ensure_topics(settings.kafka, settings.topics)
 
-    try:
-        run(settings, stop, metrics, labels=labels)
-    except ProcessRestartRequired as exc:
-        # The labels process is stopped by now (run's finally). The same pid, log and
-        # arguments: a supervisor watching this process sees it carry on.
-        logger.error("enrichment stage restarts as a new process: %s", exc)
+    def stuck(idle_s: float) -> None:
+        if stop.is_set():
+            # Stopping: whoever asked will kill it if it does not finish.
+            logger.error("enrichment customer app stuck for %.0fs while stopping", idle_s)
+            faulthandler.dump_traceback(all_threads=True)
+            return
+        logger.error(
+            "enrichment customer app has not turned its loop for %.0fs (stacks follow); "
+            "the stage starts again as a new process",
+            idle_s,
+        )
+        faulthandler.dump_traceback(all_threads=True)
+        labels.stop()
         restart_process()
+
+    watchdog = LoopWatchdog(settings.enrichment.loop_watchdog_s, stuck)
+    watchdog.start()
+    try:
+        run_customer_app(settings, metrics or build_metrics(), stop, watchdog)
+    except ProcessRestartRequired as exc:
+        watchdog.stop()
+        logger.error("enrichment stage restarts as a new process: %s", exc)
+        labels.stop()
+        restart_process()
+    finally:
+        watchdog.stop()
+        code = labels.stop()
+        logger.info("enrichment labels process stopped (exit code %s)", code)
+
+
+class ProcessRestartRequired(RtpipeError, RuntimeError):
+    """The customer app cannot be rebuilt in this process: a failed app left a RocksDB
+    partition of its state open (its LOCK is held by this process), and every new app
+    waits for it in vain. Only a new process releases it."""
+
+
+def _holds_rocksdb_lock(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if "While lock file" in str(seen):  # RocksDB's IOError on a LOCK held
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def run_customer_app(
+    settings: Settings, metrics: Metrics, stop: StopFlag, watchdog: LoopWatchdog | None = None
+) -> None:
+    """Run the customer-window application until ``stop`` (SIGTERM or SIGINT).
+
+    quixstreams stops on a failed checkpoint (a broker down for longer than the transaction
+    timeout, a fenced producer) and leaves the restart to a supervisor. The stage is its own
+    supervisor: it rebuilds the application, which resumes from the committed offsets and
+    the changelogs (exactly-once), until it is asked to stop. Until quixstreams installs its
+    own handlers (in ``app.run()``), SIGTERM/SIGINT set ``stop``, checked before each run.
+
+    Raises:
+        ProcessRestartRequired: a rebuilt app found its state locked by the failed one
+            (seen after a broker of three was killed: the fenced app kept a partition's
+            RocksDB open); the caller starts the stage again in a new process.
+    """
+    from stages.enrichment.app import build_customer_app
+
+    backoff_s = 1.0
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            # Inside the try: building it fetches topic metadata, which fails while the
+            # broker is still down.
+            if watchdog is not None:
+                watchdog.beat()
+            app = build_customer_app(settings, metrics)
+            if watchdog is not None:
+                app.watch_loop(watchdog)
+            if stop.is_set():
+                return  # asked to stop while starting
+            app.run()
+            return  # stopped by a signal
+        except Exception as exc:
+            if _holds_rocksdb_lock(exc):
+                raise ProcessRestartRequired(str(exc)) from exc
+            if time.monotonic() - started > 60:
+                backoff_s = 1.0  # it ran fine for a while: this is a new failure
+            # Between runs our handlers apply (quixstreams installs its own inside run()).
+            stop.install_signal_handlers()
+            logger.exception("enrichment customer app failed; restarting in %.0fs", backoff_s)
+        deadline = time.monotonic() + backoff_s
+        while not stop.is_set() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        backoff_s = min(backoff_s * 2, 30.0)
 
 
 def restart_process() -> None:

@@ -34,6 +34,13 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _catches_sigterm(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -98,7 +105,11 @@ def test_sigterm_during_start_up_is_a_clean_exit(unique_topics: Settings, tmp_pa
     apply_repo(settings)
     ensure_topics(settings.kafka, settings.topics)
     procs = start_stages(settings, ("enrichment", "routing"))
-    time.sleep(1.0)
+    # From the moment a stage handles SIGTERM (its first statement; before that the
+    # interpreter itself is starting, which on a loaded machine took over a second).
+    for sp in procs:
+        wait_until("SIGTERM handlers", lambda pid=sp.proc.pid: _catches_sigterm(pid), 30)
+    time.sleep(0.5)
     children = _children(procs[0].proc.pid)
     assert stop_stages(procs) == {"enrichment": 0, "routing": 0}
     for child in children:
