@@ -117,6 +117,9 @@ def train(
     predictions_out: Annotated[
         Path | None, typer.Option(help="Write test predictions here.")
     ] = None,
+    feature_service: Annotated[
+        str | None, typer.Option(help="Feature service (default: the prediction setting's).")
+    ] = None,
 ) -> None:
     """Train LightGBM from the Feast offline store (point-in-time joins), evaluate, register."""
     from training.train import train as run_train
@@ -129,6 +132,7 @@ def train(
         delay_days=delay_days,
         test_days=test_days,
         predictions_out=predictions_out,
+        feature_service=feature_service,
     )
     console.print(result)
 
@@ -345,12 +349,19 @@ def check_skew_cmd(
     days: Annotated[float, typer.Option(help="Days replayed.")] = 7,
     offline: Annotated[bool, typer.Option(help="Also compare Feast's offline join.")] = True,
     history_days: Annotated[int, typer.Option(help="History days the replay sent.")] = 30,
+    feature_service: Annotated[
+        str | None,
+        typer.Option(help="Feature service of the offline join (default: the records')."),
+    ] = None,
 ) -> None:
     """Recompute every feature from the raw data and compare with what was served online
     (prediction records) and what Feast's point-in-time join returns."""
     from stages.ops.demo import skew_check
 
     settings = _settings()
+    if feature_service:
+        prediction = settings.prediction.model_copy(update={"feature_service": feature_service})
+        settings = settings.model_copy(update={"prediction": prediction})
     if prefix:
         settings = settings.model_copy(
             update={"topics": settings.topics.model_copy(update={"prefix": prefix})}
