@@ -24,8 +24,12 @@ from stages.shared.feast_store import apply_repo, materialize, open_feature_stor
 from stages.shared.offline import OfflineSchemaError, read_offline, write_offline
 from stages.shared.online import OnlineFeatureReader
 from stages.shared.schemas import (
+    BEHAVIOUR_FEATURES,
+    BEHAVIOUR_VIEW,
     CUSTOMER_FEATURES,
     CUSTOMER_VIEW,
+    REQUEST_FEATURES,
+    SERVICE_FEATURES,
     TERMINAL_FEATURES,
     TERMINAL_VIEW,
 )
@@ -89,16 +93,33 @@ def test_apply_repo_registers_entities_views_and_service(feast_settings: Setting
     entities = {e.name: e.join_key for e in store.list_entities()}
     assert entities == {"customer": "customer_id", "terminal": "terminal_id"}
     views = {fv.name: fv for fv in store.list_feature_views()}
-    assert set(views) == {CUSTOMER_VIEW, TERMINAL_VIEW}
+    assert set(views) == {CUSTOMER_VIEW, TERMINAL_VIEW, BEHAVIOUR_VIEW}
     assert tuple(f.name for f in views[CUSTOMER_VIEW].features) == CUSTOMER_FEATURES
     assert tuple(f.name for f in views[TERMINAL_VIEW].features) == TERMINAL_FEATURES
+    assert tuple(f.name for f in views[BEHAVIOUR_VIEW].features) == BEHAVIOUR_FEATURES
     dtypes = {f.name: str(f.dtype) for fv in views.values() for f in fv.features}
-    assert all(dtypes[n] == ("Int64" if "nb_tx" in n else "Float64") for n in dtypes)
+    # Counts (nb_tx, nb_terminals) are Int64, everything else Float64.
+    assert all(dtypes[n] == ("Int64" if "nb_" in n else "Float64") for n in dtypes)
+    assert views[BEHAVIOUR_VIEW].ttl == timedelta(days=31)
+    behaviour_push = views[BEHAVIOUR_VIEW].stream_source
+    assert behaviour_push is not None and behaviour_push.name == "customer_behaviour_push"
     assert views[CUSTOMER_VIEW].ttl == timedelta(days=31)
     push = views[CUSTOMER_VIEW].stream_source
     assert push is not None and push.name == "customer_spending_push"
     service = store.get_feature_service("fraud_model_v1")
     assert [p.name for p in service.feature_view_projections] == [CUSTOMER_VIEW, TERMINAL_VIEW]
+    v2 = store.get_feature_service("fraud_model_v2")
+    assert [p.name for p in v2.feature_view_projections] == [
+        CUSTOMER_VIEW,
+        TERMINAL_VIEW,
+        BEHAVIOUR_VIEW,
+    ]
+    # Each service serves exactly the model inputs (after the request features) that
+    # stages.shared.schemas orders the model's columns by.
+    for name, model_features in SERVICE_FEATURES.items():
+        projections = store.get_feature_service(name).feature_view_projections
+        served = tuple(f.name for p in projections for f in p.features)
+        assert (*REQUEST_FEATURES, *served) == model_features, name
     # The registry lives in the repo copy, not in the working directory.
     assert (feast_settings.feature_repo / "data" / "registry.db").is_file()
     # Applying again is a no-op, not an error.
@@ -121,8 +142,13 @@ def test_feast_cli_apply_from_the_repo_folder(stack_settings: Settings, tmp_path
     store = open_feature_store(
         stack_settings.model_copy(update={"feature_repo": repo, "feast_project": project})
     )
-    assert {fv.name for fv in store.list_feature_views()} == {CUSTOMER_VIEW, TERMINAL_VIEW}
+    assert {fv.name for fv in store.list_feature_views()} == {
+        CUSTOMER_VIEW,
+        TERMINAL_VIEW,
+        BEHAVIOUR_VIEW,
+    }
     assert store.get_feature_service("fraud_model_v1").name == "fraud_model_v1"
+    assert store.get_feature_service("fraud_model_v2").name == "fraud_model_v2"
 
 
 def test_historical_features_point_in_time_across_part_files(feast_settings: Settings) -> None:
