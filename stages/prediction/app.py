@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,7 +138,7 @@ class PredictionStage:
         self._layout = self.reader.layout
         self._readers = {self.reader.feature_service_name: self.reader}
 
-    def _reader_for(self, services: Iterable[str]) -> OnlineFeatureReader:
+    def _reader_for(self, services: Sequence[str]) -> OnlineFeatureReader:
         """The reader of the union of ``services`` (built once per mix)."""
         key = "+".join(sorted(set(services)))
         reader = self._readers.get(key)
@@ -283,7 +283,7 @@ class PredictionStage:
         else:
             for v, n in zip(*np.unique(versions, return_counts=True), strict=True):
                 self.metrics.predictions.labels(model.name, str(v)).inc(int(n))
-        views = self._views(model.feature_service)
+        views = [v for v in self._views(model.feature_service) if v in online.event_ts_ms]
         records = prediction_records(
             batch,
             scores,
