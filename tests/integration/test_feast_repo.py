@@ -32,8 +32,11 @@ from stages.shared.schemas import (
     SERVICE_FEATURES,
     TERMINAL_FEATURES,
     TERMINAL_VIEW,
+    service_features,
 )
 from stages.shared.settings import Settings
+from training.features import backfill_offline_store
+from training.skew import check_skew
 
 pytestmark = pytest.mark.integration
 
@@ -277,3 +280,23 @@ def test_materialize_loads_latest_rows_into_redis(feast_settings: Settings) -> N
     t0_ms = int(T0.timestamp() * 1000)
     np.testing.assert_array_equal(batch.event_ts_ms[CUSTOMER_VIEW], [t0_ms + 3_600_000, t0_ms, 0])
     assert not batch.found[TERMINAL_VIEW].any()
+
+
+def test_backfilled_v2_history_joins_to_the_batch_definitions(
+    feast_settings: Settings, small_tx: pd.DataFrame
+) -> None:
+    """``backfill_offline_store`` writes all three views; the training path's point-in-time
+    join of fraud_model_v2 returns the batch definitions (the offline half of check-skew)."""
+    apply_repo(feast_settings)
+    paths = backfill_offline_store(feast_settings, small_tx)
+    assert set(paths) == {CUSTOMER_VIEW, TERMINAL_VIEW, BEHAVIOUR_VIEW}
+    day = small_tx["tx_datetime"] >= pd.Timestamp("2018-05-10", tz="UTC")
+    day &= small_tx["tx_datetime"] < pd.Timestamp("2018-05-11", tz="UTC")
+    ids = small_tx.loc[day, "transaction_id"]
+    assert len(ids) > 100
+    report = check_skew(
+        feast_settings, small_tx, None, ids, feature_service="fraud_model_v2", progress=False
+    )
+    assert report.offline is not None and report.missing_offline == 0
+    assert list(report.offline.index) == list(service_features("fraud_model_v2"))
+    assert report.ok, str(report)
