@@ -131,38 +131,23 @@ def test_every_transaction_ends_in_exactly_one_outcome(
         orjson.loads(v) for _, v, _ in read_topic(settings, settings.topics.name("predictions"))
     ]
     assert len(preds) == len(expected)
-    full = compute_features(small_tx).set_index("transaction_id")
-    cust = full
+    full = compute_features(small_tx, MODEL_FEATURES_V2).set_index("transaction_id")
     ids = [p["transaction_id"] for p in preds]
     served = pd.DataFrame(
         [p["features"] for p in preds], index=pd.Index(ids, name="transaction_id")
     )
-    pd.testing.assert_frame_equal(
-        served[list(TERMINAL_FEATURES)],
-        full.loc[ids, list(TERMINAL_FEATURES)],
-        check_dtype=False,
-        atol=1e-9,
-        rtol=0,
-    )
-    pd.testing.assert_frame_equal(
-        served[list(CUSTOMER_FEATURES)],
-        cust.loc[ids, list(CUSTOMER_FEATURES)],
-        check_dtype=False,
-        atol=1e-9,
-        rtol=0,
-    )
+    # The v2 features too, served by the v2 model.
+    for names in (TERMINAL_FEATURES, CUSTOMER_FEATURES, BEHAVIOUR_FEATURES):
+        pd.testing.assert_frame_equal(
+            served[list(names)],
+            full.loc[ids, list(names)],
+            check_dtype=False,
+            atol=1e-9,
+            rtol=0,
+        )
     assert {p["model_version"] for p in preds} == {"v0001"}
 
-    # The v2 features, served by the v2 model: the batch definitions too; the v1 shadow
-    # scored every row; each record names the v2 service and that service's views only.
-    full_v2 = compute_features(small_tx, MODEL_FEATURES_V2).set_index("transaction_id")
-    pd.testing.assert_frame_equal(
-        served[list(BEHAVIOUR_FEATURES)],
-        full_v2.loc[ids, list(BEHAVIOUR_FEATURES)],
-        check_dtype=False,
-        atol=1e-9,
-        rtol=0,
-    )
+    # The v1 shadow scored every row; each record names the v2 service and its views only.
     assert list(served.columns) == list(MODEL_FEATURES_V2)
     assert {p["feature_service"] for p in preds} == {"fraud_model_v2"}
     assert {p["shadow"]["model_version"] for p in preds} == {shadow}
