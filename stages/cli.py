@@ -349,19 +349,12 @@ def check_skew_cmd(
     days: Annotated[float, typer.Option(help="Days replayed.")] = 7,
     offline: Annotated[bool, typer.Option(help="Also compare Feast's offline join.")] = True,
     history_days: Annotated[int, typer.Option(help="History days the replay sent.")] = 30,
-    feature_service: Annotated[
-        str | None,
-        typer.Option(help="Feature service of the offline join (default: the records')."),
-    ] = None,
 ) -> None:
     """Recompute every feature from the raw data and compare with what was served online
     (prediction records) and what Feast's point-in-time join returns."""
     from stages.ops.demo import skew_check
 
     settings = _settings()
-    if feature_service:
-        prediction = settings.prediction.model_copy(update={"feature_service": feature_service})
-        settings = settings.model_copy(update={"prediction": prediction})
     if prefix:
         settings = settings.model_copy(
             update={"topics": settings.topics.model_copy(update={"prefix": prefix})}
