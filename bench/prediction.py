@@ -16,8 +16,9 @@ from confluent_kafka import Producer
 from bench.naive import NaiveScorer, run_naive
 from bench.report import median
 from stages.prediction.app import build_stage
+from stages.shared.batch_loop import TransactionalBatchLoop
 from stages.shared.feast_store import open_feature_store
-from stages.shared.kafka import StopFlag, TransactionalBatchLoop, ensure_topics, producer_config
+from stages.shared.kafka import StopFlag, ensure_topics, producer_config
 from stages.shared.metrics import build_metrics
 from stages.shared.online import OnlineFeatureWriter, OnlineLayout
 from stages.shared.schemas import CUSTOMER_FEATURES, CUSTOMER_VIEW, TERMINAL_FEATURES, TERMINAL_VIEW

@@ -41,7 +41,8 @@ from functools import partial
 from pathlib import Path
 from typing import Literal, cast, get_args
 
-from stages.shared.settings import STAGES, Settings
+from stages.shared.settings import Settings
+from stages.shared.topology import STAGES
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.cli import stack_app
-from stages.shared.settings import STAGES, Settings
+from stages.shared.settings import Settings
+from stages.shared.topology import STAGE_TABLE, STAGES
 
 app = typer.Typer(
     name="rtpipe",
@@ -163,44 +164,20 @@ def run_stage(
     from stages.shared.metrics import build_metrics
 
     settings = _settings()
-    if stage not in STAGES:
+    if stage not in STAGE_TABLE:
         raise typer.BadParameter(f"unknown stage {stage!r}; choose from {STAGES}")
     metrics = build_metrics()
     if part is not None:
         if (stage, part) != ("enrichment", "labels"):
             raise typer.BadParameter("--part labels is for the enrichment stage only")
-        # Without the customer app's imports (quixstreams): the labels process starts fast.
-        from stages.enrichment.labels import run as run_labels
-        from stages.enrichment.supervise import die_with_supervisor
+        from stages.enrichment.supervise import run_labels_part
 
-        die_with_supervisor()
         metrics.serve(settings.metrics.host, settings.metrics.enrichment_labels_port)
-        run_labels(settings, stop, metrics)
+        run_labels_part(settings, stop, metrics)
         return
     metrics.serve(settings.metrics.host, settings.metrics.port(stage))
-    if stage == "enrichment":
-        # The labels process first: it starts while this one imports the customer app.
-        from stages.enrichment.supervise import LabelsProcess
-
-        labels = LabelsProcess(settings)
-        labels.start()
-        from stages.enrichment.app import run as run_enrichment
-
-        run_enrichment(settings, metrics, stop, labels)
-        return
-    if stage == "prediction":
-        from stages.prediction.app import run as run_prediction
-
-        stats = run_prediction(settings, stop, metrics=metrics)
-    elif stage == "evaluation":
-        from stages.evaluation.app import run as run_evaluation
-
-        stats = run_evaluation(settings, stop, metrics=metrics)
-    else:
-        from stages.routing.app import run as run_routing
-
-        stats = run_routing(settings, stop, metrics=metrics)
-    logger.info("%s stopped: %s", stage, stats)
+    stats = STAGE_TABLE[stage].load()(settings, stop, metrics)
+    logger.info("%s stopped%s", stage, f": {stats}" if stats is not None else "")
 
 
 @app.command()
@@ -226,12 +203,12 @@ def retrain(
         import pandas as pd
         from confluent_kafka import Producer
 
-        from stages.retrain.app import retrain_topic
         from stages.retrain.logic import request_payload
         from stages.shared.kafka import ensure_topics, producer_config
+        from stages.shared.topology import retrain_requests_topic
 
         known = None if labels_known is None else pd.Timestamp(labels_known, tz="UTC")
-        topic = retrain_topic(settings)
+        topic = retrain_requests_topic(settings)
         ensure_topics(settings.kafka, settings.topics, [topic])
         producer = Producer(producer_config(settings.kafka))
         name = settings.prediction.model_name

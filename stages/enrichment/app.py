@@ -29,9 +29,11 @@ always finds the aggregates that include its event (read-your-writes).
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -74,7 +76,7 @@ from stages.shared.kafka import (
     static_member_config,
 )
 from stages.shared.layout import online_layout
-from stages.shared.metrics import Metrics, build_metrics
+from stages.shared.metrics import Assignment, Metrics, build_metrics
 from stages.shared.online import OnlineFeatureWriter, OnlineWriteError
 from stages.shared.schemas import (
     CUSTOMER_VIEW,
@@ -182,6 +184,8 @@ class NaturalBatchingApplication(Application):
     """
 
     _watch: PartitionWatch | None = None
+    _assignment: Assignment | None = None
+    _watchdog: LoopWatchdog | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -199,9 +203,38 @@ class NaturalBatchingApplication(Application):
 
         ctx.commit_checkpoint = commit_checkpoint  # type: ignore[method-assign]
 
-    def watch_partitions(self, watch: PartitionWatch) -> None:
-        """Check the input partitions for stalls (and export their lag) as it runs."""
+    def watch_partitions(self, watch: PartitionWatch, assignment: Assignment) -> None:
+        """Check the input partitions for stalls (and export their lag) as it runs, and
+        export which of them it holds (readiness)."""
         self._watch = watch
+        self._assignment = assignment
+
+    def watch_loop(self, watchdog: LoopWatchdog) -> None:
+        """Beat ``watchdog`` on every turn of the loop; state recovery pauses it."""
+        self._watchdog = watchdog
+        manager = self._state_manager
+        do_recovery = manager.do_recovery
+
+        def recover() -> None:
+            with watchdog.paused():
+                do_recovery()
+
+        manager.do_recovery = recover  # type: ignore[method-assign]
+
+    def _on_assign(self, consumer: Any, topic_partitions: list[Any]) -> None:
+        super()._on_assign(consumer, topic_partitions)
+        if self._assignment is not None:
+            self._assignment.assigned(topic_partitions)
+
+    def _on_revoke(self, consumer: Any, topic_partitions: list[Any]) -> None:
+        if self._assignment is not None:
+            self._assignment.revoked(topic_partitions)
+        super()._on_revoke(consumer, topic_partitions)
+
+    def _on_lost(self, consumer: Any, topic_partitions: list[Any]) -> None:
+        if self._assignment is not None:
+            self._assignment.revoked(topic_partitions)
+        super()._on_lost(consumer, topic_partitions)
 
     def _process_message(self, dataframe_composed: Any) -> None:
         tracker = self._run_tracker
@@ -212,6 +245,49 @@ class NaturalBatchingApplication(Application):
             context.commit_checkpoint(force=True)
         if self._watch is not None:
             self._watch.check(self._consumer)
+        if self._watchdog is not None:
+            self._watchdog.beat()
+
+
+class LoopWatchdog:
+    """Calls ``on_stuck`` (once, from its own thread) when :meth:`beat` has not been called
+    for ``timeout_s`` while not :meth:`paused`: the loop it watches is blocked somewhere
+    that no timeout of its own ends."""
+
+    def __init__(self, timeout_s: float, on_stuck: Callable[[float], None]) -> None:
+        self._timeout_s = timeout_s
+        self._on_stuck = on_stuck
+        self._beat = time.monotonic()
+        self._paused = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
+
+    def beat(self) -> None:
+        self._beat = time.monotonic()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+            self.beat()
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        step = min(1.0, self._timeout_s / 4)
+        while not self._stop.wait(step):
+            idle = time.monotonic() - self._beat
+            if not self._paused and idle >= self._timeout_s:
+                self._on_stuck(idle)
+                return
 
 
 class PartitionStalledError(RuntimeError):
@@ -515,7 +591,8 @@ def build_customer_app(
         .sink(sink)
     )
     app.watch_partitions(
-        PartitionWatch({tx_name}, metrics, settings.stall_timeout_s, lambda: sink.total_retries)
+        PartitionWatch({tx_name}, metrics, settings.stall_timeout_s, lambda: sink.total_retries),
+        Assignment(metrics, STAGE, settings.topics.group(cfg.consumer_group), [tx_name]),
     )
     return app
 
@@ -528,49 +605,60 @@ def input_partitions(settings: Settings, topic: str) -> int:
     return len(admin.list_topics(topic, timeout=10).topics[topic].partitions)
 
 
-PARTS = ("customer", "labels")
+class ProcessRestartRequired(RuntimeError):
+    """The customer app cannot be rebuilt in this process: a failed app left a RocksDB
+    partition of its state open (its LOCK is held by this process), and every new app
+    waits for it in vain. Only a new process releases it."""
 
 
-def run_part(
-    settings: Settings, part: str, metrics: Metrics | None = None, stop: StopFlag | None = None
+def _holds_rocksdb_lock(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if "While lock file" in str(seen):  # RocksDB's IOError on a LOCK held
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def run_customer_app(
+    settings: Settings, metrics: Metrics, stop: StopFlag, watchdog: LoopWatchdog | None = None
 ) -> None:
-    """Run one of the stage's processes (``customer`` or ``labels``) until SIGTERM or
-    SIGINT.
+    """Run the customer-window application until ``stop`` (SIGTERM or SIGINT).
 
     quixstreams stops on a failed checkpoint (a broker down for longer than the transaction
     timeout, a fenced producer) and leaves the restart to a supervisor. The stage is its own
     supervisor: it rebuilds the application, which resumes from the committed offsets and
     the changelogs (exactly-once), until it is asked to stop. Until quixstreams installs its
     own handlers (in ``app.run()``), SIGTERM/SIGINT set ``stop``, checked before each run.
-    """
-    metrics = metrics or build_metrics()
-    if stop is None:
-        stop = StopFlag()
-        stop.install_signal_handlers()
-    if part == "labels":
-        from stages.enrichment.labels import run as run_labels
 
-        run_labels(settings, stop, metrics)
-        return
-    if part != "customer":
-        raise ValueError(f"unknown enrichment part {part!r}; choose from {PARTS}")
+    Raises:
+        ProcessRestartRequired: a rebuilt app found its state locked by the failed one
+            (seen after a broker of three was killed: the fenced app kept a partition's
+            RocksDB open); the caller starts the stage again in a new process.
+    """
     backoff_s = 1.0
     while not stop.is_set():
         started = time.monotonic()
         try:
             # Inside the try: building it fetches topic metadata, which fails while the
             # broker is still down.
+            if watchdog is not None:
+                watchdog.beat()
             app = build_customer_app(settings, metrics)
+            if watchdog is not None:
+                app.watch_loop(watchdog)
             if stop.is_set():
                 return  # asked to stop while starting
             app.run()
             return  # stopped by a signal
-        except Exception:
+        except Exception as exc:
+            if _holds_rocksdb_lock(exc):
+                raise ProcessRestartRequired(str(exc)) from exc
             if time.monotonic() - started > 60:
                 backoff_s = 1.0  # it ran fine for a while: this is a new failure
             # Between runs our handlers apply (quixstreams installs its own inside run()).
             stop.install_signal_handlers()
-            logger.exception("enrichment %s failed; restarting in %.0fs", part, backoff_s)
+            logger.exception("enrichment customer app failed; restarting in %.0fs", backoff_s)
         deadline = time.monotonic() + backoff_s
         while not stop.is_set() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -579,8 +667,8 @@ def run_part(
 
 def run(
     settings: Settings,
-    metrics: Metrics | None = None,
     stop: StopFlag | None = None,
+    metrics: Metrics | None = None,
     labels: LabelsProcess | None = None,
 ) -> None:
     """Run the whole enrichment stage until SIGTERM/SIGINT: the customer-window application
@@ -593,8 +681,30 @@ def run(
     if labels is None:
         labels = LabelsProcess(settings)
         labels.start()
+    supervised = labels
+
+    def stuck(idle_s: float) -> None:
+        if stop.is_set():
+            # Stopping: whoever asked will kill it if it does not finish.
+            logger.error("enrichment customer app stuck for %.0fs while stopping", idle_s)
+            faulthandler.dump_traceback(all_threads=True)
+            return
+        logger.error(
+            "enrichment customer app has not turned its loop for %.0fs (stacks follow); "
+            "the stage starts again as a new process",
+            idle_s,
+        )
+        faulthandler.dump_traceback(all_threads=True)
+        supervised.stop()
+        from stages.enrichment.supervise import restart_process
+
+        restart_process()
+
+    watchdog = LoopWatchdog(settings.enrichment.loop_watchdog_s, stuck)
+    watchdog.start()
     try:
-        run_part(settings, "customer", metrics, stop)
+        run_customer_app(settings, metrics or build_metrics(), stop, watchdog)
     finally:
+        watchdog.stop()
         code = labels.stop()
         logger.info("enrichment labels process stopped (exit code %s)", code)

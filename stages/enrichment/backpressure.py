@@ -34,7 +34,7 @@ The workaround
 During the outage the checkpoint simply takes longer (the consumer does not poll; the
 Kafka transaction stays open). If the budget runs out it raises :class:`SinkUnavailableError`,
 which quixstreams treats as fatal: the transaction is aborted, no offsets are committed and
-``app.run()`` raises, so a supervisor (the stage's ``run_part``) restarts the application
+``app.run()`` raises, so a supervisor (the stage's ``run_customer_app``) restarts the application
 from the committed offsets with a fresh buffer. Nothing is skipped either way.
 
 Choose ``retry_budget_s`` below

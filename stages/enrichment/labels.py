@@ -26,18 +26,11 @@ from confluent_kafka import Message
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from stages.enrichment.logic import parse_label
-from stages.shared.kafka import (
-    LoopStats,
-    Output,
-    RetryBatch,
-    StopFlag,
-    dead_letter,
-    instrumented_loop,
-    where,
-)
-from stages.shared.labels import Label, LabelIndex, PartitionProgress
+from stages.shared.batch_loop import LoopStats, RetryBatch, instrumented_loop
+from stages.shared.kafka import Output, StopFlag, dead_letter, where
+from stages.shared.labels import LabelIndex, PartitionProgress
 from stages.shared.metrics import Metrics, build_metrics
+from stages.shared.records import Label, parse_label
 from stages.shared.schemas import InvalidMessage
 from stages.shared.settings import Settings
 
@@ -91,16 +84,16 @@ class LabelsStage:
             max_ts[part] = max(max_ts.get(part, 0), ts)
             progress[part] = PartitionProgress(m.offset() + 1, max_ts[part])
             try:
-                tx_id, term, tx_ms, fraud = parse_label(m.value(), max_bytes)
+                label = parse_label(m.value(), max_bytes)
             except InvalidMessage as err:
                 outputs.append(self._dead_letter(m, err.reason, err.detail))
                 continue
             key_term = _key_terminal(m.key())
-            if key_term != term:
+            if key_term != label.terminal_id:
                 self._metrics.rekeyed.labels(
                     "labels", "no_key" if m.key() is None else "key_mismatch"
                 ).inc()
-            labels.append(Label(tx_id, term, tx_ms, fraud))
+            labels.append(label)
             sources.append(m)
         try:
             conflicts = self._index.add(labels, progress)

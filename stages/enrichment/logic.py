@@ -33,10 +33,8 @@ from stages.shared.schemas import (
     DISTINCT_TERMINAL_DAYS,
     LABEL_DELAY_DAYS,
     MAX_GAP_S,
-    MAX_ID,
     WINDOWS_DAYS,
     InvalidMessage,
-    json_object,
 )
 
 _MAX_CUSTOMER_SPAN_MS = max(WINDOWS_DAYS) * DAY_MS
@@ -215,32 +213,3 @@ def terminal_features(state: TerminalState, event_ms: int, grace_ms: int) -> dic
         out[f"terminal_nb_tx_{n}d"] = float(count)
         out[f"terminal_risk_{n}d"] = frauds / count if count else 0.0
     return out
-
-
-def parse_label(obj: Any, max_bytes: int | None = None) -> tuple[int, int, int, int]:
-    """Check a ``labels`` value: (transaction_id, terminal_id, tx_ms, is_fraud).
-
-    Args:
-        obj: the raw message bytes, or an already decoded JSON value.
-        max_bytes: raw values larger than this are rejected (too_large).
-
-    Raises:
-        InvalidMessage: naming the problem.
-    """
-    if obj is None or isinstance(obj, bytes | bytearray):
-        obj = json_object(obj, max_bytes)
-    elif not isinstance(obj, dict):
-        raise InvalidMessage("not_object", type(obj).__name__)
-    out = []
-    for name in ("transaction_id", "terminal_id", "tx_ms", "is_fraud"):
-        v = obj.get(name)
-        if v is None:
-            raise InvalidMessage("missing_field", name)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise InvalidMessage("wrong_type", f"{name} must be an integer")
-        out.append(v)
-    if out[3] not in (0, 1):
-        raise InvalidMessage("out_of_range", f"is_fraud={out[3]}")
-    if not (0 <= out[0] < MAX_ID and 0 <= out[1] < MAX_ID and 0 < out[2] < MAX_ID):
-        raise InvalidMessage("out_of_range", "id or time out of range")
-    return out[0], out[1], out[2], out[3]

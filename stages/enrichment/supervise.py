@@ -14,8 +14,13 @@ import subprocess
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from stages.shared.settings import Settings, settings_to_env
+
+if TYPE_CHECKING:
+    from stages.shared.kafka import StopFlag
+    from stages.shared.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,42 @@ def die_with_supervisor() -> None:
         # The supervisor died before prctl took effect.
         logger.error("enrichment supervisor %s is gone; exiting", expected)
         raise SystemExit(1)
+
+
+def run_stage(settings: Settings, stop: StopFlag, metrics: Metrics | None = None) -> None:
+    """The enrichment stage's entry point (stages/shared/topology.py): the labels process
+    first, so it starts while this one imports the customer app (quixstreams), then the
+    customer app until ``stop``."""
+    labels = LabelsProcess(settings)
+    labels.start()
+    from stages.enrichment.app import ProcessRestartRequired, run
+
+    try:
+        run(settings, stop, metrics, labels=labels)
+    except ProcessRestartRequired as exc:
+        # The labels process is stopped by now (run's finally). The same pid, log and
+        # arguments: a supervisor watching this process sees it carry on.
+        logger.error("enrichment stage restarts as a new process: %s", exc)
+        restart_process()
+
+
+def restart_process() -> None:
+    """Replace this process by a fresh run of the same command (``exec``): whatever the
+    failed run held (file locks, librdkafka handles) is released by the kernel."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def run_labels_part(settings: Settings, stop: StopFlag, metrics: Metrics) -> None:
+    """The labels process (``rtpipe run enrichment --part labels``), started by
+    :class:`LabelsProcess`: it imports neither quixstreams nor Feast, and ends with its
+    supervisor."""
+    from stages.enrichment.labels import run as run_labels
+
+    die_with_supervisor()
+    run_labels(settings, stop, metrics)
 
 
 class LabelsProcess:

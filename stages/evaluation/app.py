@@ -53,31 +53,26 @@ from stages.evaluation.logic import (
     drift_psi,
     label_half,
     online_metrics,
-    parse_label,
-    parse_prediction,
     prediction_half,
     retrain_request,
     retrain_triggers,
+    scored_prediction,
     shadow_comparisons,
 )
 from stages.evaluation.metrics import EvaluationMetrics, evaluation_metrics
-from stages.shared.kafka import (
-    LoopStats,
-    Output,
-    RetryBatch,
-    StopFlag,
-    ensure_topics,
-    instrumented_loop,
-)
+from stages.shared.batch_loop import LoopStats, RetryBatch, instrumented_loop
+from stages.shared.kafka import Output, StopFlag, ensure_topics
 from stages.shared.metrics import Metrics, build_metrics
+from stages.shared.records import parse_label
 from stages.shared.schemas import MODEL_FEATURES, InvalidMessage
-from stages.shared.settings import EvaluationSettings, Settings
+from stages.shared.settings import EvaluationSettings, Settings, StageName
+from stages.shared.topology import retrain_requests_topic, single_group
 from training import registry
 from training.reference import Reference, reference_from_metadata
 
 logger = logging.getLogger(__name__)
 
-STAGE = "evaluation"
+STAGE: StageName = "evaluation"
 
 # KEYS: own half, other half, joined marker, window list.
 # ARGV: own half value, own TTL, joined-marker TTL, window size, "p" or "l".
@@ -219,7 +214,7 @@ class EvaluationStage:
         self.drift = DriftWindow(cfg.drift_window, MODEL_FEATURES)
         self._pred_topic = t.name("predictions")
         self._label_topic = t.name("labels")
-        self.retrain_topic = f"{t.prefix}{cfg.retrain_topic}"
+        self.retrain_topic = retrain_requests_topic(self.settings)
         self._references: dict[str, Reference | None] = {}
         self._next_eval = 0.0
 
@@ -237,7 +232,7 @@ class EvaluationStage:
             # enrichment for labels); here they are only counted.
             try:
                 if msg.topic() == self._pred_topic:
-                    p = parse_prediction(msg.value())
+                    p = scored_prediction(msg.value())
                     preds.append(p)
                     items.append(JoinItem("prediction", p.transaction_id, prediction_half(p)))
                 elif msg.topic() == self._label_topic:
@@ -361,8 +356,9 @@ def build_stage(settings: Settings, metrics: Metrics | None = None) -> Evaluatio
 def run(
     settings: Settings,
     stop: StopFlag,
-    max_idle_s: float | None = None,
     metrics: Metrics | None = None,
+    *,
+    max_idle_s: float | None = None,
 ) -> LoopStats:
     """Run the evaluation stage until ``stop`` is set (or ``max_idle_s`` without input)."""
     stage = build_stage(settings, metrics)
@@ -370,12 +366,13 @@ def run(
     ensure_topics(settings.kafka, settings.topics, [stage.retrain_topic])
     cfg = settings.evaluation
 
+    group_id, inputs = single_group(settings, STAGE)
     loop = instrumented_loop(
         settings,
         stage.metrics,
         stage=STAGE,
-        group_id=settings.topics.group(cfg.consumer_group),
-        input_topics=[settings.topics.name("predictions"), settings.topics.name("labels")],
+        group_id=group_id,
+        input_topics=list(inputs),
         handler=stage.handle,
         max_batch=cfg.max_batch,
         max_wait_ms=cfg.max_wait_ms,

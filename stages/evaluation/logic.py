@@ -1,4 +1,4 @@
-"""Pure logic of the evaluation stage: parse predictions and labels, the join protocol (an
+"""Pure logic of the evaluation stage: the predictions it can evaluate, the join protocol (an
 in-memory store with the same semantics as the Redis one), rolling online metrics,
 calibration, drift (PSI) and the retraining triggers.
 """
@@ -13,7 +13,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from stages.shared.schemas import InvalidMessage, json_object
+from stages.shared.records import Label, parse_prediction
+from stages.shared.schemas import InvalidMessage
 from stages.shared.settings import EvaluationSettings, RoutingSettings
 from training.evaluate import average_precision, roc_auc
 from training.reference import Reference, psi_against
@@ -42,40 +43,25 @@ class PredictionRow:
     shadow_score: float = math.nan
 
 
-@dataclass(frozen=True, slots=True)
-class LabelRow:
-    transaction_id: int
-    is_fraud: int
-
-
-def _int(obj: Mapping[str, Any], name: str) -> int:
-    v = obj.get(name)
-    if v is None:
-        raise InvalidMessage("missing_field", name)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise InvalidMessage("wrong_type", f"{name} must be an integer")
-    return v
-
-
-def parse_prediction(raw: bytes | None) -> PredictionRow:
-    """Decode a ``predictions`` value.
+def scored_prediction(raw: bytes | None) -> PredictionRow:
+    """The evaluation's view of a ``predictions`` value (checked by
+    :func:`stages.shared.records.parse_prediction`, as routing checks it).
 
     Raises:
         InvalidMessage: unreadable, or without a usable score (``no_score`` for the records
             the prediction stage writes when features were unavailable).
     """
-    obj = json_object(raw)
-    tid = _int(obj, "transaction_id")
-    score = obj.get("score")
+    p = parse_prediction(raw)
+    score = p.score
     if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
         raise InvalidMessage("no_score", f"score={score!r}")
+    obj = p.fields
     feats = obj.get("features")
     features: dict[str, float] = {}
     if isinstance(feats, dict):
         for name, v in feats.items():
             ok = isinstance(v, int | float) and not isinstance(v, bool)
             features[str(name)] = float(v) if ok else math.nan
-    event_ms = obj.get("event_ms")
     shadow = obj.get("shadow")
     shadow_version, shadow_score = "", math.nan
     if isinstance(shadow, dict):
@@ -83,28 +69,14 @@ def parse_prediction(raw: bytes | None) -> PredictionRow:
         if isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s):
             shadow_version, shadow_score = str(shadow.get("model_version") or ""), float(s)
     return PredictionRow(
-        transaction_id=tid,
+        transaction_id=p.transaction_id,
         score=float(score),
         model_version=str(obj.get("model_version") or ""),
-        event_ms=event_ms if isinstance(event_ms, int) and not isinstance(event_ms, bool) else 0,
+        event_ms=p.event_ms or 0,
         features=features,
         shadow_version=shadow_version,
         shadow_score=shadow_score,
     )
-
-
-def parse_label(raw: bytes | None) -> LabelRow:
-    """Decode a ``labels`` value (the fields the join needs).
-
-    Raises:
-        InvalidMessage: unreadable or out of range.
-    """
-    obj = json_object(raw)
-    tid = _int(obj, "transaction_id")
-    is_fraud = _int(obj, "is_fraud")
-    if is_fraud not in (0, 1) or tid < 0:
-        raise InvalidMessage("out_of_range", f"transaction_id={tid} is_fraud={is_fraud}")
-    return LabelRow(tid, is_fraud)
 
 
 # --- the join --------------------------------------------------------------------------------
@@ -117,7 +89,7 @@ def prediction_half(p: PredictionRow) -> str:
     return f"{p.score!r}|{p.model_version}|{p.event_ms}"
 
 
-def label_half(lab: LabelRow) -> str:
+def label_half(lab: Label) -> str:
     return str(lab.is_fraud)
 
 

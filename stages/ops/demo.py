@@ -4,7 +4,6 @@ separate processes, a replay through Kafka and a summary of what came out.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import shutil
@@ -20,30 +19,30 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pandas as pd
-from confluent_kafka import Consumer, ConsumerGroupState, KafkaException
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from stages.ops.audit import AuditReport, audit, read_topic
 from stages.ops.latency import HOPS, TOTAL, DecisionCollector, decision_stats, ids_in, plans
+from stages.ops.readiness import wait_until_ready
 from stages.ops.replay import ReplayPlan, ReplayResult, replay, replay_producer
 from stages.ops.report import MetricsSampler, render_live_latency, render_run_report
 from stages.shared.kafka import ensure_topics
 from stages.shared.procenv import drop_feast_prometheus_dirs
 from stages.shared.schemas import CUSTOMER_VIEW, TERMINAL_VIEW
-from stages.shared.settings import Settings, settings_to_env, stage_groups
+from stages.shared.settings import Settings, settings_to_env
+from stages.shared.topology import PIPELINE_STAGES, STAGES
 from training.skew import SkewReport
 
 logger = logging.getLogger(__name__)
 console = Console()
 
-PIPELINE_STAGES = ("enrichment", "prediction", "routing")
 # The demo's live-rate phase, after the max-speed replay.
 LIVE_RATE = 500.0
 LIVE_SECONDS = 30.0
-DEMO_STAGES = (*PIPELINE_STAGES, "evaluation")
+DEMO_STAGES = STAGES
 
 
 @dataclass
@@ -159,42 +158,6 @@ def clear_online_store(settings: Settings) -> int:
         if batch:
             deleted += int(client.unlink(*batch))  # type: ignore[arg-type]
     return deleted
-
-
-def wait_until_ready(
-    settings: Settings, procs: list[StageProcess], timeout_s: float = 180.0
-) -> float:
-    """Wait until every stage's consumer group is stable with partitions assigned, so the
-    replay measures the pipeline rather than its start-up. Returns the seconds waited."""
-    # Each group once: replicas of a stage share theirs (describe_consumer_groups answers
-    # one entry per distinct group, so a repeated one was never counted as ready).
-    wanted = list(
-        dict.fromkeys(g for sp in procs for g in stage_groups(settings, sp.name))  # type: ignore[arg-type]
-    )
-    admin = AdminClient(settings.kafka.client_config())
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        dead = [sp.name for sp in procs if sp.proc.poll() is not None]
-        if dead:
-            raise RuntimeError(f"stage(s) exited during start-up: {dead}; see {procs[0].log}")
-        ready = 0
-        # One request for every group, waited on together: waiting 10 s per group while
-        # the broker was still creating its offsets topic made the demo report "ready after
-        # 50.5s" for stages that had their partitions 4 s after they were started.
-        futures = list(admin.describe_consumer_groups(wanted, request_timeout=5).values())
-        done, _ = concurrent.futures.wait(futures, timeout=5)
-        for fut in done:
-            try:
-                desc = fut.result()
-            except KafkaException:
-                continue
-            assigned = any(m.assignment.topic_partitions for m in desc.members)
-            if desc.state == ConsumerGroupState.STABLE and assigned:
-                ready += 1
-        if ready == len(wanted):
-            return time.monotonic() - started
-        time.sleep(0.5)
-    raise TimeoutError(f"stages not ready after {timeout_s:.0f}s; see {procs[0].log.parent}")
 
 
 class OutcomeWatcher:

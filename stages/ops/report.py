@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from stages.shared.settings import STAGES, Settings, StageName, stage_groups
+from stages.shared.settings import Settings, StageName
+from stages.shared.topology import STAGES, stage_groups
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -42,27 +42,20 @@ from stages.prediction.models import (
     ServingModel,
     UnservableModelError,
 )
+from stages.shared.batch_loop import LoopStats, RetryBatch, instrumented_loop
 from stages.shared.claims import TransactionClaims
-from stages.shared.kafka import (
-    LoopStats,
-    Output,
-    RetryBatch,
-    StopFlag,
-    dead_letter,
-    ensure_topics,
-    instrumented_loop,
-    where,
-)
+from stages.shared.kafka import Output, StopFlag, dead_letter, ensure_topics, where
 from stages.shared.labels import LabelIndex, exact_mask
 from stages.shared.layout import online_layout
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.online import OnlineBatch, OnlineFeatureReader, OnlineLayout, RedisClient
 from stages.shared.schemas import REQUEST_FEATURES, TERMINAL_FEATURES, TERMINAL_VIEW
-from stages.shared.settings import Settings
+from stages.shared.settings import Settings, StageName
+from stages.shared.topology import single_group
 
 logger = logging.getLogger(__name__)
 
-STAGE = "prediction"
+STAGE: StageName = "prediction"
 
 
 def union_service(layout: OnlineLayout, services: Iterable[str]) -> tuple[OnlineLayout, str]:
@@ -473,20 +466,22 @@ def build_stage(settings: Settings, metrics: Metrics | None = None) -> Predictio
 def run(
     settings: Settings,
     stop: StopFlag,
-    max_idle_s: float | None = None,
     metrics: Metrics | None = None,
+    *,
+    max_idle_s: float | None = None,
 ) -> LoopStats:
     """Run the prediction stage until ``stop`` is set."""
     stage = build_stage(settings, metrics)
     ensure_topics(settings.kafka, settings.topics)
     cfg = settings.prediction
 
+    group_id, inputs = single_group(settings, STAGE)
     loop = instrumented_loop(
         settings,
         stage.metrics,
         stage=STAGE,
-        group_id=settings.topics.group(cfg.consumer_group),
-        input_topics=[settings.topics.name("enriched")],
+        group_id=group_id,
+        input_topics=list(inputs),
         handler=stage.handle,
         max_batch=cfg.max_batch,
         max_wait_ms=cfg.max_wait_ms,

@@ -39,15 +39,12 @@ from stages.retrain.logic import (
 from stages.shared.kafka import StopFlag, consumer_config, ensure_topics, where
 from stages.shared.schemas import InvalidMessage
 from stages.shared.settings import Settings
+from stages.shared.topology import retrain_requests_topic
 from training import registry
 
 logger = logging.getLogger(__name__)
 
 STAGE = "retrain"
-
-
-def retrain_topic(settings: Settings) -> str:
-    return f"{settings.topics.prefix}{settings.evaluation.retrain_topic}"
 
 
 def comparison_store(settings: Settings) -> RedisJoinStore:
@@ -229,7 +226,7 @@ class RetrainJob:
 
 def run(settings: Settings, stop: StopFlag, max_idle_s: float | None = None) -> RetrainJob:
     """Consume retrain requests and drive the gate until ``stop`` is set."""
-    topic = retrain_topic(settings)
+    topic = retrain_requests_topic(settings)
     ensure_topics(settings.kafka, settings.topics, [topic])
     # Feast and the training code take seconds to import: pay that before the first request.
     import stages.shared.feast_store  # noqa: F401

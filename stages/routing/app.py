@@ -12,23 +12,18 @@ from typing import Any
 import orjson
 from confluent_kafka import Message
 
-from stages.routing.logic import decide, parse_prediction
-from stages.shared.kafka import (
-    LoopStats,
-    Output,
-    StopFlag,
-    dead_letter,
-    ensure_topics,
-    instrumented_loop,
-    where,
-)
+from stages.routing.logic import decide
+from stages.shared.batch_loop import LoopStats, instrumented_loop
+from stages.shared.kafka import Output, StopFlag, dead_letter, ensure_topics, where
 from stages.shared.metrics import Metrics, build_metrics
+from stages.shared.records import parse_prediction
 from stages.shared.schemas import InvalidMessage
-from stages.shared.settings import Settings
+from stages.shared.settings import Settings, StageName
+from stages.shared.topology import single_group
 
 logger = logging.getLogger(__name__)
 
-STAGE = "routing"
+STAGE: StageName = "routing"
 
 
 @dataclass
@@ -55,7 +50,7 @@ class RoutingStage:
         outputs: list[Output] = []
         for msg in msgs:
             try:
-                rec = parse_prediction(msg.value())
+                rec = parse_prediction(msg.value()).fields
             except InvalidMessage as err:
                 logger.warning("dead letter %s: %s", where(msg), err)
                 m.dlq.labels(STAGE, err.reason).inc()
@@ -89,20 +84,22 @@ class RoutingStage:
 def run(
     settings: Settings,
     stop: StopFlag,
-    max_idle_s: float | None = None,
     metrics: Metrics | None = None,
+    *,
+    max_idle_s: float | None = None,
 ) -> LoopStats:
     """Run the routing stage until ``stop`` is set."""
     stage = RoutingStage(settings, metrics or build_metrics())
     ensure_topics(settings.kafka, settings.topics)
     cfg = settings.routing
 
+    group_id, inputs = single_group(settings, STAGE)
     loop = instrumented_loop(
         settings,
         stage.metrics,
         stage=STAGE,
-        group_id=settings.topics.group(cfg.consumer_group),
-        input_topics=[settings.topics.name("predictions")],
+        group_id=group_id,
+        input_topics=list(inputs),
         handler=stage.handle,
         max_batch=cfg.max_batch,
         max_wait_ms=cfg.max_wait_ms,

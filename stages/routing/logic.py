@@ -1,38 +1,16 @@
-"""Pure routing rules: a prediction record -> exactly one decision and the reason for it."""
+"""Pure routing rules: a prediction record (stages/shared/records.py) -> exactly one decision
+and the reason for it."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from stages.shared.schemas import MAX_ID, Decision, InvalidMessage, json_object
+from stages.shared.schemas import Decision
 from stages.shared.settings import RoutingSettings
 
 # Error codes the prediction stage writes on a record it could not score.
 PREDICTION_ERRORS = frozenset({"features_unavailable"})
-
-
-def parse_prediction(raw: bytes | None) -> dict[str, Any]:
-    """Decode and check a prediction record.
-
-    Raises:
-        InvalidMessage: when the record cannot be routed at all (it goes to the DLQ).
-    """
-    rec = json_object(raw)
-    tid = rec.get("transaction_id")
-    if isinstance(tid, bool) or not isinstance(tid, int):
-        raise InvalidMessage("missing_field", "transaction_id")
-    if not 0 <= tid < MAX_ID:
-        raise InvalidMessage("out_of_range", f"transaction_id={tid}")
-    if "score" not in rec:
-        raise InvalidMessage("missing_field", "score")
-    # The event time becomes the decision's Kafka timestamp: an integer librdkafka accepts.
-    event_ms = rec.get("event_ms")
-    if event_ms is not None and (
-        isinstance(event_ms, bool) or not isinstance(event_ms, int) or not 0 < event_ms < MAX_ID
-    ):
-        raise InvalidMessage("out_of_range", f"event_ms={event_ms!r}")
-    return rec
 
 
 def decide(rec: dict[str, Any], cfg: RoutingSettings) -> tuple[Decision, str]:

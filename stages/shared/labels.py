@@ -41,6 +41,7 @@ import numpy as np
 
 from stages.shared.online import RawRedis, reply_error
 from stages.shared.online_cluster import cluster_unavailable, is_cluster_unavailable
+from stages.shared.records import Label
 from stages.shared.schemas import DAY_MS, LABEL_DELAY_DAYS, TERMINAL_FEATURES, WINDOWS_DAYS
 from stages.shared.settings import Settings
 
@@ -100,16 +101,6 @@ return out
 
 class LabelIndexError(RuntimeError):
     """The index answered something that is not what its scripts return."""
-
-
-@dataclass(frozen=True, slots=True)
-class Label:
-    """A transaction's ground truth as the ``labels`` topic carries it."""
-
-    transaction_id: int
-    terminal_id: int
-    tx_ms: int
-    is_fraud: int
 
 
 @dataclass(frozen=True, slots=True)

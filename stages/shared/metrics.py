@@ -7,7 +7,9 @@ durations; the stage is a label so one dashboard query covers all stages.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -64,6 +66,7 @@ class Metrics:
     label_wait: Histogram
     partition_stalled: Counter
     consumer_position: Gauge
+    assigned_partitions: Gauge
 
     def serve(self, host: str, port: int) -> None:
         """Expose ``/metrics`` on ``host:port`` (a daemon thread)."""
@@ -214,4 +217,36 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             ["stage", "topic", "partition"],
             registry=reg,
         ),
+        assigned_partitions=Gauge(
+            "rtpipe_assigned_partitions",
+            "Input partitions this process holds in its consumer group (readiness: a group "
+            "is serving when its members hold every partition of its inputs)",
+            ["stage", "group"],
+            registry=reg,
+        ),
     )
+
+
+class Assignment:
+    """The input partitions one consumer holds, kept from its rebalance callbacks (eager or
+    cooperative: a set, so a repeated or incremental callback counts right) and exported
+    as ``rtpipe_assigned_partitions``."""
+
+    def __init__(self, metrics: Metrics, stage: str, group: str, topics: Iterable[str]) -> None:
+        self._gauge = metrics.assigned_partitions.labels(stage, group)
+        self._topics = frozenset(topics)
+        self._held: set[tuple[str, int]] = set()
+        self._gauge.set(0)
+
+    def assigned(self, partitions: Iterable[Any]) -> None:
+        self._held |= {(p.topic, p.partition) for p in partitions if p.topic in self._topics}
+        self._gauge.set(len(self._held))
+
+    def revoked(self, partitions: Iterable[Any]) -> None:
+        self._held -= {(p.topic, p.partition) for p in partitions}
+        self._gauge.set(len(self._held))
+
+    def clear(self) -> None:
+        """The consumer is gone (closed, or replaced after a fatal error)."""
+        self._held.clear()
+        self._gauge.set(0)

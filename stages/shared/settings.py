@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     import redis
 
 StageName = Literal["enrichment", "prediction", "routing", "evaluation"]
-STAGES: tuple[StageName, ...] = ("enrichment", "prediction", "routing", "evaluation")
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -236,6 +235,12 @@ class EnrichmentSettings(BaseModel):
     # None accepts any future time.
     max_clock_skew_ms: int | None = Field(default=3_600_000, ge=0)
     state_dir: Path | None = None
+    # The customer app's loop turns every poll (milliseconds) even when idle; when it has
+    # not turned for this long outside state recovery, the stage starts again as a new
+    # process. Measured after a broker of three was killed: quixstreams' checkpoint commit
+    # blocked in librdkafka's send_offsets_to_transaction for good, holding its partitions
+    # and their RocksDB locks, so neither it nor the replica they moved to made progress.
+    loop_watchdog_s: float = Field(default=90.0, gt=0)
 
 
 class PredictionSettings(BaseModel):
@@ -440,25 +445,6 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
     for name in Settings.model_fields:
         put(f"RTPIPE_{name.upper()}", getattr(settings, name))
     return env
-
-
-def stage_groups(settings: Settings, stage: StageName) -> dict[str, tuple[str, ...]]:
-    """Each consumer group of a stage (full id) with its input topics (full names)."""
-    t = settings.topics
-
-    def names(*keys: str) -> tuple[str, ...]:
-        return tuple(t.name(k) for k in keys)
-
-    if stage == "enrichment":
-        return {
-            t.group(settings.enrichment.consumer_group): names("transactions"),
-            t.group(settings.enrichment.labels_consumer_group): names("labels"),
-        }
-    if stage == "prediction":
-        return {t.group(settings.prediction.consumer_group): names("enriched")}
-    if stage == "routing":
-        return {t.group(settings.routing.consumer_group): names("predictions")}
-    return {t.group(settings.evaluation.consumer_group): names("predictions", "labels")}
 
 
 def on_port_base(settings: Settings, base: int) -> Settings:

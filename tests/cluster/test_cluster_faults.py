@@ -22,11 +22,12 @@ import pandas as pd
 import pytest
 
 from infra import stack
-from stages.ops.demo import PIPELINE_STAGES, wait_until_ready
+from stages.ops.readiness import wait_until_ready
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import ensure_topics
 from stages.shared.schemas import MODEL_FEATURES
 from stages.shared.settings import Settings
+from stages.shared.topology import PIPELINE_STAGES
 from tests.cluster.conftest import CLUSTER_HOME, FULL
 from tests.cluster.pipeline import (
     Gap,

@@ -31,14 +31,13 @@ import pandas as pd
 import pytest
 from confluent_kafka import Producer
 
-from stages.enrichment.logic import parse_label
 from stages.ops.audit import audit, read_topic
 from stages.ops.demo import start_stages, stop_stages
 from stages.ops.replay import ReplayPlan, replay
 from stages.prediction.logic import decode_enriched
-from stages.routing.logic import parse_prediction
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import DLQ_REASON, DLQ_SOURCE, ensure_topics, producer_config
+from stages.shared.records import parse_label, parse_prediction
 from stages.shared.schemas import DAY_MS, MAX_ID, InvalidMessage, parse_transaction
 from stages.shared.settings import Settings
 from tests.support import isolated_settings, register_tiny_model

@@ -10,13 +10,8 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from stages.ops.audit import read_topic
-from stages.shared.kafka import (
-    Output,
-    StopFlag,
-    TransactionalBatchLoop,
-    ensure_topics,
-    producer_config,
-)
+from stages.shared.batch_loop import TransactionalBatchLoop
+from stages.shared.kafka import Output, StopFlag, ensure_topics, producer_config
 from stages.shared.settings import Settings
 
 pytestmark = pytest.mark.integration

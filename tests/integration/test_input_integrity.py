@@ -22,7 +22,8 @@ from confluent_kafka import Producer
 
 from stages.enrichment.intake import REKEYED_HEADER
 from stages.ops.audit import audit, read_topic
-from stages.ops.demo import start_stage, start_stages, stop_stages, wait_until_ready
+from stages.ops.demo import start_stage, start_stages, stop_stages
+from stages.ops.readiness import wait_until_ready
 from stages.ops.replay import ReplayPlan, replay
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import DLQ_REASON, ensure_topics

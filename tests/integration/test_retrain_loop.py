@@ -30,12 +30,12 @@ from confluent_kafka import Producer
 from stages.ops.audit import audit, read_topic
 from stages.ops.demo import start_stages, stop_stages
 from stages.ops.replay import ReplayPlan, replay
-from stages.retrain.app import retrain_topic
 from stages.retrain.logic import request_payload
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import ensure_topics, producer_config
 from stages.shared.schemas import MODEL_FEATURES
 from stages.shared.settings import Settings, settings_to_env
+from stages.shared.topology import retrain_requests_topic
 from tests.support import isolated_settings
 from training import registry
 from training.features import backfill_offline_store, compute_features
@@ -161,7 +161,7 @@ def test_retrain_request_ends_with_the_candidate_serving(
         t_request = time.time()
         # Labels are known for the events before A (A's own labels come 7 days later).
         producer.produce(
-            retrain_topic(settings),
+            retrain_requests_topic(settings),
             request_payload(
                 name, "drift", int(plan_a.start.value // 1_000_000), int(t_request * 1000)
             ),

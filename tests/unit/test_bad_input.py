@@ -37,9 +37,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from stages.enrichment.logic import parse_label
 from stages.prediction.logic import decode_enriched
-from stages.routing.logic import decide, parse_prediction
+from stages.routing.logic import decide
+from stages.shared.records import parse_label, parse_prediction
 from stages.shared.schemas import (
     MAX_AMOUNT,
     MAX_ID,
@@ -341,7 +341,7 @@ def prediction(tid: int, score: Any, **extra: Any) -> dict[str, Any]:
 def test_predictions_are_routed_or_dead_lettered(raw: bytes) -> None:
     cfg = RoutingSettings()
     try:
-        rec = parse_prediction(raw)
+        rec = parse_prediction(raw).fields
     except InvalidMessage as err:
         assert err.reason in REASONS
         return
@@ -382,5 +382,5 @@ def test_unroutable_predictions(rec: dict[str, Any], reason: str) -> None:
 
 @pytest.mark.parametrize("score", ["0.9", None, True, -0.1, 1.5, [0.5]])
 def test_untrustworthy_scores_go_to_review(score: Any) -> None:
-    rec = parse_prediction(dumps(prediction(7, score)))
+    rec = parse_prediction(dumps(prediction(7, score))).fields
     assert decide(rec, RoutingSettings()) == ("review", "model_error")

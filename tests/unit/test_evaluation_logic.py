@@ -15,7 +15,6 @@ from stages.evaluation.app import EvaluationStage
 from stages.evaluation.logic import (
     DriftWindow,
     JoinItem,
-    LabelRow,
     MemoryJoinStore,
     PredictionRow,
     calibration_bins,
@@ -24,14 +23,14 @@ from stages.evaluation.logic import (
     expected_calibration_error,
     label_half,
     online_metrics,
-    parse_label,
-    parse_prediction,
     precision_recall_at,
     prediction_half,
     retrain_request,
     retrain_triggers,
+    scored_prediction,
 )
 from stages.shared.metrics import build_metrics
+from stages.shared.records import Label, parse_label
 from stages.shared.schemas import InvalidMessage
 from stages.shared.settings import EvaluationSettings, RoutingSettings, Settings
 from training import registry
@@ -62,7 +61,7 @@ def p_item(tid: int, score: float) -> JoinItem:
 
 
 def l_item(tid: int, y: int) -> JoinItem:
-    return JoinItem("label", tid, label_half(LabelRow(tid, y)))
+    return JoinItem("label", tid, label_half(Label(tid, 0, 1, y)))
 
 
 # --- parsing ---------------------------------------------------------------------------------
@@ -76,7 +75,7 @@ def test_parse_prediction_keeps_score_version_and_features() -> None:
             "features": {"amount": 10, "terminal_risk_1d": None},
         }
     )
-    p = parse_prediction(raw)
+    p = scored_prediction(raw)
     assert (p.transaction_id, p.score, p.model_version, p.event_ms) == (7, 0.25, "v0002", 123)
     assert p.features["amount"] == 10.0
     assert math.isnan(p.features["terminal_risk_1d"])
@@ -94,12 +93,13 @@ def test_parse_prediction_keeps_score_version_and_features() -> None:
 )
 def test_parse_prediction_rejects(raw: bytes, reason: str) -> None:
     with pytest.raises(InvalidMessage) as exc:
-        parse_prediction(raw)
+        scored_prediction(raw)
     assert exc.value.reason == reason
 
 
 def test_parse_label() -> None:
-    assert parse_label(b'{"transaction_id": 3, "is_fraud": 1, "terminal_id": 2}') == LabelRow(3, 1)
+    raw = b'{"transaction_id": 3, "is_fraud": 1, "terminal_id": 2, "tx_ms": 5}'
+    assert parse_label(raw) == Label(3, 2, 5, 1)
     with pytest.raises(InvalidMessage):
         parse_label(b'{"transaction_id": 3, "is_fraud": 2}')
 

@@ -13,7 +13,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from stages.shared.settings import STAGES, Settings, stage_groups
+from stages.shared.settings import Settings
+from stages.shared.topology import STAGES, stage_groups
 
 K8S = Path(__file__).resolve().parents[2] / "infra" / "k8s"
 K8S_VERSION = "1.33.0"

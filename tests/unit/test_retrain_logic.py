@@ -16,9 +16,8 @@ from stages.evaluation.logic import (
     ShadowComparison,
     decode_window,
     label_half,
-    parse_label,
-    parse_prediction,
     prediction_half,
+    scored_prediction,
     shadow_comparisons,
 )
 from stages.retrain.logic import (
@@ -29,6 +28,7 @@ from stages.retrain.logic import (
     request_payload,
 )
 from stages.shared.metrics import build_metrics
+from stages.shared.records import parse_label
 from stages.shared.schemas import InvalidMessage
 from stages.shared.settings import RetrainSettings, Settings
 from training import registry
@@ -113,8 +113,10 @@ def test_shadow_comparison_uses_only_the_events_both_scored() -> None:
     cand = np.where(y, 0.6, 0.4) + rng.normal(0, 0.1, 400)  # informative
     entries = []
     for i in range(400):
-        p = parse_prediction(_prediction(i, float(champ[i]), float(cand[i]) if i < 300 else None))
-        lab = parse_label(orjson.dumps({"transaction_id": i, "is_fraud": int(y[i])}))
+        p = scored_prediction(_prediction(i, float(champ[i]), float(cand[i]) if i < 300 else None))
+        lab = parse_label(
+            orjson.dumps({"transaction_id": i, "terminal_id": 1, "tx_ms": 1, "is_fraud": int(y[i])})
+        )
         entries.append(f"{prediction_half(p)}|{label_half(lab)}")
     entries.append("0.5|v0001|1|0")  # an entry written before shadows existed
     window = decode_window(entries)

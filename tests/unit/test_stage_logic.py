@@ -11,7 +11,6 @@ from stages.enrichment.logic import (
     LateEvent,
     TerminalState,
     add_label,
-    parse_label,
     terminal_features,
     update_customer,
 )
@@ -22,7 +21,8 @@ from stages.prediction.logic import (
     point_in_time,
     request_features,
 )
-from stages.routing.logic import decide, parse_prediction
+from stages.routing.logic import decide
+from stages.shared.records import parse_label, parse_prediction
 from stages.shared.schemas import (
     DAY_MS,
     InvalidMessage,
@@ -203,7 +203,7 @@ def test_routing_decisions(rec: dict[str, object], expected: tuple[str, str]) ->
 
 
 def test_parse_prediction_requires_an_id_and_a_score() -> None:
-    assert parse_prediction(b'{"transaction_id": 1, "score": 0.5}')["score"] == 0.5
+    assert parse_prediction(b'{"transaction_id": 1, "score": 0.5}').score == 0.5
     for raw, reason in [
         (b"x", "not_json"),
         (b'{"score": 1}', "missing_field"),

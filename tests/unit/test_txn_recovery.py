@@ -1,4 +1,4 @@
-"""The batch loop's decision after a failed transactional call (stages/shared/kafka.py),
+"""The batch loop's decision after a failed transactional call (stages/shared/batch_loop.py),
 with librdkafka's own error objects. CI once hung here for four minutes: a commit that
 timed out while the broker restarted stays current in librdkafka, every abort after it
 fails with a retriable _CONFLICT, and the loop retried that abort forever."""
@@ -8,12 +8,7 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import KafkaError
 
-from stages.shared.kafka import (
-    TXN_RECOVERY_S,
-    _fatal,
-    replacement_error,
-    txn_failure_action,
-)
+from stages.shared.batch_loop import TXN_RECOVERY_S, _fatal, replacement_error, txn_failure_action
 
 
 def _err(code: int, **flags: bool) -> KafkaError:
