@@ -18,7 +18,9 @@ import pandas as pd
 
 from bench.report import interleaved, median
 from stages.shared.feast_store import open_feature_store
-from stages.shared.online import OnlineFeatureReader, OnlineFeatureWriter, OnlineLayout
+from stages.shared.online.layout import OnlineLayout
+from stages.shared.online.reader import OnlineFeatureReader
+from stages.shared.online.writer import OnlineFeatureWriter
 from stages.shared.schemas import CUSTOMER_FEATURES, CUSTOMER_VIEW, TERMINAL_FEATURES, TERMINAL_VIEW
 from stages.shared.settings import Settings
 

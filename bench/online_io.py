@@ -10,33 +10,24 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import statistics
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from bench.env import feast_project
 from bench.online import BASE_MS, fill
-from stages.shared.feast_store import apply_repo, open_feature_store
-from stages.shared.online import OnlineFeatureReader, OnlineFeatureWriter, OnlineLayout
+from stages.shared.feast_store import open_feature_store
+from stages.shared.online.layout import OnlineLayout
+from stages.shared.online.reader import OnlineFeatureReader
+from stages.shared.online.writer import OnlineFeatureWriter
 from stages.shared.schemas import CUSTOMER_FEATURES, CUSTOMER_VIEW
 from stages.shared.settings import RedisSettings, Settings
 
 logger = logging.getLogger(__name__)
-
-REPO_FILES = (
-    "entities.py",
-    "data_sources.py",
-    "feature_views.py",
-    "feature_services.py",
-    "feature_store.yaml",
-)
 
 
 def _median_rows_per_s(fn: Callable[[int], object], rows: int, repeats: int) -> float:
@@ -58,17 +49,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    src = Path(__file__).resolve().parent.parent / "feature_repo"
-    tmp = Path(tempfile.mkdtemp(prefix="rtpipe-bench-"))
-    for name in REPO_FILES:
-        shutil.copy(src / name, tmp / name)
-    project = f"bench{uuid.uuid4().hex[:8]}"
-    settings = Settings(
-        feature_repo=tmp, feast_project=project, redis=RedisSettings(port=args.redis_port)
-    )
-    client = settings.redis.client()
-    try:
-        apply_repo(settings)
+    base = Settings(redis=RedisSettings(port=args.redis_port))
+    with feast_project(base) as settings:
+        client = settings.redis.client()
         store = open_feature_store(settings)
         layout = OnlineLayout.from_store(store)
         writer = OnlineFeatureWriter(client, layout)
@@ -134,11 +117,6 @@ def main() -> None:
         }
         for name, rps in results.items():
             print(f"{name:45s} {rps:12,.0f} rows/s  ({b / rps * 1000:7.2f} ms / batch of {b})")
-    finally:
-        keys = list(client.scan_iter(match=b"*" + project.encode(), count=5000))
-        for lo in range(0, len(keys), 5000):
-            client.delete(*keys[lo : lo + 5000])
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from stages.shared.batch_loop import TransactionalBatchLoop
 from stages.shared.feast_store import open_feature_store
 from stages.shared.kafka import StopFlag, ensure_topics, producer_config
 from stages.shared.metrics import build_metrics
-from stages.shared.online import OnlineFeatureWriter, OnlineLayout
+from stages.shared.online.layout import OnlineLayout
+from stages.shared.online.writer import OnlineFeatureWriter
 from stages.shared.schemas import CUSTOMER_FEATURES, CUSTOMER_VIEW, TERMINAL_FEATURES, TERMINAL_VIEW
 from stages.shared.settings import Settings
 from training import registry

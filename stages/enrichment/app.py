@@ -75,9 +75,10 @@ from stages.shared.kafka import (
     ensure_topics,
     static_member_config,
 )
-from stages.shared.layout import online_layout
 from stages.shared.metrics import Assignment, Metrics, build_metrics
-from stages.shared.online import OnlineFeatureWriter, OnlineWriteError
+from stages.shared.online.errors import OnlineWriteError
+from stages.shared.online.layout import online_layout
+from stages.shared.online.writer import OnlineFeatureWriter
 from stages.shared.schemas import (
     CUSTOMER_VIEW,
     CUSTOMER_VIEWS,

@@ -135,7 +135,7 @@ class RedisJoinStore:
         (on every primary), the others are not applied twice."""
         from redis.exceptions import NoScriptError
 
-        from stages.shared.online_cluster import cluster_unavailable, is_cluster_unavailable
+        from stages.shared.online.cluster import cluster_unavailable, is_cluster_unavailable
 
         out: list[object] = [None] * len(calls)
         todo = list(range(len(calls)))

@@ -253,7 +253,7 @@ def check_online_features(
 
     from stages.shared.feast_store import open_feature_store
     from stages.shared.labels import LabelIndex
-    from stages.shared.online import OnlineFeatureReader
+    from stages.shared.online.reader import OnlineFeatureReader
     from stages.shared.schemas import (
         MODEL_FEATURES_V2,
         TERMINAL_FEATURES,

@@ -46,9 +46,10 @@ from stages.shared.batch_loop import LoopStats, RetryBatch, instrumented_loop
 from stages.shared.claims import TransactionClaims
 from stages.shared.kafka import Output, StopFlag, dead_letter, ensure_topics, where
 from stages.shared.labels import LabelIndex, exact_mask
-from stages.shared.layout import online_layout
 from stages.shared.metrics import Metrics, build_metrics
-from stages.shared.online import OnlineBatch, OnlineFeatureReader, OnlineLayout, RedisClient
+from stages.shared.online.layout import OnlineLayout, online_layout
+from stages.shared.online.reader import OnlineBatch, OnlineFeatureReader
+from stages.shared.online.transport import RedisClient
 from stages.shared.schemas import REQUEST_FEATURES, TERMINAL_FEATURES, TERMINAL_VIEW
 from stages.shared.settings import Settings, StageName
 from stages.shared.topology import single_group

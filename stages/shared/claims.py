@@ -22,11 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from stages.shared.online import RawRedis, reply_error
-
-
-def _bulk(b: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(b), b)
+from stages.shared.online.resp import reply_error
+from stages.shared.online.transport import transport_for
 
 
 class TransactionClaims:
@@ -39,10 +36,9 @@ class TransactionClaims:
     """
 
     def __init__(self, redis_client: Any, project: str, horizon_s: int) -> None:
-        self._client = redis_client
         self._prefix = b"{%s:tx}:" % project.encode()
         self._ttl = b"%d" % horizon_s
-        self._raw = RawRedis(redis_client) if RawRedis.supports(redis_client) else None
+        self._transport = transport_for(redis_client)
 
     def commands(self, ids: np.ndarray, fingerprints: list[int]) -> list[tuple[bytes, ...]]:
         """The claim commands, to send in another call's round trip; :meth:`conflicts`
@@ -76,26 +72,12 @@ class TransactionClaims:
         """
         keys = [self._prefix + b"%d" % i for i in np.asarray(ids).tolist()]
         values = [b"%d" % f for f in fingerprints]
-        if self._raw is not None:
-            tail = b"\r\n$2\r\nNX\r\n$3\r\nGET\r\n$2\r\nEX\r\n" + _bulk(self._ttl)
-            payload = b"".join(
-                b"*7\r\n$3\r\nSET\r\n" + _bulk(k) + b"$%d\r\n%s" % (len(v), v) + tail
+        replies = self._transport.execute(
+            [
+                (b"SET", k, v, b"NX", b"GET", b"EX", self._ttl)
                 for k, v in zip(keys, values, strict=True)
-            )
-            replies = self._raw.round_trip(payload, len(keys))
-            err = next((r for r in replies if isinstance(r, Exception)), None)
-            if err is not None:
-                raise reply_error(err)
-        else:
-            pipe = self._client.pipeline(transaction=False)
-            try:
-                for k, v in zip(keys, values, strict=True):
-                    # get=True: without it redis-py's SET callback turns the old value
-                    # into False, and every claim made again reads as a conflict.
-                    pipe.execute_command("SET", k, v, "NX", "GET", "EX", self._ttl, get=True)
-                replies = pipe.execute()
-            finally:
-                pipe.reset()
+            ]
+        )
         return np.fromiter(
             (r is not None and bytes(r) != v for r, v in zip(replies, values, strict=True)),
             dtype=bool,

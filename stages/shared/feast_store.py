@@ -184,9 +184,8 @@ def apply_repo(settings: Settings) -> None:
         # No registry yet: nothing to delete.
         pass
     store.apply(objects, objects_to_delete=stale, partial=not stale)
-    # The stages read this snapshot instead of importing Feast (stages/shared/layout.py).
-    from stages.shared.layout import write_snapshot
-    from stages.shared.online import OnlineLayout
+    # The stages read this snapshot instead of importing Feast (stages/shared/online/layout.py).
+    from stages.shared.online.layout import OnlineLayout, write_snapshot
 
     write_snapshot(settings, OnlineLayout.from_store(store))
     logger.info(

@@ -39,8 +39,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from stages.shared.online import RawRedis, reply_error
-from stages.shared.online_cluster import cluster_unavailable, is_cluster_unavailable
+from stages.shared.online.cluster import cluster_unavailable, is_cluster_unavailable
+from stages.shared.online.transport import transport_for
 from stages.shared.records import Label
 from stages.shared.schemas import DAY_MS, LABEL_DELAY_DAYS, TERMINAL_FEATURES, WINDOWS_DAYS
 from stages.shared.settings import Settings
@@ -109,14 +109,6 @@ class PartitionProgress:
 
     next_offset: int
     max_ts: int
-
-
-def _bulk(b: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(b), b)
-
-
-def _command(*args: bytes) -> bytes:
-    return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
 
 
 def window_bounds(event_ms: np.ndarray) -> np.ndarray:
@@ -191,7 +183,7 @@ class LabelIndex:
         self._project = project
         self._retention = b"%d" % retention_ms
         self.progress_key = f"{project}:lbl:progress:{labels_topic}".encode()
-        self._raw = RawRedis(redis_client) if RawRedis.supports(redis_client) else None
+        self._transport = transport_for(redis_client)
         self._sha: dict[str, str] = {}
         # Replies to the ``tail`` commands of the last terminal_features call.
         self.last_tail_replies: list[Any] = []
@@ -232,31 +224,11 @@ class LabelIndex:
         for attempt in (0, 1):
             sha = self._script(source).encode()
             try:
-                if self._raw is not None:
-                    payload = b"".join(
-                        _command(b"EVALSHA", sha, b"%d" % len(k), *k, *a) for k, a in calls
-                    )
-                    payload += b"".join(_command(*cmd) for cmd in tail)
-                    replies = self._raw.round_trip(payload, len(calls) + len(tail))
-                    err = next((r for r in replies if isinstance(r, Exception)), None)
-                    if err is not None:
-                        raise reply_error(err)
-                    return replies
-                pipe = self._client.pipeline(transaction=False)
-                try:
-                    for k, a in calls:
-                        # Not pipe.evalsha: a cluster pipeline refuses it, while EVALSHA as a
-                        # plain command is routed by its first key (one slot per terminal).
-                        pipe.execute_command("EVALSHA", sha.decode(), len(k), *k, *a)
-                    for name, *args in tail:
-                        # A cluster pipeline looks its command names up as str. get=True:
-                        # redis-py's SET callback would turn a SET ... GET reply (the old
-                        # value, e.g. a transaction claim's) into False.
-                        opts = {"get": True} if name == b"SET" and b"GET" in args else {}
-                        pipe.execute_command(name.decode(), *args, **opts)
-                    return list(pipe.execute())
-                finally:
-                    pipe.reset()
+                # EVALSHA as a plain command, not pipe.evalsha: a cluster pipeline refuses
+                # the latter, while the former is routed by its first key (one slot per
+                # terminal).
+                evals = [(b"EVALSHA", sha, b"%d" % len(k), *k, *a) for k, a in calls]
+                return self._transport.execute([*evals, *tail])
             except redis.ResponseError as exc:
                 if is_cluster_unavailable(exc):  # a failover: transient, retried by callers
                     raise cluster_unavailable(exc) from exc
@@ -344,7 +316,7 @@ class LabelIndex:
             args = [b"%d" % (e - s), *bound_bytes[s * (1 + w) : e * (1 + w)]]
             per_terminal.append((self.keys(term), args))
         calls: list[tuple[Sequence[bytes], Sequence[bytes]]]
-        if self._raw is not None and per_terminal:
+        if self._transport.kind == "raw" and per_terminal:
             # One server: one script call for every terminal of the batch.
             keys = [k for ks, _ in per_terminal for k in ks]
             args = [b"%d" % w, *(a for _, aa in per_terminal for a in aa)]

@@ -93,7 +93,7 @@ class RedisSettings(BaseModel):
 
         With ``cluster`` on it is a ``redis.cluster.RedisCluster`` (same commands, keys routed
         by hash slot); the online reader and writer batch per node over it
-        (``stages/shared/online_cluster.py``).
+        (``stages/shared/online/cluster.py``, ``transport.py``).
         """
         import redis as redis_py
 
@@ -235,12 +235,14 @@ class EnrichmentSettings(BaseModel):
     # None accepts any future time.
     max_clock_skew_ms: int | None = Field(default=3_600_000, ge=0)
     state_dir: Path | None = None
-    # The customer app's loop turns every poll (milliseconds) even when idle; when it has
-    # not turned for this long outside state recovery, the stage starts again as a new
-    # process. Measured after a broker of three was killed: quixstreams' checkpoint commit
-    # blocked in librdkafka's send_offsets_to_transaction for good, holding its partitions
-    # and their RocksDB locks, so neither it nor the replica they moved to made progress.
-    loop_watchdog_s: float = Field(default=90.0, gt=0)
+    # The customer app's loop turns every poll (milliseconds) even when idle, and nothing
+    # in it may block longer than its Kafka transaction may stay open (30 s; the Feast sink's
+    # retries stop at 20 s). When it has not turned for this long outside state recovery,
+    # the stage starts again as a new process. Measured after a broker of three was killed:
+    # quixstreams' checkpoint commit blocked in librdkafka's send_offsets_to_transaction for
+    # good, holding its partitions and their RocksDB locks, so neither it nor the replica
+    # they moved to made progress.
+    loop_watchdog_s: float = Field(default=40.0, gt=0)
 
 
 class PredictionSettings(BaseModel):

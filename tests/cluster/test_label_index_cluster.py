@@ -22,7 +22,7 @@ from stages.shared.labels import (
     LabelIndex,
     PartitionProgress,
 )
-from stages.shared.online import RawRedis
+from stages.shared.online.resp import RawRedis
 from stages.shared.schemas import DAY_MS, LABEL_DELAY_DAYS, TERMINAL_FEATURES, WINDOWS_DAYS
 from stages.shared.settings import Settings
 

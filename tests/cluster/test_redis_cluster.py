@@ -3,101 +3,38 @@ online store: same bytes, same answers, the newer row kept, one script call per 
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 from feast import FeatureStore
 
-from stages.shared.feast_store import apply_repo, open_feature_store, repo_config
-from stages.shared.online import OnlineFeatureReader, OnlineFeatureWriter, OnlineLayout
-from stages.shared.online_cluster import ClusterRawRedis
+from stages.shared.feast_store import repo_config
+from stages.shared.online.cluster import ClusterRawRedis
+from stages.shared.online.layout import OnlineLayout
+from stages.shared.online.reader import OnlineFeatureReader
+from stages.shared.online.writer import OnlineFeatureWriter
 from stages.shared.schemas import CUSTOMER_FEATURES, CUSTOMER_VIEW, TERMINAL_FEATURES, TERMINAL_VIEW
 from stages.shared.settings import Settings
+from tests.online_support import (
+    SERVICE,
+    T0_MS,
+    assert_batch_is_feasts,
+    feast_online,
+    feast_project,
+    random_frame,
+)
 
 pytestmark = pytest.mark.integration
-
-SERVICE = "fraud_model_v1"
-REPO_FILES = (
-    "entities.py",
-    "data_sources.py",
-    "feature_views.py",
-    "feature_services.py",
-    "feature_store.yaml",
-)
-T0_MS = 1_750_000_000_123
 
 
 @pytest.fixture
 def env(redis_cluster: Settings, tmp_path: Path) -> Iterator[tuple[Settings, FeatureStore, Any]]:
     """A private repo copy applied under a unique project; its keys dropped after."""
-    src = Path(__file__).resolve().parents[2] / "feature_repo"
-    repo = tmp_path / "feature_repo"
-    repo.mkdir()
-    for name in REPO_FILES:
-        shutil.copy(src / name, repo / name)
-    project = f"t{uuid.uuid4().hex[:12]}"
-    settings = redis_cluster.model_copy(update={"feature_repo": repo, "feast_project": project})
-    apply_repo(settings)
-    store = open_feature_store(settings)
-    client = settings.redis.client()
-    yield settings, store, client
-    for node in client.get_primaries():
-        conn = node.redis_connection
-        keys = list(conn.scan_iter(match=b"*" + project.encode(), count=1000))
-        if keys:
-            for key in keys:
-                conn.delete(key)
-    client.close()
-
-
-def frame(rng: np.random.Generator, view: str, ids: np.ndarray, ts_ms: np.ndarray) -> pd.DataFrame:
-    features = CUSTOMER_FEATURES if view == CUSTOMER_VIEW else TERMINAL_FEATURES
-    join_key = "customer_id" if view == CUSTOMER_VIEW else "terminal_id"
-    data: dict[str, object] = {join_key: ids.astype(np.int64)}
-    for name in features:
-        if "nb_tx" in name:
-            data[name] = rng.integers(0, 5000, len(ids)).astype(np.int64)
-        else:
-            col = rng.normal(50, 30, len(ids))
-            col[rng.random(len(ids)) < 0.1] = np.nan
-            data[name] = col
-    data["event_timestamp"] = pd.to_datetime(ts_ms, unit="ms", utc=True)
-    data["created_timestamp"] = data["event_timestamp"]
-    return pd.DataFrame(data)
-
-
-def feast_online(
-    store: FeatureStore, customers: np.ndarray, terminals: np.ndarray
-) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
-    response = store.get_online_features(
-        features=store.get_feature_service(SERVICE),
-        entity_rows=[
-            {"customer_id": int(c), "terminal_id": int(t)}
-            for c, t in zip(customers, terminals, strict=True)
-        ],
-        full_feature_names=True,
-    )
-    values: dict[str, list[float]] = {}
-    ts: dict[str, np.ndarray] = {}
-    names = list(response.proto.metadata.feature_names.val)
-    for name, vector in zip(names, response.proto.results, strict=True):
-        if "__" not in name:
-            continue
-        view, feature = name.split("__", 1)
-        values[feature] = [
-            float(getattr(v, v.WhichOneof("val"))) if v.WhichOneof("val") else np.nan
-            for v in vector.values
-        ]
-        ts[view] = np.array(
-            [t.seconds * 1000 + t.nanos // 1_000_000 for t in vector.event_timestamps]
-        )
-    return values, ts
+    with feast_project(redis_cluster, tmp_path) as project:
+        yield project.settings, project.store, project.client
 
 
 def evalsha_calls(client: Any) -> dict[str, int]:
@@ -126,8 +63,8 @@ def test_writer_then_reader_match_feast_on_the_cluster(
     writer = OnlineFeatureWriter(client, layout)
     customers_w = np.arange(0, 600, dtype=np.int64)
     terminals_w = np.arange(0, 300, dtype=np.int64)
-    cf = frame(rng, CUSTOMER_VIEW, customers_w, T0_MS + rng.integers(0, 10**9, 600))
-    tf = frame(rng, TERMINAL_VIEW, terminals_w, T0_MS + rng.integers(0, 10**9, 300))
+    cf = random_frame(rng, CUSTOMER_VIEW, customers_w, T0_MS + rng.integers(0, 10**9, 600))
+    tf = random_frame(rng, TERMINAL_VIEW, terminals_w, T0_MS + rng.integers(0, 10**9, 300))
     before = evalsha_calls(client)
     assert writer.write(
         CUSTOMER_VIEW,
@@ -153,13 +90,7 @@ def test_writer_then_reader_match_feast_on_the_cluster(
     batch = OnlineFeatureReader(client, store, SERVICE).read(
         {"customer_id": customers, "terminal_id": terminals}
     )
-    expected, expected_ts = feast_online(store, customers, terminals)
-    assert batch.feature_names == (*CUSTOMER_FEATURES, *TERMINAL_FEATURES)
-    for j, name in enumerate(batch.feature_names):
-        np.testing.assert_array_equal(batch.values[:, j], expected[name], err_msg=name)
-    for view in (CUSTOMER_VIEW, TERMINAL_VIEW):
-        np.testing.assert_array_equal(batch.event_ts_ms[view], expected_ts[view], err_msg=view)
-        np.testing.assert_array_equal(batch.found[view], expected_ts[view] > 0, err_msg=view)
+    assert_batch_is_feasts(batch, store, customers, terminals)
     # A handful of rows (the reader's scalar decoding path) agrees too.
     small = OnlineFeatureReader(client, store, SERVICE).read(
         {"customer_id": customers[:3], "terminal_id": terminals[:3]}
@@ -175,11 +106,11 @@ def test_rows_pushed_by_feast_are_read_and_newer_rows_are_kept(
     ids = np.arange(5_000, 6_200, dtype=np.int64)  # 1,200 rows: two calls on some primary
     # Feast's own cluster client writes a newer row for every 5th entity first.
     newer = ids[::5]
-    newer_frame = frame(rng, CUSTOMER_VIEW, newer, np.full(len(newer), T0_MS + 10**10))
+    newer_frame = random_frame(rng, CUSTOMER_VIEW, newer, np.full(len(newer), T0_MS + 10**10))
     store.push("customer_spending_push", newer_frame)
     writer = OnlineFeatureWriter(client, OnlineLayout.from_store(store))
     ts = T0_MS + rng.integers(0, 10**9, len(ids))
-    older = frame(rng, CUSTOMER_VIEW, ids, ts)
+    older = random_frame(rng, CUSTOMER_VIEW, ids, ts)
     written = writer.write(
         CUSTOMER_VIEW, ids, {f: older[f].to_numpy() for f in CUSTOMER_FEATURES}, ts
     )

@@ -6,10 +6,8 @@ own Feast project, so Redis keys (suffixed by the project) never collide across 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import redis
 import yaml
 
 from stages.shared.feast_store import apply_repo, materialize, open_feature_store
 from stages.shared.offline import OfflineSchemaError, read_offline, write_offline
-from stages.shared.online import OnlineFeatureReader
+from stages.shared.online.reader import OnlineFeatureReader
 from stages.shared.schemas import (
     BEHAVIOUR_FEATURES,
     BEHAVIOUR_VIEW,
@@ -35,44 +32,22 @@ from stages.shared.schemas import (
     service_features,
 )
 from stages.shared.settings import Settings
+from tests.online_support import drop_project_rows
+from tests.support import isolated_settings
 from training.features import backfill_offline_store
 from training.skew import check_skew
 
 pytestmark = pytest.mark.integration
 
-REPO_FILES = (
-    "entities.py",
-    "data_sources.py",
-    "feature_views.py",
-    "feature_services.py",
-    "feature_store.yaml",
-)
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
-
-
-def copy_repo(dest: Path) -> Path:
-    src = Path(__file__).resolve().parents[2] / "feature_repo"
-    dest.mkdir(parents=True)
-    for name in REPO_FILES:
-        shutil.copy(src / name, dest / name)
-    return dest
-
-
-def drop_project_keys(client: redis.Redis, project: str) -> None:
-    keys = list(client.scan_iter(match=b"*" + project.encode(), count=1000))
-    if keys:
-        client.delete(*keys)
 
 
 @pytest.fixture
 def feast_settings(stack_settings: Settings, tmp_path: Path) -> Iterator[Settings]:
     """Settings on a private repo copy and a unique Feast project."""
-    project = f"t{uuid.uuid4().hex[:12]}"
-    settings = stack_settings.model_copy(
-        update={"feature_repo": copy_repo(tmp_path / "feature_repo"), "feast_project": project}
-    )
+    settings = isolated_settings(stack_settings, tmp_path)
     yield settings
-    drop_project_keys(settings.redis.client(), project)
+    drop_project_rows(settings.redis.client(), settings.feast_project)
 
 
 def customer_rows(ids: list[int], ts: list[datetime], base: float, **extra: object) -> pd.DataFrame:
@@ -131,10 +106,10 @@ def test_apply_repo_registers_entities_views_and_service(feast_settings: Setting
 
 
 def test_feast_cli_apply_from_the_repo_folder(stack_settings: Settings, tmp_path: Path) -> None:
-    repo = copy_repo(tmp_path / "feature_repo")
-    project = f"t{uuid.uuid4().hex[:12]}"
+    settings = isolated_settings(stack_settings, tmp_path)
+    repo = settings.feature_repo
     config = yaml.safe_load((repo / "feature_store.yaml").read_text())
-    config["project"] = project
+    config["project"] = settings.feast_project
     config["online_store"]["connection_string"] = stack_settings.redis.feast_connection_string()
     (repo / "feature_store.yaml").write_text(yaml.safe_dump(config))
     feast = Path(sys.executable).with_name("feast")
@@ -142,9 +117,7 @@ def test_feast_cli_apply_from_the_repo_folder(stack_settings: Settings, tmp_path
         [str(feast), "apply"], cwd=repo, capture_output=True, text=True, timeout=180
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    store = open_feature_store(
-        stack_settings.model_copy(update={"feature_repo": repo, "feast_project": project})
-    )
+    store = open_feature_store(settings)
     assert {fv.name for fv in store.list_feature_views()} == {
         CUSTOMER_VIEW,
         TERMINAL_VIEW,

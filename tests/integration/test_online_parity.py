@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-from feast import FeatureStore
 
-from stages.shared.feast_store import apply_repo, open_feature_store
-from stages.shared.online import (
-    OnlineFeatureReader,
-    OnlineFeatureWriter,
-    OnlineLayout,
-    redis_keys,
-)
+from stages.shared.online.keys import redis_keys
+from stages.shared.online.layout import OnlineLayout
+from stages.shared.online.reader import OnlineFeatureReader
+from stages.shared.online.writer import OnlineFeatureWriter
 from stages.shared.schemas import (
     BEHAVIOUR_FEATURES,
     BEHAVIOUR_VIEW,
@@ -30,109 +22,33 @@ from stages.shared.schemas import (
     TERMINAL_VIEW,
 )
 from stages.shared.settings import Settings
+from tests.online_support import (
+    SERVICE,
+    T0_MS,
+    FeastProject,
+    assert_batch_is_feasts,
+    feast_online,
+    feast_project,
+    random_frame,
+)
 
 pytestmark = pytest.mark.integration
 
-SERVICE = "fraud_model_v1"
-REPO_FILES = (
-    "entities.py",
-    "data_sources.py",
-    "feature_views.py",
-    "feature_services.py",
-    "feature_store.yaml",
-)
-T0_MS = 1_750_000_000_123
-
-
-@dataclasses.dataclass
-class Env:
-    settings: Settings
-    store: FeatureStore
-    client: Any  # redis.Redis; its stubs type keys as str, Feast keys are bytes
-    layout: OnlineLayout
-
 
 @pytest.fixture
-def env(stack_settings: Settings, tmp_path: Path) -> Iterator[Env]:
+def env(stack_settings: Settings, tmp_path: Path) -> Iterator[FeastProject]:
     """A private repo copy, applied under a unique project; its Redis keys dropped after."""
-    src = Path(__file__).resolve().parents[2] / "feature_repo"
-    repo = tmp_path / "feature_repo"
-    repo.mkdir()
-    for name in REPO_FILES:
-        shutil.copy(src / name, repo / name)
-    project = f"t{uuid.uuid4().hex[:12]}"
-    settings = stack_settings.model_copy(update={"feature_repo": repo, "feast_project": project})
-    apply_repo(settings)
-    store = open_feature_store(settings)
-    client = settings.redis.client()
-    yield Env(settings, store, client, OnlineLayout.from_store(store))
-    keys = list(client.scan_iter(match=b"*" + project.encode(), count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with feast_project(stack_settings, tmp_path) as project:
+        yield project
 
 
-def random_frame(
-    rng: np.random.Generator, view: str, ids: np.ndarray, ts_ms: np.ndarray
-) -> pd.DataFrame:
-    features = CUSTOMER_FEATURES if view == CUSTOMER_VIEW else TERMINAL_FEATURES
-    join_key = "customer_id" if view == CUSTOMER_VIEW else "terminal_id"
-    n = len(ids)
-    data: dict[str, object] = {join_key: ids.astype(np.int64)}
-    for name in features:
-        if "nb_tx" in name:
-            data[name] = rng.integers(0, 5000, n).astype(np.int64)
-        else:
-            col = rng.normal(50, 30, n)
-            col[rng.random(n) < 0.1] = np.nan  # nulls are written as empty Values
-            data[name] = col
-    data["event_timestamp"] = pd.to_datetime(ts_ms, unit="ms", utc=True)
-    data["created_timestamp"] = data["event_timestamp"]
-    return pd.DataFrame(data)
-
-
-def feast_online(
-    store: FeatureStore, customers: np.ndarray, terminals: np.ndarray, service: str = SERVICE
-) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
-    """Feast's answer: values by feature name, and event-time ms by view."""
-    response = store.get_online_features(
-        features=store.get_feature_service(service),
-        entity_rows=[
-            {"customer_id": int(c), "terminal_id": int(t)}
-            for c, t in zip(customers, terminals, strict=True)
-        ],
-        full_feature_names=True,
-    )
-    values: dict[str, list[float]] = {}
-    ts: dict[str, np.ndarray] = {}
-    names = list(response.proto.metadata.feature_names.val)
-    for name, vector in zip(names, response.proto.results, strict=True):
-        if "__" not in name:
-            continue  # the join keys
-        view, feature = name.split("__", 1)
-        values[feature] = [
-            float(getattr(v, v.WhichOneof("val"))) if v.WhichOneof("val") else np.nan
-            for v in vector.values
-        ]
-        ts[view] = np.array(
-            [t.seconds * 1000 + t.nanos // 1_000_000 for t in vector.event_timestamps]
-        )
-    return values, ts
-
-
-def assert_same_as_feast(env: Env, customers: np.ndarray, terminals: np.ndarray) -> None:
+def assert_same_as_feast(env: FeastProject, customers: np.ndarray, terminals: np.ndarray) -> None:
     reader = OnlineFeatureReader(env.client, env.store, SERVICE)
     batch = reader.read({"customer_id": customers, "terminal_id": terminals})
-    expected, expected_ts = feast_online(env.store, customers, terminals)
-    assert batch.feature_names == (*CUSTOMER_FEATURES, *TERMINAL_FEATURES)
-    for j, name in enumerate(batch.feature_names):
-        np.testing.assert_array_equal(batch.values[:, j], expected[name], err_msg=name)
-    for view in (CUSTOMER_VIEW, TERMINAL_VIEW):
-        np.testing.assert_array_equal(batch.event_ts_ms[view], expected_ts[view], err_msg=view)
-        np.testing.assert_array_equal(batch.found[view], expected_ts[view] > 0, err_msg=view)
+    assert_batch_is_feasts(batch, env.store, customers, terminals)
 
 
-def test_reader_matches_feast_for_present_missing_and_partial_entities(env: Env) -> None:
+def test_reader_matches_feast_for_present_missing_and_partial_entities(env: FeastProject) -> None:
     rng = np.random.default_rng(7)
     customers_written = np.arange(0, 200, dtype=np.int64)
     terminals_written = np.arange(0, 100, dtype=np.int64)
@@ -153,7 +69,7 @@ def test_reader_matches_feast_for_present_missing_and_partial_entities(env: Env)
     assert_same_as_feast(env, np.array([250, 5]), np.array([150, 150]))
 
 
-def test_writer_output_is_what_feast_reads(env: Env) -> None:
+def test_writer_output_is_what_feast_reads(env: FeastProject) -> None:
     rng = np.random.default_rng(11)
     writer = OnlineFeatureWriter(env.client, env.layout)
     ids = np.arange(1000, 1300, dtype=np.int64)
@@ -170,7 +86,7 @@ def test_writer_output_is_what_feast_reads(env: Env) -> None:
     assert_same_as_feast(env, ids, ids)
 
 
-def test_v2_two_customer_views_in_one_hash_are_what_feast_reads(env: Env) -> None:
+def test_v2_two_customer_views_in_one_hash_are_what_feast_reads(env: FeastProject) -> None:
     # fraud_model_v2: the spending and behaviour views share each customer's Redis hash,
     # each with its own event time; some customers have only the spending row.
     rng = np.random.default_rng(13)
@@ -198,7 +114,7 @@ def test_v2_two_customer_views_in_one_hash_are_what_feast_reads(env: Env) -> Non
     np.testing.assert_array_equal(batch.values[::2, col], behaviour["customer_nb_terminals_7d"])
 
 
-def test_a_write_spanning_several_script_calls_is_what_feast_reads(env: Env) -> None:
+def test_a_write_spanning_several_script_calls_is_what_feast_reads(env: FeastProject) -> None:
     # 2,500 rows: three batched script calls (1,000 rows each at most) in one round trip,
     # with some entities already holding newer rows that must survive.
     rng = np.random.default_rng(12)
@@ -227,12 +143,12 @@ def test_a_write_spanning_several_script_calls_is_what_feast_reads(env: Env) -> 
     assert_same_as_feast(env, ids, ids)
 
 
-def test_clients_without_the_raw_path_write_and_read_the_same(env: Env) -> None:
+def test_clients_without_the_raw_path_write_and_read_the_same(env: FeastProject) -> None:
     # A RESP3 client is not served by the raw RESP path: one pipelined per-entity script
     # call and pipelined HMGETs, against the same Redis.
     resp3 = env.settings.redis.client(protocol=3)
     writer = OnlineFeatureWriter(resp3, env.layout)
-    assert writer._raw is None
+    assert writer._transport.kind == "pipeline"
     rng = np.random.default_rng(13)
     ids = np.arange(30_000, 30_200, dtype=np.int64)
     ts = T0_MS + rng.integers(0, 10**9, len(ids))
@@ -251,7 +167,7 @@ def test_clients_without_the_raw_path_write_and_read_the_same(env: Env) -> None:
     np.testing.assert_array_equal(batch.event_ts_ms[CUSTOMER_VIEW], ts)
 
 
-def test_writer_and_feast_push_write_identical_bytes(env: Env) -> None:
+def test_writer_and_feast_push_write_identical_bytes(env: FeastProject) -> None:
     rng = np.random.default_rng(3)
     ts = np.array([T0_MS, T0_MS + 1, T0_MS + 999], dtype=np.int64)
     frame = random_frame(rng, TERMINAL_VIEW, np.array([1, 2, 3]), ts)
@@ -270,7 +186,7 @@ def test_writer_and_feast_push_write_identical_bytes(env: Env) -> None:
         assert env.client.hgetall(fk) == env.client.hgetall(ok)
 
 
-def read_one(env: Env, customer: int) -> tuple[np.ndarray, int]:
+def read_one(env: FeastProject, customer: int) -> tuple[np.ndarray, int]:
     reader = OnlineFeatureReader(env.client, env.layout, SERVICE)
     batch = reader.read({"customer_id": np.array([customer]), "terminal_id": np.array([0])})
     return batch.values[0, : len(CUSTOMER_FEATURES)], int(batch.event_ts_ms[CUSTOMER_VIEW][0])
@@ -280,7 +196,7 @@ def const_values(value: float, n: int = 1) -> dict[str, np.ndarray]:
     return {f: np.full(n, value) for f in CUSTOMER_FEATURES}
 
 
-def test_older_never_overwrites_newer_and_replays_are_noops(env: Env) -> None:
+def test_older_never_overwrites_newer_and_replays_are_noops(env: FeastProject) -> None:
     writer = OnlineFeatureWriter(env.client, env.layout)
     one = np.array([42])
     assert writer.write(CUSTOMER_VIEW, one, const_values(2.0), np.array([T0_MS + 10])) == 1
@@ -306,7 +222,7 @@ def test_older_never_overwrites_newer_and_replays_are_noops(env: Env) -> None:
     assert read_one(env, 42)[1] == T0_MS + 20
 
 
-def test_newest_row_per_entity_wins_within_a_call(env: Env) -> None:
+def test_newest_row_per_entity_wins_within_a_call(env: FeastProject) -> None:
     writer = OnlineFeatureWriter(env.client, env.layout)
     ids = np.array([7, 7, 8, 7, 8, 8])
     ts = np.array([5, 30, 10, 20, 10, 9]) + T0_MS
@@ -319,7 +235,7 @@ def test_newest_row_per_entity_wins_within_a_call(env: Env) -> None:
     assert read_one(env, 8)[0].tolist() == [3.0] * 6
 
 
-def test_ttl_matches_feast_key_ttl_seconds(env: Env) -> None:
+def test_ttl_matches_feast_key_ttl_seconds(env: FeastProject) -> None:
     env.store.config.online_store.key_ttl_seconds = 3600
     layout = OnlineLayout.from_store(env.store)
     assert layout.key_ttl_seconds == 3600
@@ -341,7 +257,7 @@ def test_ttl_matches_feast_key_ttl_seconds(env: Env) -> None:
     assert env.client.ttl(plain) == -1
 
 
-def test_writer_reloads_script_after_script_flush(env: Env) -> None:
+def test_writer_reloads_script_after_script_flush(env: FeastProject) -> None:
     writer = OnlineFeatureWriter(env.client, env.layout)
     assert writer.write(CUSTOMER_VIEW, np.array([1]), const_values(1.0), np.array([T0_MS])) == 1
     env.client.script_flush()

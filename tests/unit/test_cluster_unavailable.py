@@ -10,7 +10,7 @@ import pytest
 import redis
 from redis.exceptions import ClusterDownError, MasterDownError, ResponseError, TryAgainError
 
-from stages.shared.online_cluster import cluster_unavailable, is_cluster_unavailable
+from stages.shared.online.cluster import cluster_unavailable, is_cluster_unavailable
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The vectorised decoders and the raw RESP builder of stages/shared/online.py against the
+"""The vectorised decoders and the raw RESP builder of stages/shared/online/ against the
 scalar decoders, Feast's protobufs and redis-py's own command packer."""
 
 from __future__ import annotations
@@ -10,18 +10,16 @@ import pytest
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from redis.connection import Connection
 
-from stages.shared.online import (
-    FeatureLayoutError,
+from stages.shared.online.codec import (
     decode_column,
     decode_timestamp_ms,
     decode_timestamps_ms,
     decode_value,
     encode_timestamp_ms,
-    entity_key_prefix,
-    redis_keys,
-    resp_command,
-    resp_fixed_width_commands,
 )
+from stages.shared.online.errors import FeatureLayoutError
+from stages.shared.online.keys import entity_key_prefix, redis_keys
+from stages.shared.online.resp import resp_command, resp_fixed_width_commands
 
 
 def _random_value(rng: random.Random, kinds: str) -> bytes | None:

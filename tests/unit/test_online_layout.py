@@ -15,21 +15,17 @@ from feast.type_map import python_values_to_proto_values
 from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from stages.shared.online import (
-    FeatureLayoutError,
-    OnlineFeatureReader,
-    OnlineLayout,
-    ViewLayout,
+from stages.shared.online.codec import (
     decode_column,
     decode_timestamp_ms,
     decode_value,
     encode_column,
     encode_timestamp_ms,
-    entity_key_prefix,
-    field_key,
-    redis_keys,
-    ts_field,
 )
+from stages.shared.online.errors import FeatureLayoutError
+from stages.shared.online.keys import entity_key_prefix, field_key, redis_keys, ts_field
+from stages.shared.online.layout import OnlineLayout, ViewLayout
+from stages.shared.online.reader import OnlineFeatureReader
 from stages.shared.schemas import CUSTOMER_FEATURES, CUSTOMER_VIEW, TERMINAL_FEATURES, TERMINAL_VIEW
 
 IDS = np.array([0, 1, 127, 128, 2**31, 2**53 - 1, -1, -(2**63), 2**63 - 1], dtype=np.int64)
@@ -270,7 +266,7 @@ def test_raw_error_replies_become_redis_py_exceptions() -> None:
     # ConnectionError the stages back off from (as redis-py's own parser raises it).
     import redis
 
-    from stages.shared.online import reply_error
+    from stages.shared.online.resp import reply_error
 
     loading = reply_error(Exception("LOADING Redis is loading the dataset in memory"))
     assert isinstance(loading, redis.ConnectionError)

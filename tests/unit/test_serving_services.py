@@ -14,7 +14,7 @@ from stages.prediction.app import model_check, union_service
 from stages.prediction.logic import assemble_matrix
 from stages.prediction.models import ModelHolder, ServingModel, UnservableModelError
 from stages.shared.metrics import build_metrics
-from stages.shared.online import OnlineLayout, ViewLayout
+from stages.shared.online.layout import OnlineLayout, ViewLayout
 from stages.shared.schemas import (
     BEHAVIOUR_FEATURES,
     BEHAVIOUR_VIEW,
