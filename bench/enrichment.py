@@ -6,32 +6,21 @@ draining the same number of pre-filled transactions on fresh topics.
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
-import sys
 import time
 import uuid
-from dataclasses import dataclass
 
 import orjson
 import pandas as pd
 from confluent_kafka import Consumer
 
-from bench.report import median
-from stages.ops.demo import clear_online_store, start_stages, stop_stages
+from bench.results import Versus, median
+from stages.ops.harness.processes import start_process, start_stages, stop_stages
+from stages.ops.harness.sandbox import clear_online_store
 from stages.ops.replay import ReplayPlan, replay
 from stages.shared.kafka import ensure_topics
-from stages.shared.settings import Settings, settings_to_env
+from stages.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EnrichmentResults:
-    windows_eps: float
-    no_windows_eps: float
-    events: int
-    trials: int
 
 
 def _drain_rate(settings: Settings, expected: int, timeout_s: float = 180.0) -> float:
@@ -61,39 +50,7 @@ def _drain_rate(settings: Settings, expected: int, timeout_s: float = 180.0) -> 
     return len(stamps) / span if span > 0 else float("nan")
 
 
-def _start_nowindow(settings: Settings) -> subprocess.Popen[bytes]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RTPIPE_")}
-    resolved = settings.model_copy(
-        update={"home": settings.home.resolve(), "feature_repo": settings.feature_repo.resolve()}
-    )
-    env.update(settings_to_env(resolved))
-    log = settings.run_dir / "stages" / f"{settings.topics.prefix}nowindow.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "bench.enrich_nowindow"],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def run(
-    settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool
-) -> EnrichmentResults:
+def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) -> Versus:
     n = 3_000 if quick else 10_000
     trials = 1 if quick else 2
     times = tx.loc[tx["tx_datetime"] >= start, "tx_datetime"].sort_values()
@@ -117,14 +74,14 @@ def run(
                 finally:
                     stop_stages(procs)
             else:
-                proc = _start_nowindow(s)
+                proc = start_process(s, "nowindow", ("bench.enrich_nowindow",))
                 try:
                     without.append(_drain_rate(s, result.transactions))
                 finally:
-                    _stop(proc)
+                    stop_stages([proc])
             logger.info(
                 "enrichment %s: %.0f events/s",
                 variant,
                 (with_w if variant == "windows" else without)[-1],
             )
-    return EnrichmentResults(median(with_w), median(without), n, trials)
+    return Versus(median(with_w), median(without), n, n, trials)

@@ -1,5 +1,5 @@
-"""The benchmark's own world: its stack (ports and home apart from a demo or the tests), an
-isolated Feast project on a copy of the feature repo, a simulated data set and a small model.
+"""The benchmark's own world: its stack (ports and home apart from a demo or the tests), a
+simulated data set and a small model (its Feast project: ``stages.ops.harness.sandbox``).
 
 Nothing here is imported by the stages; nothing happens at import time.
 """
@@ -7,19 +7,16 @@ Nothing here is imported by the stages; nothing happens at import time.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightgbm as lgb
 import numpy as np
 import pandas as pd
-import redis
 
+from stages.ops.harness import sandbox
 from stages.shared.schemas import MODEL_FEATURES
 from stages.shared.settings import Settings, TopicSettings, on_port_base
 
@@ -33,8 +30,11 @@ PORT_BASE = 27000
 
 
 def bench_settings(base: Settings, port_base: int = PORT_BASE) -> Settings:
-    """``base`` moved onto the bench stack's own ports and home (``.rtpipe/bench``)."""
-    return on_port_base(base, port_base).model_copy(update={"home": REPO / ".rtpipe" / "bench"})
+    """``base`` moved onto the bench stack's own ports and home (``.rtpipe/bench``), with
+    this checkout's feature repo (the bench's Feast project is a copy of it)."""
+    return on_port_base(base, port_base).model_copy(
+        update={"home": REPO / ".rtpipe" / "bench", "feature_repo": REPO / "feature_repo"}
+    )
 
 
 def with_prefix(settings: Settings, name: str) -> Settings:
@@ -54,34 +54,6 @@ def bench_stack(settings: Settings) -> Iterator[list[str]]:
     finally:
         if started:
             stack.down(settings, only=started)
-
-
-@contextmanager
-def feast_project(settings: Settings) -> Iterator[Settings]:
-    """A copy of the feature repo in a temp folder under a unique project, applied; the
-    project's online rows are deleted at the end."""
-    from stages.shared.feast_store import apply_repo
-
-    tmp = Path(tempfile.mkdtemp(prefix="rtpipe-bench-"))
-    repo = tmp / "feature_repo"
-    repo.mkdir()
-    for f in (REPO / "feature_repo").iterdir():
-        if f.is_file():
-            shutil.copy(f, repo / f.name)
-    project = f"bench{uuid.uuid4().hex[:8]}"
-    out = settings.model_copy(update={"feature_repo": repo, "feast_project": project})
-    try:
-        apply_repo(out)
-        yield out
-    finally:
-        try:
-            client = out.redis.client()
-            keys = list(client.scan_iter(match=b"*" + project.encode(), count=10_000))
-            for lo in range(0, len(keys), 10_000):
-                client.unlink(*keys[lo : lo + 10_000])
-        except redis.RedisError as exc:
-            logger.warning("could not clear bench project %s: %s", project, exc)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -110,22 +82,8 @@ def register_model(settings: Settings, tx: pd.DataFrame, num_trees: int = 100) -
     31 leaves) on random features and register and promote it. Quality is irrelevant: the
     benchmark only needs a real, verified registry version costing what a real model costs.
     """
-    from training import registry
-
     rng = np.random.default_rng(0)
     n = min(len(tx), 20_000)
     x = rng.random((n, len(MODEL_FEATURES)))
     y = (x[:, 0] + 0.3 * rng.random(n) > 0.9).astype(np.float64)
-    booster = lgb.train(
-        {"objective": "binary", "num_leaves": 31, "verbose": -1, "seed": 0},
-        lgb.Dataset(x, label=y, feature_name=list(MODEL_FEATURES)),
-        num_boost_round=num_trees,
-    )
-    mv = registry.register(
-        settings.registry_dir,
-        settings.prediction.model_name,
-        booster.model_to_string(),
-        {"features": list(MODEL_FEATURES), "feature_service": settings.prediction.feature_service},
-    )
-    registry.promote(settings.registry_dir, settings.prediction.model_name, mv.version)
-    return mv.version
+    return sandbox.register_model(settings, x, y, num_leaves=31, num_trees=num_trees)

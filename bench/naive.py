@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer
 
 from stages.shared.kafka import producer_config
 from stages.shared.schemas import REQUEST_FEATURES, is_night, is_weekend
@@ -103,25 +103,54 @@ def run_naive(
     )
     producer = Producer(producer_config(settings.kafka))
     consumer.subscribe([in_topic])
+
+    def fetch() -> list[Message]:
+        msg = consumer.poll(1.0)
+        return [] if msg is None else [msg]
+
+    def forward(msg: Message) -> None:
+        key, value = scorer.score(msg.value())
+        producer.produce(out_topic, key=key, value=value)
+
+    return pump(consumer, producer, limit, 30.0, fetch, forward, "naive consumer")
+
+
+def pump(
+    consumer: Consumer,
+    producer: Producer,
+    limit: int,
+    idle_s: float,
+    fetch: Callable[[], list[Message]],
+    forward: Callable[[Message], None],
+    name: str,
+) -> tuple[int, float]:
+    """A bare consume-produce loop: ``forward`` each message ``fetch`` returns until
+    ``limit`` are done or none came for ``idle_s``; flush, close the consumer.
+
+    Returns:
+        (messages forwarded, seconds from the first message received to the flush).
+    """
     done = 0
     started: float | None = None
     idle_since = time.monotonic()
     try:
-        while done < limit and time.monotonic() - idle_since < 30:
-            msg = consumer.poll(1.0)
-            if msg is None:
+        while done < limit and time.monotonic() - idle_since < idle_s:
+            msgs = fetch()
+            if not msgs:
                 continue
-            if msg.error():
-                logger.warning("naive consumer error: %s", msg.error())
-                continue
+            idle_since = time.monotonic()
             if started is None:
                 started = time.perf_counter()
-            idle_since = time.monotonic()
-            key, value = scorer.score(msg.value())
-            producer.produce(out_topic, key=key, value=value)
+            for msg in msgs:
+                err = msg.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        logger.warning("%s: %s", name, err)
+                    continue
+                forward(msg)
+                done += 1
             producer.poll(0)
-            done += 1
-        producer.flush(30)
+        producer.flush(60)
     finally:
         consumer.close()
     return done, (time.perf_counter() - started) if started is not None else 0.0

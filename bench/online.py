@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.report import interleaved, median
+from bench.results import interleaved, median
 from stages.shared.feast_store import open_feature_store
 from stages.shared.online.layout import OnlineLayout
 from stages.shared.online.reader import OnlineFeatureReader

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.env import feast_project
 from bench.online import BASE_MS, fill
+from stages.ops.harness.sandbox import feast_project
 from stages.shared.feast_store import open_feature_store
 from stages.shared.online.layout import OnlineLayout
 from stages.shared.online.reader import OnlineFeatureReader

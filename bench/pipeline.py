@@ -6,21 +6,20 @@ rates, with where the time goes (per-stage timestamps on every decision).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import Consumer, Message, Producer
 
-from stages.ops.demo import start_stages, stop_stages
+from bench.naive import pump
+from stages.ops.harness.processes import exited, start_stages, stop_stages
 from stages.ops.latency import (
     HOPS,
     TOTAL,
     DecisionCollector,
     Decisions,
     decision_stats,
-    ids_in,
     plans,
 )
 from stages.ops.replay import ReplayPlan, replay, replay_producer
@@ -31,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 # The fixed low rate of the latency phases (events/s).
 LOW_RATE = 200.0
-# Re-exported for bench.report and the tests.
+# Re-exported for bench.results and the tests.
 __all__ = [
     "HOPS",
     "LOW_RATE",
@@ -39,7 +38,6 @@ __all__ = [
     "DecisionCollector",
     "Decisions",
     "decision_stats",
-    "ids_in",
     "plans",
 ]
 
@@ -66,34 +64,19 @@ def passthrough(settings: Settings, n: int) -> float:
     producer.flush(60)
     consumer = Consumer(consumer_config(settings.kafka, settings.topics.group("passthrough")))
     consumer.subscribe([src])
-    done = 0
-    started: float | None = None
-    idle = time.monotonic()
-    try:
-        while done < n and time.monotonic() - idle < 20:
-            msgs = consumer.consume(1_000, 0.1)
-            if not msgs:
-                continue
-            idle = time.monotonic()
-            if started is None:
-                started = time.perf_counter()
-            for m in msgs:
-                if m.error() is not None:
-                    if m.error().code() != KafkaError._PARTITION_EOF:
-                        logger.warning("passthrough: %s", m.error())
-                    continue
-                while True:
-                    try:
-                        producer.produce(dst, key=m.key(), value=m.value())
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
-                done += 1
-            producer.poll(0)
-        producer.flush(60)
-    finally:
-        consumer.close()
-    return done / (time.perf_counter() - started) if started else float("nan")
+
+    def forward(m: Message) -> None:
+        while True:
+            try:
+                producer.produce(dst, key=m.key(), value=m.value())
+                return
+            except BufferError:
+                producer.poll(0.05)
+
+    done, seconds = pump(
+        consumer, producer, n, 20.0, lambda: consumer.consume(1_000, 0.1), forward, "passthrough"
+    )
+    return done / seconds if seconds else float("nan")
 
 
 @dataclass(frozen=True)
@@ -125,10 +108,10 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
     try:
 
         def run_phase(name: str, plan: ReplayPlan, rate: float | None) -> Phase:
-            ids = ids_in(tx, plan)
+            ids = plan.transaction_ids(tx)
             result = replay(settings, tx, plan, rate=rate, producer=producer)
             collector.wait_for(ids, timeout_s=180)
-            dead = [sp.name for sp in procs if sp.proc.poll() is not None]
+            dead = exited(procs)
             if dead:
                 raise RuntimeError(f"stage(s) died during the bench: {dead}; see {procs[0].log}")
             stats = collector.stats_of(ids)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import orjson
@@ -14,7 +13,7 @@ import pandas as pd
 from confluent_kafka import Producer
 
 from bench.naive import NaiveScorer, run_naive
-from bench.report import median
+from bench.results import Versus, median
 from stages.prediction.app import build_stage
 from stages.shared.batch_loop import TransactionalBatchLoop
 from stages.shared.feast_store import open_feature_store
@@ -27,15 +26,6 @@ from stages.shared.settings import Settings
 from training import registry
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PredictionResults:
-    ours_eps: float
-    naive_eps: float
-    ours_events: int
-    naive_events: int
-    trials: int
 
 
 def _ms(tx: pd.DataFrame) -> np.ndarray:
@@ -141,7 +131,7 @@ def naive_scorer(settings: Settings) -> NaiveScorer:
     )
 
 
-def run(settings: Settings, tx: pd.DataFrame, quick: bool) -> PredictionResults:
+def run(settings: Settings, tx: pd.DataFrame, quick: bool) -> Versus:
     """Pre-fill once; run ours and the naive consumer alternately, fresh groups each trial."""
     n_ours = min(len(tx), 5_000 if quick else 30_000)
     n_naive = 200 if quick else 1_000
@@ -166,4 +156,4 @@ def run(settings: Settings, tx: pd.DataFrame, quick: bool) -> PredictionResults:
         n, s = run_naive(trial, scorer, in_topic, trial.topics.name("predictions"), n_naive)
         naive.append(n / s if s else float("nan"))
         logger.info("prediction naive: %d events in %.2fs = %.1f/s", n, s, naive[-1])
-    return PredictionResults(median(ours), median(naive), n_ours, n_naive, trials)
+    return Versus(median(ours), median(naive), n_ours, n_naive, trials)

@@ -7,6 +7,7 @@ Makefile's ``stack-down`` does, so it works before the package is installed).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -70,9 +71,15 @@ def _settings(brokers: int | None = None, redis_cluster: bool | None = None) -> 
     return settings.model_copy(update={"stack": settings.stack.model_copy(update=update)})
 
 
-def _fail(exc: stack.StackError) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code=1)
+def _act(action: Callable[[], list[str]], done: str, nothing: str) -> None:
+    """Run a stack action and say which components it acted on (``done: a, b``, or
+    ``nothing``); a StackError is the command's error (exit 1)."""
+    try:
+        names = action()
+    except stack.StackError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+    typer.echo(f"{done}: {', '.join(names)}" if names else nothing)
 
 
 @stack_app.command()
@@ -83,11 +90,11 @@ def up(
 ) -> None:
     """Start the components that are not already healthy and wait until they are."""
     settings = _settings(brokers, redis_cluster)
-    try:
-        started = stack.up(settings, components=_components(only))
-    except stack.StackError as exc:
-        raise _fail(exc) from exc
-    typer.echo(f"started: {', '.join(started)}" if started else "already running: nothing started")
+    _act(
+        lambda: stack.up(settings, components=_components(only)),
+        "started",
+        "already running: nothing started",
+    )
 
 
 @stack_app.command()
@@ -95,11 +102,7 @@ def down(only: OnlyOption = None) -> None:
     """Stop the components this run dir started, every cluster node included (never a
     process it does not own)."""
     settings = Settings()
-    try:
-        stopped = stack.down(settings, only=_components(only))
-    except stack.StackError as exc:
-        raise _fail(exc) from exc
-    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
+    _act(lambda: stack.down(settings, only=_components(only)), "stopped", "nothing to stop")
 
 
 @stack_app.command()

@@ -39,10 +39,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal, cast, get_args
+from typing import TYPE_CHECKING, Literal, cast, get_args
 
 from stages.shared.settings import Settings
 from stages.shared.topology import STAGES
+
+if TYPE_CHECKING:
+    import redis
 
 logger = logging.getLogger(__name__)
 
@@ -361,16 +364,14 @@ def _kafka_healthy(settings: Settings) -> bool:
     return bool(meta.brokers) and meta.controller_id is not None and meta.controller_id >= 0
 
 
-def _redis_healthy(settings: Settings) -> bool:
-    port = settings.stack.redis_port
-    if not _port_open(port):
-        return False
+def _redis_probe(settings: Settings, port: int) -> redis.Redis:
+    """A client of the local node on ``port`` for one health question (2 s timeouts)."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
     password = settings.redis.password.get_secret_value() if settings.redis.password else None
-    client = redis.Redis(
+    return redis.Redis(
         host="127.0.0.1",
         port=port,
         password=password,
@@ -379,6 +380,15 @@ def _redis_healthy(settings: Settings) -> bool:
         # A probe answers once: redis-py's default retries turn one timeout into twelve seconds.
         retry=Retry(NoBackoff(), 0),
     )
+
+
+def _redis_healthy(settings: Settings) -> bool:
+    port = settings.stack.redis_port
+    if not _port_open(port):
+        return False
+    import redis
+
+    client = _redis_probe(settings, port)
     try:
         return bool(client.ping())
     except redis.RedisError:
@@ -740,6 +750,11 @@ class RedisNode:
         return f"redis-{self.port}"
 
     @property
+    def bus_port(self) -> int:
+        """The cluster bus (node-to-node) port."""
+        return self.port + 100
+
+    @property
     def log(self) -> Path:
         return self.dir.parent / f"{self.name}.log"
 
@@ -839,18 +854,8 @@ def _cluster_info(settings: Settings, port: int) -> dict[str, str]:
     if not _port_open(port):
         return {}
     import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
 
-    password = settings.redis.password.get_secret_value() if settings.redis.password else None
-    client = redis.Redis(
-        host="127.0.0.1",
-        port=port,
-        password=password,
-        socket_timeout=2,
-        socket_connect_timeout=2,
-        retry=Retry(NoBackoff(), 0),
-    )
+    client = _redis_probe(settings, port)
     try:
         raw = client.execute_command("CLUSTER", "INFO")
     except redis.RedisError:
@@ -929,6 +934,11 @@ def _start_redis_node(settings: Settings, node: RedisNode) -> int:
         "yes",
         "--cluster-config-file",
         "nodes.conf",
+        # The bus port defaults to port + 10000: 40701 for the test stack's first node, in
+        # Linux's ephemeral range (32768-60999), where a client's outgoing connection took it
+        # once and the node could not start. Next to the node instead.
+        "--cluster-port",
+        str(node.bus_port),
         "--cluster-node-timeout",
         "5000",
         "--appendonly",

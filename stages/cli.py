@@ -78,7 +78,7 @@ def simulate(
 @app.command()
 def backfill() -> None:
     """Compute every feature in batch from the raw data; replace Feast's offline store."""
-    from stages.ops.demo import backfill as run_backfill
+    from stages.ops.offline import backfill as run_backfill
     from training.simulate import read_dataset
 
     settings = _settings()
@@ -329,7 +329,7 @@ def check_skew_cmd(
 ) -> None:
     """Recompute every feature from the raw data and compare with what was served online
     (prediction records) and what Feast's point-in-time join returns."""
-    from stages.ops.demo import skew_check
+    from stages.ops.offline import skew_check
 
     settings = _settings()
     if prefix:

@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 from feast import FeatureStore
 
+from stages.ops.harness.sandbox import clear_online_store, isolated_settings
 from stages.shared.feast_store import apply_repo, open_feature_store
 from stages.shared.online.layout import OnlineLayout
 from stages.shared.online.reader import OnlineBatch
 from stages.shared.schemas import CUSTOMER_FEATURES, CUSTOMER_VIEW, TERMINAL_FEATURES, TERMINAL_VIEW
 from stages.shared.settings import Settings
-from tests.support import isolated_settings
 
 SERVICE = "fraud_model_v1"
 T0_MS = 1_750_000_000_123
@@ -33,21 +33,6 @@ class FeastProject:
     layout: OnlineLayout
 
 
-def drop_project_rows(client: Any, project: str) -> None:
-    """Delete a project's online rows (their keys end with the project), on every primary
-    of a cluster; one key per command there, as a node refuses keys of several slots."""
-    pattern = b"*" + project.encode()
-    if hasattr(client, "get_primaries"):
-        for node in client.get_primaries():
-            conn = node.redis_connection
-            for key in list(conn.scan_iter(match=pattern, count=1000)):
-                conn.delete(key)
-        return
-    keys = list(client.scan_iter(match=pattern, count=1000))
-    if keys:
-        client.delete(*keys)
-
-
 @contextmanager
 def feast_project(base: Settings, tmp: Path) -> Iterator[FeastProject]:
     """A private copy of the feature repo applied under a unique project on ``base``'s
@@ -59,7 +44,7 @@ def feast_project(base: Settings, tmp: Path) -> Iterator[FeastProject]:
     try:
         yield FeastProject(settings, store, client, OnlineLayout.from_store(store))
     finally:
-        drop_project_rows(client, settings.feast_project)
+        clear_online_store(settings)
         client.close()
 
 

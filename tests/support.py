@@ -1,70 +1,62 @@
-"""Helpers shared by integration tests: a small data set and a quickly trained model."""
+"""Plain helpers of the tests (fixtures are in the ``conftest.py`` files): the settings of
+the test and cluster stacks, and waiting for a condition. Isolated settings and a tiny model
+come from the ops harness (``stages.ops.harness.sandbox``)."""
 
 from __future__ import annotations
 
-import shutil
-import uuid
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-import lightgbm as lgb
-import numpy as np
-import pandas as pd
+from stages.shared.settings import Settings, on_cluster, on_port_base
 
-from stages.shared.schemas import MODEL_FEATURES
-from stages.shared.settings import Settings
-from training import registry
-from training.features import compute_features
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Test stack ports are BASE+92 (Kafka), +93 (controller), +379 (Redis), +90 (Prometheus),
+# stage metrics +1..+5; override to run two suites side by side.
+BASE = int(os.environ.get("RTPIPE_TEST_PORT_BASE", "29000"))
+TEST_HOME = REPO / ".rtpipe" / f"test-{BASE}"
 
-def register_tiny_model(
-    settings: Settings,
-    tx: pd.DataFrame,
-    *,
-    promote: bool = True,
-    num_trees: int = 20,
-    seed: int = 0,
-) -> str:
-    """Train a small LightGBM on batch features of ``tx`` and register it.
+# The cluster tier (tests/cluster/conftest.py): ports of its own under this base.
+CLUSTER_BASE = int(os.environ.get("RTPIPE_CLUSTER_PORT_BASE", "30100"))
+CLUSTER_HOME = REPO / ".rtpipe" / f"cluster-{CLUSTER_BASE}"
+# The long variants (a broker stopped under load, a Redis failover) run only when asked.
+CLUSTER_FULL = os.environ.get("RTPIPE_CLUSTER_FULL") == "1"
 
-    Model quality is irrelevant here; the model only has to be a real, loadable, verified
-    registry version with the production feature list.
-    """
-    feats = compute_features(tx)
-    y = tx.set_index("transaction_id").loc[feats["transaction_id"], "is_fraud"].to_numpy()
-    booster = lgb.train(
-        {"objective": "binary", "num_leaves": 8, "verbose": -1, "seed": seed},
-        lgb.Dataset(
-            feats[list(MODEL_FEATURES)].to_numpy(np.float64),
-            label=y,
-            feature_name=list(MODEL_FEATURES),
-        ),
-        num_boost_round=num_trees,
+
+def make_test_settings(**overrides: object) -> Settings:
+    """Settings pointing at the test stack; ``overrides`` replace top-level fields."""
+    base = Settings(home=TEST_HOME, feature_repo=REPO / "feature_repo")
+    return on_port_base(base, BASE).model_copy(update=overrides)
+
+
+def make_cluster_settings() -> Settings:
+    """Settings for the cluster stack: brokers on BASE+92 (+100, +200), Redis on BASE+601.."""
+    base = Settings(home=CLUSTER_HOME, feature_repo=REPO / "feature_repo")
+    settings = on_cluster(
+        on_port_base(base, CLUSTER_BASE),
+        kafka_port=CLUSTER_BASE + 92,
+        redis_port=CLUSTER_BASE + 601,
     )
-    mv = registry.register(
-        settings.registry_dir,
-        settings.prediction.model_name,
-        booster.model_to_string(),
-        {"features": list(MODEL_FEATURES), "feature_service": settings.prediction.feature_service},
+    # Three JVMs on a small machine: a smaller heap each.
+    return settings.model_copy(
+        update={"stack": settings.stack.model_copy(update={"kafka_heap": "512m"})}
     )
-    if promote:
-        registry.promote(settings.registry_dir, settings.prediction.model_name, mv.version)
-    return mv.version
 
 
-def isolated_settings(base: Settings, tmp: Path) -> Settings:
-    """Own feature repo copy, registry, state and Feast project: nothing shared with other
-    tests or a demo running on the same stack."""
-    repo = tmp / "feature_repo"
-    repo.mkdir()
-    for f in REPO.joinpath("feature_repo").iterdir():
-        if f.is_file():
-            shutil.copy(f, repo / f.name)
-    return base.model_copy(
-        update={
-            "home": tmp / "home",
-            "feature_repo": repo,
-            "feast_project": f"p{uuid.uuid4().hex[:8]}",
-        }
-    )
+def wait_until(
+    what: str, cond: Callable[[], T], timeout_s: float = 120.0, every_s: float = 0.2
+) -> T:
+    """``cond()`` once it is truthy, polled every ``every_s``; fails the test after
+    ``timeout_s`` naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")

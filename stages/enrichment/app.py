@@ -51,12 +51,10 @@ from redis.retry import Retry
 
 from stages.enrichment.backpressure import RetryingBatchingSink
 from stages.enrichment.intake import (
-    CONFLICT_REASON,
     DedupState,
     canonical_key,
     check_duplicate,
     check_horizon,
-    content_fingerprint,
     describe_placement,
     rekey_headers,
     rekeyed_reason,
@@ -65,6 +63,7 @@ from stages.enrichment.intake import (
 )
 from stages.enrichment.logic import CustomerState, customer_features
 from stages.enrichment.supervise import LabelsProcess
+from stages.shared.errors import RtpipeError
 from stages.shared.kafka import (
     DLQ_DETAIL,
     DLQ_REASON,
@@ -79,6 +78,7 @@ from stages.shared.metrics import Assignment, Metrics, build_metrics
 from stages.shared.online.errors import OnlineWriteError
 from stages.shared.online.layout import online_layout
 from stages.shared.online.writer import OnlineFeatureWriter
+from stages.shared.records import CONFLICT_REASON, content_fingerprint
 from stages.shared.schemas import (
     CUSTOMER_VIEW,
     CUSTOMER_VIEWS,
@@ -102,7 +102,7 @@ SINK_RETRY_BUDGET_S = 20.0
 # producer is fenced (fatal). Longer than the batch loop's, shorter than librdkafka's 60 s
 # (the stall a killed instance leaves its readers): the flush is bounded by the socket
 # timeouts below, with no client-side retries (backpressure retries instead).
-TRANSACTION_TIMEOUT_MS = 30_000
+CHECKPOINT_TRANSACTION_TIMEOUT_MS = 30_000
 
 
 class FeastOnlineSink(RetryingBatchingSink):
@@ -291,7 +291,7 @@ class LoopWatchdog:
                 return
 
 
-class PartitionStalledError(RuntimeError):
+class PartitionStalledError(RtpipeError, RuntimeError):
     """An input partition had lag and made no progress for the stall timeout."""
 
     def __init__(self, where: list[str], timeout_s: float) -> None:
@@ -365,7 +365,7 @@ def application(settings: Settings, group: str) -> NaturalBatchingApplication:
     producer: dict[str, Any] = {
         "linger.ms": TRANSACTIONAL_LINGER_MS,
         "compression.type": "lz4",
-        "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+        "transaction.timeout.ms": CHECKPOINT_TRANSACTION_TIMEOUT_MS,
         **TRANSACTIONAL_RETRY_BACKOFF,
     }
     consumer: dict[str, Any] = {"fetch.wait.max.ms": kafka.fetch_wait_max_ms}
@@ -606,7 +606,7 @@ def input_partitions(settings: Settings, topic: str) -> int:
     return len(admin.list_topics(topic, timeout=10).topics[topic].partitions)
 
 
-class ProcessRestartRequired(RuntimeError):
+class ProcessRestartRequired(RtpipeError, RuntimeError):
     """The customer app cannot be rebuilt in this process: a failed app left a RocksDB
     partition of its state open (its LOCK is held by this process), and every new app
     waits for it in vain. Only a new process releases it."""

@@ -60,12 +60,14 @@ from collections.abc import Callable
 
 from quixstreams.sinks.base import BatchingSink, SinkBackpressureError, SinkBatch
 
+from stages.shared.errors import RtpipeError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["RetryingBatchingSink", "SinkUnavailableError"]
 
 
-class SinkUnavailableError(RuntimeError):
+class SinkUnavailableError(RtpipeError, RuntimeError):
     """The destination stayed unavailable for the whole retry budget of one flush.
 
     Deliberately *not* a ``SinkBackpressureError``: quixstreams fails the checkpoint (no

@@ -13,8 +13,8 @@ already were re-produced once and still arrive misplaced (the topic's partition 
 changed in between, or the stage's own producer does not partition by murmur2).
 
 Idempotent intake. Within a customer's state, a transaction id is remembered with a 64-bit
-fingerprint of its content (:func:`fingerprint`) for ``horizon_ms`` (default 31 days, longer
-than the longest window, 30 days) of the customer's event time:
+fingerprint of its content (:func:`stages.shared.records.fingerprint`) for ``horizon_ms``
+(default 31 days, longer than the longest window, 30 days) of the customer's event time:
 
 - The remembered set holds the entries whose event time ``e`` is in ``(M - H, M]``, where
   ``M`` is the newest event time remembered for the customer and ``H`` the horizon; older
@@ -67,7 +67,6 @@ development machine, decoding, checking, inserting and encoding 60 entries costs
 from __future__ import annotations
 
 import binascii
-import hashlib
 import struct
 import sys
 from array import array
@@ -78,6 +77,8 @@ from typing import Any, Final, Literal, NamedTuple
 
 import orjson
 
+from stages.shared.errors import RtpipeError
+from stages.shared.records import fingerprint
 from stages.shared.schemas import DAY_MS, WINDOWS_DAYS, Transaction
 
 # --- placement -------------------------------------------------------------------------------
@@ -251,7 +252,6 @@ def rekey_headers(
 
 # --- idempotent intake -----------------------------------------------------------------------
 DedupVerdict = Literal["new", "duplicate", "conflict"]
-CONFLICT_REASON: Final = "conflicting_duplicate"
 
 DEFAULT_HORIZON_MS: Final = 31 * DAY_MS
 # Shorter and an exact copy could come back inside a window that has forgotten it.
@@ -262,13 +262,12 @@ MAX_HORIZON_MS: Final = 2**32
 _FORMAT: Final = "1:"
 _HEADER = struct.Struct("<qq")
 _ENTRY_BYTES: Final = 20
-_CONTENT = struct.Struct("<qqqdq")
 # array typecodes by width ("I" is 4 bytes on every platform Python supports, but say so).
 _U32: Final = "I" if array("I").itemsize == 4 else "L"
 _SWAP: Final = sys.byteorder == "big"
 
 
-class DedupStateError(ValueError):
+class DedupStateError(RtpipeError, ValueError):
     """A stored dedup state that cannot be decoded."""
 
 
@@ -281,24 +280,6 @@ def check_horizon(horizon_ms: int, grace_ms: int) -> None:
         )
     if horizon_ms <= grace_ms:
         raise ValueError(f"dedup horizon {horizon_ms} ms must exceed the grace {grace_ms} ms")
-
-
-def fingerprint(tx: Transaction) -> int:
-    """A stable 64-bit hash of a transaction's canonical content: transaction, customer and
-    terminal ids, amount (as a float: ``12``, ``12.0`` and ``12.00`` are one amount) and
-    event time in ms. Field order, spacing and unknown fields of the JSON do not matter."""
-    return content_fingerprint(
-        tx.transaction_id, tx.customer_id, tx.terminal_id, tx.amount, tx.event_ms
-    )
-
-
-def content_fingerprint(
-    transaction_id: int, customer_id: int, terminal_id: int, amount: float, event_ms: int
-) -> int:
-    """:func:`fingerprint` from the fields."""
-    # + 0.0 turns -0.0 (a valid amount) into 0.0: one value, one encoding.
-    packed = _CONTENT.pack(transaction_id, customer_id, terminal_id, amount + 0.0, event_ms)
-    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little")
 
 
 def _i64() -> array[int]:

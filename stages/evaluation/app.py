@@ -39,34 +39,32 @@ import orjson
 import redis
 from confluent_kafka import Message
 
-from stages.evaluation.logic import (
-    Drift,
-    DriftWindow,
+from stages.evaluation.drift import Drift, DriftWindow, drift_psi, retrain_request, retrain_triggers
+from stages.evaluation.join import (
     JoinItem,
     JoinOutcome,
     JoinStore,
     LabelledWindow,
-    OnlineMetrics,
     PredictionRow,
-    ShadowComparison,
     decode_window,
-    drift_psi,
     label_half,
-    online_metrics,
     prediction_half,
-    retrain_request,
-    retrain_triggers,
     scored_prediction,
-    shadow_comparisons,
 )
 from stages.evaluation.metrics import EvaluationMetrics, evaluation_metrics
-from stages.shared.batch_loop import LoopStats, RetryBatch, instrumented_loop
+from stages.evaluation.quality import (
+    OnlineMetrics,
+    ShadowComparison,
+    online_metrics,
+    shadow_comparisons,
+)
+from stages.shared.batch_loop import LoopStats, RetryBatch, stage_loop
 from stages.shared.kafka import Output, StopFlag, ensure_topics
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.records import parse_label
 from stages.shared.schemas import MODEL_FEATURES, InvalidMessage
 from stages.shared.settings import EvaluationSettings, Settings, StageName
-from stages.shared.topology import retrain_requests_topic, single_group
+from stages.shared.topology import retrain_requests_topic
 from training import registry
 from training.reference import Reference, reference_from_metadata
 
@@ -96,7 +94,7 @@ _OUTCOMES: dict[int, JoinOutcome] = {0: "pending", 1: "joined", 2: "duplicate"}
 
 
 class RedisJoinStore:
-    """:class:`~stages.evaluation.logic.JoinStore` on Redis (semantics in its docstring)."""
+    """:class:`~stages.evaluation.join.JoinStore` on Redis (semantics in its docstring)."""
 
     def __init__(self, client: redis.Redis, namespace: str, cfg: EvaluationSettings) -> None:
         self._client = client
@@ -364,19 +362,7 @@ def run(
     stage = build_stage(settings, metrics)
     ensure_topics(settings.kafka, settings.topics)
     ensure_topics(settings.kafka, settings.topics, [stage.retrain_topic])
-    cfg = settings.evaluation
-
-    group_id, inputs = single_group(settings, STAGE)
-    loop = instrumented_loop(
-        settings,
-        stage.metrics,
-        stage=STAGE,
-        group_id=group_id,
-        input_topics=list(inputs),
-        handler=stage.handle,
-        max_batch=cfg.max_batch,
-        max_wait_ms=cfg.max_wait_ms,
-    )
+    loop = stage_loop(settings, stage.metrics, STAGE, stage.handle, settings.evaluation)
     stats = loop.run(stop, max_idle_s=max_idle_s)
     # Export the state as of the last batch (no request: there is no transaction left).
     try:

@@ -15,7 +15,8 @@ from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from stages.evaluation.logic import Drift, OnlineMetrics, Reason, ShadowComparison
+from stages.evaluation.drift import Drift, Reason
+from stages.evaluation.quality import OnlineMetrics, ShadowComparison
 
 _CACHE: weakref.WeakKeyDictionary[CollectorRegistry, EvaluationMetrics] = (
     weakref.WeakKeyDictionary()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages.evaluation.logic import OnlineMetrics, online_metrics
+from stages.evaluation.quality import OnlineMetrics, online_metrics
 from stages.prediction.logic import assemble_matrix, request_features
 from stages.prediction.models import ServingModel
 from stages.routing.logic import decide

@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -48,10 +47,19 @@ from typing import Any, Literal, get_args
 import pandas as pd
 
 from stages.ops.audit import AuditReport, FeatureCheck, audit, check_online_features
-from stages.ops.demo import StageProcess, start_stage, start_stages, stop_stages
+from stages.ops.harness.outcomes import drain
+from stages.ops.harness.processes import (
+    StageProcess,
+    exited,
+    kill9,
+    start_stage,
+    start_stages,
+    stop_stages,
+)
+from stages.ops.harness.sandbox import isolated_settings, provision
 from stages.ops.replay import ReplayPlan, replay
-from stages.shared.kafka import ensure_topics
-from stages.shared.settings import Settings, TopicSettings
+from stages.shared.settings import Settings
+from training.simulate import SimulatorConfig
 
 logger = logging.getLogger(__name__)
 
@@ -76,16 +84,16 @@ REPEATED: frozenset[str] = frozenset(
 REPO = Path(__file__).resolve().parents[2]
 
 
+# Few customers over more days: as many transactions, but fewer of the labels that the
+# replay sends first (five weeks of them, for complete terminal windows).
+CHAOS_DATA = SimulatorConfig(n_customers=500, n_terminals=1_000, nb_days=48, seed=11)
+
+
 @dataclass(frozen=True)
 class ChaosConfig:
     """Size and pace of each scenario (small, so that all faults run in minutes)."""
 
-    # Few customers over more days: as many transactions, but fewer of the labels that the
-    # replay sends first (five weeks of them, for complete terminal windows).
-    n_customers: int = 500
-    n_terminals: int = 1_000
-    nb_days: int = 48
-    sim_seed: int = 11
+    data: SimulatorConfig = CHAOS_DATA
     replay_start: str = "2018-05-05"
     replay_days: float = 3.0
     # Transactions per second: a few thousand last ~20 s, so the stages work on a stream.
@@ -186,65 +194,12 @@ class ChaosReport:
 def _isolated(base: Settings, root: Path, name: str, **prediction: object) -> Settings:
     """Own topics, groups, Feast project, feature repo copy, registry and state."""
     home = root / name
-    repo = home / "feature_repo"
-    repo.mkdir(parents=True)
-    for f in base.feature_repo.iterdir():
-        if f.is_file():
-            shutil.copy(f, repo / f.name)
-    tag = uuid.uuid4().hex[:8]
-    return base.model_copy(
+    s = isolated_settings(base, home, name="chaos", home=home, own_topics=True)
+    return s.model_copy(
         update={
-            "home": home,
-            "feature_repo": repo,
-            "feast_project": f"chaos{tag}",
-            "topics": TopicSettings(prefix=f"{base.topics.prefix}chaos{tag}."),
-            "prediction": base.prediction.model_copy(
-                update={"reload_interval_s": 0.5, **prediction}
-            ),
+            "prediction": s.prediction.model_copy(update={"reload_interval_s": 0.5, **prediction})
         }
     )
-
-
-def train_tiny_model(settings: Settings, tx: pd.DataFrame) -> str:
-    """Register and promote a small LightGBM on batch features of ``tx``: a real, verified
-    registry version with the production feature list (its quality is irrelevant here)."""
-    import lightgbm as lgb
-    import numpy as np
-
-    from stages.shared.schemas import MODEL_FEATURES
-    from training import registry
-    from training.features import compute_features
-
-    feats = compute_features(tx)
-    y = tx.set_index("transaction_id").loc[feats["transaction_id"], "is_fraud"].to_numpy()
-    booster = lgb.train(
-        {"objective": "binary", "num_leaves": 8, "verbose": -1, "seed": 0},
-        lgb.Dataset(
-            feats[list(MODEL_FEATURES)].to_numpy(np.float64),
-            label=y,
-            feature_name=list(MODEL_FEATURES),
-        ),
-        num_boost_round=20,
-    )
-    name = settings.prediction.model_name
-    mv = registry.register(
-        settings.registry_dir,
-        name,
-        booster.model_to_string(),
-        {"features": list(MODEL_FEATURES), "feature_service": settings.prediction.feature_service},
-    )
-    registry.promote(settings.registry_dir, name, mv.version)
-    return mv.version
-
-
-def _alive(procs: list[StageProcess]) -> bool:
-    return all(sp.proc.poll() is None for sp in procs)
-
-
-def _kill9(sp: StageProcess) -> None:
-    if sp.proc.poll() is None:
-        os.killpg(sp.proc.pid, signal.SIGKILL)  # the stage leads its own session
-        sp.proc.wait()
 
 
 class _Run:
@@ -266,8 +221,7 @@ class _Run:
         self.result = result
         begin = pd.Timestamp(cfg.replay_start, tz="UTC")
         self.plan = ReplayPlan(begin, begin + pd.Timedelta(days=cfg.replay_days))
-        sel = (tx["tx_datetime"] >= self.plan.start) & (tx["tx_datetime"] < self.plan.end)
-        self.expected: list[int] = tx.loc[sel, "transaction_id"].tolist()
+        self.expected = self.plan.transaction_ids(tx)
         self.procs: dict[str, list[StageProcess]] = {}
         self.started = time.monotonic()
         # Wall-clock ms when the first stage was started (the start-up measure's origin).
@@ -359,15 +313,15 @@ class _Run:
         self.log("replay done")
 
     def drain(self) -> AuditReport:
-        """Poll the audit until every transaction has an outcome (or the timeout)."""
-        deadline = time.monotonic() + self.cfg.drain_timeout_s
-        while True:
-            report = audit(self.settings, self.expected)
-            if not report.lost or time.monotonic() > deadline:
-                return report
-            if any(sp.proc.poll() is not None for sp in self.running_expected()):
-                return report
-            time.sleep(3.0)
+        """Poll the audit until every transaction has an outcome (or the timeout, or a
+        stage died)."""
+        return drain(
+            self.settings,
+            self.expected,
+            self.running_expected(),
+            self.cfg.drain_timeout_s,
+            every_s=3.0,
+        )
 
     def running_expected(self) -> list[StageProcess]:
         """The newest process of each stage name, which should be running."""
@@ -375,7 +329,7 @@ class _Run:
 
     def conclude(self) -> None:
         """Stop the stages (SIGTERM), audit and check the online features."""
-        self.result.checks["stages_alive_until_drained"] = _alive(self.running_expected())
+        self.result.checks["stages_alive_until_drained"] = not exited(self.running_expected())
         if self._watermarks is not None:
             self._watermarks.close()
             self._watermarks = None
@@ -452,7 +406,7 @@ def _kill_stage(run: _Run, stage: str, rng: random.Random) -> None:
         # Killed once its output reaches a random point of the stream: mid-batch, mid-
         # transaction or mid-checkpoint, wherever it happens to be.
         run.wait_progress(run.output_topics(stage), fraction)
-        _kill9(run.procs[stage][-1])
+        kill9(run.procs[stage][-1])
         run.log(f"kill -9 {stage} (pid {run.procs[stage][-1].proc.pid}) at {fraction:.0%}")
         time.sleep(rng.uniform(0.2, 2.0))
         sp = run.start(stage)
@@ -469,7 +423,7 @@ def _rebalance(run: _Run, rng: random.Random) -> None:
     run.start_replay()
     run.wait_progress(run.output_topics("prediction"), rng.uniform(0.2, 0.5))
     victim = rng.choice([first, replica])
-    _kill9(victim)
+    kill9(victim)
     run.log(f"kill -9 one of two prediction replicas (pid {victim.proc.pid})")
     # The survivor must take over the victim's partitions; the victim stays dead.
     for name, group in run.procs.items():
@@ -498,7 +452,7 @@ def _redis_outage(run: _Run, rng: random.Random, short: bool = False) -> None:
     run.log("Redis stopped (prediction paused 3 s before, to face a backlog)")
     outage_s = run.cfg.short_outage_s if short else run.cfg.redis_outage_s
     time.sleep(outage_s)
-    run.result.checks["stages_alive_during_outage"] = _alive(run.running_expected())
+    run.result.checks["stages_alive_during_outage"] = not exited(run.running_expected())
     stack.up(ss, components=("redis",))
     run.log(f"Redis started again after {outage_s:.0f}s")
     run.finish_replay()
@@ -614,8 +568,7 @@ def run_chaos(
         ValueError: an unknown fault name.
     """
     from infra import stack
-    from stages.shared.feast_store import apply_repo
-    from training.simulate import SimulatorConfig, simulate
+    from training.simulate import simulate
 
     cfg = config or ChaosConfig()
     chosen = list(FAULTS) if faults is None else faults
@@ -627,15 +580,7 @@ def run_chaos(
     root = (settings.home / "chaos" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     base = settings.model_copy(update={"feature_repo": settings.feature_repo.resolve()})
-    tx = simulate(
-        SimulatorConfig(
-            n_customers=cfg.n_customers,
-            n_terminals=cfg.n_terminals,
-            nb_days=cfg.nb_days,
-            seed=cfg.sim_seed,
-        ),
-        progress=False,
-    )
+    tx = simulate(cfg.data, progress=False)
     rng = random.Random(cfg.seed)
     results: list[FaultResult] = []
     runs: list[tuple[str, str, bool]] = []
@@ -657,9 +602,7 @@ def run_chaos(
         s = _isolated(base, root, label.replace("#", "-").split(" ")[0], **extra)
         run = _Run(s, settings, tx, cfg, result)
         try:
-            apply_repo(s)
-            version = train_tiny_model(s, tx[tx["tx_datetime"] < run.plan.start])
-            ensure_topics(s.kafka, s.topics)
+            version = provision(s, tx[tx["tx_datetime"] < run.plan.start])
             if fault.startswith("kill-"):
                 _kill_stage(run, fault.removeprefix("kill-"), rng)
             elif fault == "rebalance":

@@ -5,36 +5,28 @@ separate processes, a replay through Kafka and a summary of what came out.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import date
-from pathlib import Path
 
 import numpy as np
-import orjson
 import pandas as pd
 from confluent_kafka import Consumer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from stages.ops.audit import AuditReport, audit, read_topic
-from stages.ops.latency import HOPS, TOTAL, DecisionCollector, decision_stats, ids_in, plans
-from stages.ops.readiness import wait_until_ready
+from stages.ops.audit import AuditReport, audit
+from stages.ops.harness.processes import StageProcess, exited, start_stages, stop_stages
+from stages.ops.harness.readiness import wait_until_ready
+from stages.ops.harness.sandbox import clear_online_store
+from stages.ops.latency import HOPS, TOTAL, DecisionCollector, decision_stats, plans
+from stages.ops.offline import backfill, skew_check
 from stages.ops.replay import ReplayPlan, ReplayResult, replay, replay_producer
-from stages.ops.report import MetricsSampler, render_live_latency, render_run_report
+from stages.ops.run_charts import MetricsSampler, render_live_latency, render_run_report
 from stages.shared.kafka import ensure_topics
-from stages.shared.procenv import drop_feast_prometheus_dirs
-from stages.shared.schemas import CUSTOMER_VIEW, TERMINAL_VIEW
-from stages.shared.settings import Settings, settings_to_env
-from stages.shared.topology import PIPELINE_STAGES, STAGES
-from training.skew import SkewReport
+from stages.shared.settings import Settings
+from stages.shared.topology import STAGES
 
 logger = logging.getLogger(__name__)
 console = Console()
@@ -43,121 +35,6 @@ console = Console()
 LIVE_RATE = 500.0
 LIVE_SECONDS = 30.0
 DEMO_STAGES = STAGES
-
-
-@dataclass
-class StageProcess:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    # The replica's stable instance id (RTPIPE_INSTANCE_ID): a restart reuses it.
-    replica: int = 0
-
-
-def _env_for(settings: Settings) -> dict[str, str]:
-    """Environment that rebuilds the same settings in a child process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RTPIPE_")}
-    drop_feast_prometheus_dirs(env)
-    resolved = settings.model_copy(
-        update={"home": settings.home.resolve(), "feature_repo": settings.feature_repo.resolve()}
-    )
-    env.update(settings_to_env(resolved))
-    return env
-
-
-def start_stage(settings: Settings, name: str, replica: int = 0) -> StageProcess:
-    """Start one replica of a stage as its own ``rtpipe run STAGE`` process, logging to the
-    run dir. Replica ``r`` is instance ``r`` of its consumer groups (static membership and a
-    stable transactional id: restarted with the same number, it takes its partitions back
-    at once and aborts what its predecessor left open) and serves metrics on its stage's
-    ports plus ``100 * r``."""
-    log_dir = settings.run_dir / "stages"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = _env_for(replica_settings(settings, replica))
-    suffix = f".{replica}" if replica else ""
-    log = log_dir / f"{settings.topics.prefix}{name}{suffix}.log"
-    with log.open("ab") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stages.cli", "run", name],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    return StageProcess(name, proc, log, replica)
-
-
-def replica_settings(settings: Settings, replica: int) -> Settings:
-    """``settings`` for replica ``replica`` of a stage (its instance id and metrics ports)."""
-    m = settings.metrics
-    step = 100 * replica
-    return settings.model_copy(
-        update={
-            "instance_id": str(replica),
-            "metrics": m.model_copy(
-                update={
-                    "enrichment_port": m.enrichment_port + step,
-                    "prediction_port": m.prediction_port + step,
-                    "routing_port": m.routing_port + step,
-                    "evaluation_port": m.evaluation_port + step,
-                    "enrichment_labels_port": m.enrichment_labels_port + step,
-                }
-            ),
-        }
-    )
-
-
-def start_stages(
-    settings: Settings, names: tuple[str, ...] = PIPELINE_STAGES, replicas: int = 1
-) -> list[StageProcess]:
-    """Start ``replicas`` processes of each stage (see :func:`start_stage`)."""
-    return [start_stage(settings, name, r) for name in names for r in range(replicas)]
-
-
-def stop_stages(procs: list[StageProcess], timeout_s: float = 30.0) -> dict[str, int | None]:
-    """SIGTERM each stage, wait for a graceful exit, SIGKILL stragglers."""
-    for sp in procs:
-        if sp.proc.poll() is None:
-            sp.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    codes: dict[str, int | None] = {}
-    for sp in procs:
-        try:
-            codes[sp.name] = sp.proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            # Its stacks into its log first (faulthandler, stages/cli.py): where it hung.
-            sp.proc.send_signal(signal.SIGUSR1)
-            time.sleep(0.5)
-            sp.proc.kill()
-            codes[sp.name] = sp.proc.wait()
-            logger.error(
-                "%s did not stop within %.0fs: killed (its stacks are in %s)",
-                sp.name,
-                timeout_s,
-                sp.log,
-            )
-    return codes
-
-
-def clear_online_store(settings: Settings) -> int:
-    """Delete this project's online rows, so a replay starts from an empty online store
-    (the writer never lets an older row replace a newer one left by an earlier run)."""
-    client = settings.redis.client()
-    deleted = 0
-    project = settings.feast_project.encode()
-    # Feast's rows end with the project; the label index's and the transaction claims'
-    # keys start with it (stages/shared/labels.py, claims.py).
-    patterns = (b"*" + project, b"{" + project + b":lbl:*", project + b":lbl:*")
-    for pattern in (*patterns, b"{" + project + b":tx}:*"):
-        batch = []
-        for key in client.scan_iter(match=pattern, count=10_000):
-            batch.append(key)
-            if len(batch) >= 10_000:
-                deleted += int(client.unlink(*batch))  # type: ignore[arg-type]
-                batch.clear()
-        if batch:
-            deleted += int(client.unlink(*batch))  # type: ignore[arg-type]
-    return deleted
 
 
 class OutcomeWatcher:
@@ -194,6 +71,17 @@ class OutcomeWatcher:
         self._consumer.close()
 
 
+def _progress(what: str) -> Progress:
+    """A console progress bar named ``what``."""
+    return Progress(
+        TextColumn(f"[bold]{what}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
 def wait_for_outcomes(
     settings: Settings, expected: list[int], procs: list[StageProcess], timeout_s: float
 ) -> AuditReport:
@@ -202,20 +90,14 @@ def wait_for_outcomes(
     deadline = time.monotonic() + timeout_s
     watcher = OutcomeWatcher(settings)
     try:
-        with Progress(
-            TextColumn("[bold]decisions"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as bar:
+        with _progress("decisions") as bar:
             task = bar.add_task("decisions", total=len(expected))
             while time.monotonic() < deadline:
                 done = watcher.poll(1.0)
                 bar.update(task, completed=min(done, len(expected)))
                 if done >= len(expected):
                     break
-                dead = [sp.name for sp in procs if sp.proc.poll() is not None]
+                dead = exited(procs)
                 if dead:
                     console.print(f"[red]stage(s) exited early: {dead}; see {procs[0].log.parent}")
                     break
@@ -287,45 +169,6 @@ def print_summary(settings: Settings, report: AuditReport, replayed: ReplayResul
     )
 
 
-def skew_check(
-    settings: Settings,
-    start: str | date,
-    days: float,
-    *,
-    offline: bool = True,
-    tx: pd.DataFrame | None = None,
-    history_days: int = 0,
-) -> SkewReport:
-    """Skew check of a replay: served features (prediction records) and Feast's offline
-    join, both against the batch definitions. The replay's customer windows start empty at
-    ``start`` (the replay sends no earlier transactions), so that is the history start."""
-    from training.simulate import read_dataset
-    from training.skew import check_skew, predictions_frame
-
-    tx = read_dataset(settings.data_dir) if tx is None else tx
-    begin = pd.Timestamp(start, tz="UTC")
-    sel = (tx["tx_datetime"] >= begin) & (tx["tx_datetime"] < begin + pd.Timedelta(days=days))
-    topic = settings.topics.name("predictions")
-    records = [orjson.loads(v) for _, v, _ in read_topic(settings, topic) if v is not None]
-    return check_skew(
-        settings,
-        tx,
-        predictions_frame(records),
-        tx.loc[sel, "transaction_id"],
-        history_start=begin - pd.Timedelta(days=history_days),
-        offline=offline,
-    )
-
-
-def backfill(settings: Settings, tx: pd.DataFrame) -> None:
-    """Replace the offline store's history with the batch features of ``tx``."""
-    from training.features import backfill_offline_store
-
-    for view in (CUSTOMER_VIEW, TERMINAL_VIEW):
-        shutil.rmtree(settings.offline_dir / view, ignore_errors=True)
-    backfill_offline_store(settings, tx)
-
-
 def run_demo(
     settings: Settings,
     replay_start: date,
@@ -394,16 +237,8 @@ def run_demo(
         sampler.start()
         begin = pd.Timestamp(replay_start, tz="UTC")
         plan = ReplayPlan(begin, begin + pd.Timedelta(days=replay_days), history_days=history_days)
-        expected = tx.loc[
-            (tx["tx_datetime"] >= plan.start) & (tx["tx_datetime"] < plan.end), "transaction_id"
-        ].tolist()
-        with Progress(
-            TextColumn("[bold]replay"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as bar:
+        expected = plan.transaction_ids(tx)
+        with _progress("replay") as bar:
             task = bar.add_task("replay", total=len(expected))
             replayed = replay(settings, tx, plan, progress=lambda n: bar.advance(task, n))
         console.print(
@@ -418,7 +253,7 @@ def run_demo(
         # The pipeline's own latency: the next hours of events at a fixed live rate.
         console.rule(f"live rate: {LIVE_SECONDS:.0f} s at {LIVE_RATE:,.0f} events/s")
         (live_plan,) = plans(tx, plan.end, [int(LIVE_RATE * LIVE_SECONDS)])
-        live_ids = ids_in(tx, live_plan)
+        live_ids = live_plan.transaction_ids(tx)
         collector = DecisionCollector(settings)
         try:
             replay(settings, tx, live_plan, rate=LIVE_RATE, producer=producer)

@@ -149,8 +149,3 @@ def plans(tx: pd.DataFrame, start: pd.Timestamp, counts: list[int]) -> list[Repl
         out.append(ReplayPlan(begin, end, label_lookback_days=LABEL_DELAY_DAYS))
         begin, lo = end, hi
     return out
-
-
-def ids_in(tx: pd.DataFrame, plan: ReplayPlan) -> list[int]:
-    sel = (tx["tx_datetime"] >= plan.start) & (tx["tx_datetime"] < plan.end)
-    return tx.loc[sel, "transaction_id"].tolist()

@@ -42,6 +42,13 @@ class ReplayPlan:
     # transaction; they are never scored.
     history_days: int = 0
 
+    def transaction_ids(self, tx: pd.DataFrame) -> list[int]:
+        """The ids of the transactions a replay of ``tx`` scores: those with event time in
+        [start, end) (warm-up history and labels excluded), each of which must end in
+        exactly one outcome."""
+        sel = (tx["tx_datetime"] >= self.start) & (tx["tx_datetime"] < self.end)
+        return tx.loc[sel, "transaction_id"].tolist()
+
 
 @dataclass
 class ReplayResult:
@@ -76,54 +83,34 @@ def build_events(tx: pd.DataFrame, plan: ReplayPlan) -> pd.DataFrame:
     known_ms = tx_ms + LABEL_DELAY_DAYS * DAY_MS
     lab = (tx_ms >= start_ms - plan.label_lookback_days * DAY_MS) & (known_ms < end_ms)
     hist = (tx_ms >= start_ms - plan.history_days * DAY_MS) & (tx_ms < start_ms)
-    t = tx[in_window]
-    lb = tx[lab]
-    h = tx[hist]
+
+    def frame(kind: int, sel: np.ndarray, ts_ms: np.ndarray, key: str, real: bool) -> pd.DataFrame:
+        """Events of the rows ``sel``; ``real``: a transaction (its amount), else a label
+        (its fraud flag)."""
+        rows = tx[sel]
+        return pd.DataFrame(
+            {
+                "kind": kind,
+                "ts_ms": ts_ms,
+                "key": rows[key].to_numpy(),
+                "transaction_id": rows["transaction_id"].to_numpy(),
+                "customer_id": rows["customer_id"].to_numpy(),
+                "terminal_id": rows["terminal_id"].to_numpy(),
+                "amount": rows["amount"].to_numpy() if real else 0.0,
+                "tx_ms": tx_ms[sel],
+                "is_fraud": 0 if real else rows["is_fraud"].to_numpy(),
+            }
+        )
+
     events = pd.concat(
         [
-            pd.DataFrame(
-                {
-                    "kind": 2,
-                    "ts_ms": tx_ms[hist],
-                    "key": h["customer_id"].to_numpy(),
-                    "transaction_id": h["transaction_id"].to_numpy(),
-                    "customer_id": h["customer_id"].to_numpy(),
-                    "terminal_id": h["terminal_id"].to_numpy(),
-                    "amount": h["amount"].to_numpy(),
-                    "tx_ms": tx_ms[hist],
-                    "is_fraud": 0,
-                }
-            ),
-            pd.DataFrame(
-                {
-                    "kind": 0,
-                    # Stamped 1 ms before it becomes known: quixstreams orders equal
-                    # timestamps of different topics arbitrarily, and a transaction at the
-                    # very instant a label becomes known must see it (the window includes
-                    # t - 7 days). The label's own transaction time is in its value.
-                    "ts_ms": known_ms[lab] - 1,
-                    "key": lb["terminal_id"].to_numpy(),
-                    "transaction_id": lb["transaction_id"].to_numpy(),
-                    "customer_id": lb["customer_id"].to_numpy(),
-                    "terminal_id": lb["terminal_id"].to_numpy(),
-                    "amount": 0.0,
-                    "tx_ms": tx_ms[lab],
-                    "is_fraud": lb["is_fraud"].to_numpy(),
-                }
-            ),
-            pd.DataFrame(
-                {
-                    "kind": 1,
-                    "ts_ms": tx_ms[in_window],
-                    "key": t["customer_id"].to_numpy(),
-                    "transaction_id": t["transaction_id"].to_numpy(),
-                    "customer_id": t["customer_id"].to_numpy(),
-                    "terminal_id": t["terminal_id"].to_numpy(),
-                    "amount": t["amount"].to_numpy(),
-                    "tx_ms": tx_ms[in_window],
-                    "is_fraud": 0,
-                }
-            ),
+            frame(2, hist, tx_ms[hist], "customer_id", real=True),
+            # Stamped 1 ms before it becomes known: quixstreams orders equal timestamps of
+            # different topics arbitrarily, and a transaction at the very instant a label
+            # becomes known must see it (the window includes t - 7 days). The label's own
+            # transaction time is in its value.
+            frame(0, lab, known_ms[lab] - 1, "terminal_id", real=False),
+            frame(1, in_window, tx_ms[in_window], "customer_id", real=True),
         ],
         ignore_index=True,
     )

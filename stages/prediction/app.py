@@ -26,7 +26,6 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from stages.enrichment.intake import CONFLICT_REASON, content_fingerprint
 from stages.prediction.logic import (
     EnrichedBatch,
     assemble_matrix,
@@ -42,7 +41,7 @@ from stages.prediction.models import (
     ServingModel,
     UnservableModelError,
 )
-from stages.shared.batch_loop import LoopStats, RetryBatch, instrumented_loop
+from stages.shared.batch_loop import LoopStats, RetryBatch, stage_loop
 from stages.shared.claims import TransactionClaims
 from stages.shared.kafka import Output, StopFlag, dead_letter, ensure_topics, where
 from stages.shared.labels import LabelIndex, exact_mask
@@ -50,9 +49,9 @@ from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.online.layout import OnlineLayout, online_layout
 from stages.shared.online.reader import OnlineBatch, OnlineFeatureReader
 from stages.shared.online.transport import RedisClient
+from stages.shared.records import CONFLICT_REASON, content_fingerprint
 from stages.shared.schemas import REQUEST_FEATURES, TERMINAL_FEATURES, TERMINAL_VIEW
 from stages.shared.settings import Settings, StageName
-from stages.shared.topology import single_group
 
 logger = logging.getLogger(__name__)
 
@@ -474,19 +473,13 @@ def run(
     """Run the prediction stage until ``stop`` is set."""
     stage = build_stage(settings, metrics)
     ensure_topics(settings.kafka, settings.topics)
-    cfg = settings.prediction
-
-    group_id, inputs = single_group(settings, STAGE)
-    loop = instrumented_loop(
+    # A promoted model is loaded (or rejected) while no events flow, not on the next one.
+    loop = stage_loop(
         settings,
         stage.metrics,
-        stage=STAGE,
-        group_id=group_id,
-        input_topics=list(inputs),
-        handler=stage.handle,
-        max_batch=cfg.max_batch,
-        max_wait_ms=cfg.max_wait_ms,
-        # A promoted model is loaded (or rejected) while no events flow, not on the next one.
+        STAGE,
+        stage.handle,
+        settings.prediction,
         on_idle=stage.models.maybe_reload,
     )
     return loop.run(stop, max_idle_s=max_idle_s)

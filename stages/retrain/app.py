@@ -27,7 +27,8 @@ import redis
 from confluent_kafka import Consumer, KafkaException, Message
 
 from stages.evaluation.app import RedisJoinStore, redis_client
-from stages.evaluation.logic import JoinStore, ShadowComparison
+from stages.evaluation.join import JoinStore
+from stages.evaluation.quality import ShadowComparison
 from stages.retrain.logic import (
     GateDecision,
     RetrainRequest,

@@ -28,7 +28,8 @@ from typing import Literal
 import orjson
 import pandas as pd
 
-from stages.evaluation.logic import ShadowComparison
+from stages.evaluation.quality import ShadowComparison
+from stages.shared.errors import RtpipeError
 from stages.shared.schemas import InvalidMessage, json_object
 from stages.shared.settings import RetrainSettings
 from training import tune
@@ -37,7 +38,7 @@ GateOutcome = Literal["wait", "promote", "reject", "timeout"]
 DAY = pd.Timedelta(days=1)
 
 
-class WindowError(ValueError):
+class WindowError(RtpipeError, ValueError):
     """The data cannot hold the training window the settings ask for."""
 
 

@@ -13,13 +13,12 @@ import orjson
 from confluent_kafka import Message
 
 from stages.routing.logic import decide
-from stages.shared.batch_loop import LoopStats, instrumented_loop
+from stages.shared.batch_loop import LoopStats, stage_loop
 from stages.shared.kafka import Output, StopFlag, dead_letter, ensure_topics, where
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.records import parse_prediction
 from stages.shared.schemas import InvalidMessage
 from stages.shared.settings import Settings, StageName
-from stages.shared.topology import single_group
 
 logger = logging.getLogger(__name__)
 
@@ -91,17 +90,5 @@ def run(
     """Run the routing stage until ``stop`` is set."""
     stage = RoutingStage(settings, metrics or build_metrics())
     ensure_topics(settings.kafka, settings.topics)
-    cfg = settings.routing
-
-    group_id, inputs = single_group(settings, STAGE)
-    loop = instrumented_loop(
-        settings,
-        stage.metrics,
-        stage=STAGE,
-        group_id=group_id,
-        input_topics=list(inputs),
-        handler=stage.handle,
-        max_batch=cfg.max_batch,
-        max_wait_ms=cfg.max_wait_ms,
-    )
+    loop = stage_loop(settings, stage.metrics, STAGE, stage.handle, settings.routing)
     return loop.run(stop, max_idle_s=max_idle_s)

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -26,6 +26,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from stages.shared.errors import RtpipeError
 from stages.shared.kafka import (
     TRANSACTIONAL_LINGER_MS,
     TRANSACTIONAL_RETRY_BACKOFF,
@@ -36,8 +37,9 @@ from stages.shared.kafka import (
     static_member_config,
 )
 from stages.shared.metrics import Assignment, Metrics
-from stages.shared.settings import Settings
+from stages.shared.settings import Settings, StageName
 from stages.shared.stall import StallWatch
+from stages.shared.topology import single_group
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ logger = logging.getLogger(__name__)
 # a second). A stage killed mid-transaction leaves it open until this timeout, and until the
 # broker aborts it, read_committed readers of its output partitions and the offset fetch of
 # its successor wait: librdkafka's 60 s default turned each crash into a minute-long stall.
-TRANSACTION_TIMEOUT_MS = 10_000
+BATCH_TRANSACTION_TIMEOUT_MS = 10_000
 # How long the batch loop waits for a first message before it checks its stop flag again.
 IDLE_POLL_S = 0.1
 # How long the loop keeps resuming a commit or retrying an abort that fails with a retriable
@@ -111,7 +113,7 @@ def close_consumer(consumer: Consumer, stage: str, timeout_s: float) -> bool:
     return True
 
 
-class RetryBatch(Exception):
+class RetryBatch(RtpipeError):
     """Raised by a batch handler when a dependency is down: the batch is rewound and
     retried after ``retry_after_s`` (backpressure) instead of being dropped or misrouted."""
 
@@ -226,7 +228,7 @@ class TransactionalBatchLoop:
                 kafka,
                 **{
                     "transactional.id": txn_id,
-                    "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+                    "transaction.timeout.ms": BATCH_TRANSACTION_TIMEOUT_MS,
                     "linger.ms": TRANSACTIONAL_LINGER_MS,
                     **TRANSACTIONAL_RETRY_BACKOFF,
                 },
@@ -246,9 +248,7 @@ class TransactionalBatchLoop:
         self.stats.rebalances += 1
         if self._assignment is not None:
             self._assignment.assigned(partitions)
-        logger.info("%s assigned %s", self._stage, [(p.topic, p.partition) for p in partitions])
-        if self._on_rebalance:
-            self._on_rebalance("assign", partitions)
+        self._rebalanced("assign", partitions)
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # With one transaction per batch none is open here: every batch is committed or
@@ -259,9 +259,13 @@ class TransactionalBatchLoop:
         self._commit_open()
         if self._assignment is not None:
             self._assignment.revoked(partitions)
-        logger.info("%s revoked %s", self._stage, [(p.topic, p.partition) for p in partitions])
+        self._rebalanced("revoke", partitions)
+
+    def _rebalanced(self, kind: str, partitions: list[TopicPartition]) -> None:
+        done = "assigned" if kind == "assign" else "revoked"
+        logger.info("%s %s %s", self._stage, done, [(p.topic, p.partition) for p in partitions])
         if self._on_rebalance:
-            self._on_rebalance("revoke", partitions)
+            self._on_rebalance(kind, partitions)
 
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another member owns them already: what is open must not commit.
@@ -353,7 +357,7 @@ class TransactionalBatchLoop:
     def _discard(self) -> None:
         """Drop both clients after a fatal error (nothing left to flush or commit). A
         transaction the broker still holds open is aborted by its timeout
-        (``TRANSACTION_TIMEOUT_MS``), until when read_committed readers of its partitions
+        (``BATCH_TRANSACTION_TIMEOUT_MS``), until when read_committed readers of its partitions
         wait."""
         consumer, self._consumer = self._consumer, None
         self._producer = None
@@ -627,4 +631,35 @@ def instrumented_loop(
             stage, topic, str(part)
         ).inc(),
         assignment=Assignment(metrics, stage, group_id, input_topics),
+    )
+
+
+class Batching(Protocol):
+    """A stage's micro-batch settings (PredictionSettings, RoutingSettings, ...)."""
+
+    max_batch: int
+    max_wait_ms: int
+
+
+def stage_loop(
+    settings: Settings,
+    metrics: Metrics,
+    stage: StageName,
+    handler: BatchHandler,
+    batching: Batching,
+    on_idle: Callable[[], None] | None = None,
+) -> TransactionalBatchLoop:
+    """The instrumented loop of a stage with one consumer group, whose group and input
+    topics are the topology's (stages/shared/topology.py)."""
+    group_id, inputs = single_group(settings, stage)
+    return instrumented_loop(
+        settings,
+        metrics,
+        stage=stage,
+        group_id=group_id,
+        input_topics=list(inputs),
+        handler=handler,
+        max_batch=batching.max_batch,
+        max_wait_ms=batching.max_wait_ms,
+        on_idle=on_idle,
     )

@@ -21,6 +21,7 @@ import yaml
 from feast import Entity, FeatureService, FeatureStore, FeatureView, RepoConfig
 from feast.data_source import DataSource
 
+from stages.shared.errors import RtpipeError
 from stages.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ DEFINITION_MODULES: tuple[str, ...] = (
 )
 
 
-class FeatureRepoError(RuntimeError):
+class FeatureRepoError(RtpipeError, RuntimeError):
     """The feature repo folder is missing or its definitions cannot be loaded."""
 
     def __init__(self, repo: Path, detail: str) -> None:

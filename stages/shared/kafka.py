@@ -18,6 +18,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from stages.shared.errors import RtpipeError
 from stages.shared.settings import KafkaSettings, TopicSettings
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ TRANSACTIONAL_LINGER_MS = 100
 TRANSACTIONAL_RETRY_BACKOFF: dict[str, int] = {"retry.backoff.ms": 5, "retry.backoff.max.ms": 50}
 
 
-class KafkaUnavailableError(RuntimeError):
+class KafkaUnavailableError(RtpipeError, RuntimeError):
     """The broker cannot be reached; says what to start."""
 
 

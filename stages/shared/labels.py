@@ -39,6 +39,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from stages.shared.errors import RtpipeError
 from stages.shared.online.cluster import cluster_unavailable, is_cluster_unavailable
 from stages.shared.online.transport import transport_for
 from stages.shared.records import Label
@@ -99,7 +100,7 @@ return out
 """
 
 
-class LabelIndexError(RuntimeError):
+class LabelIndexError(RtpipeError, RuntimeError):
     """The index answered something that is not what its scripts return."""
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.shared.errors import RtpipeError
 from stages.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ _ARROW_TYPES: Final = {
 _TS_TYPE: Final = pa.timestamp("us", tz="UTC")
 
 
-class OfflineSchemaError(ValueError):
+class OfflineSchemaError(RtpipeError, ValueError):
     """A frame does not match the feature view it is written to."""
 
     def __init__(self, view: str, detail: str) -> None:

@@ -5,6 +5,9 @@ checks it: a topic's contract is enforced in the same way by every stage that re
   them with predictions): :class:`Label`, :func:`parse_label`.
 - ``predictions`` (the routing stage decides on them; the evaluation stage joins them):
   :class:`Prediction`, :func:`parse_prediction`.
+- A transaction's identity by content (the enrichment stage's duplicate check and the
+  prediction stage's claims compare it): :func:`fingerprint`, and the reason a copy with
+  other content is dead-lettered under, :data:`CONFLICT_REASON`.
 
 A record that fails the check is dead-lettered by the stage that owns the topic's contract
 (labels: enrichment; predictions: routing) and skipped, counted, by the others.
@@ -12,10 +15,12 @@ A record that fails the check is dead-lettered by the stage that owns the topic'
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
-from stages.shared.schemas import MAX_ID, InvalidMessage, json_object
+from stages.shared.schemas import MAX_ID, InvalidMessage, Transaction, json_object
 
 
 class Label(NamedTuple):
@@ -102,3 +107,27 @@ def parse_prediction(raw: bytes | bytearray | None) -> Prediction:
     ):
         raise InvalidMessage("out_of_range", f"event_ms={event_ms!r}")
     return Prediction(tid, event_ms, rec)
+
+
+# --- a transaction's content -----------------------------------------------------------------
+# A transaction id seen again with other content (DLQ reason, in both stages that check it).
+CONFLICT_REASON: Final = "conflicting_duplicate"
+_CONTENT = struct.Struct("<qqqdq")
+
+
+def fingerprint(tx: Transaction) -> int:
+    """A stable 64-bit hash of a transaction's canonical content: transaction, customer and
+    terminal ids, amount (as a float: ``12``, ``12.0`` and ``12.00`` are one amount) and
+    event time in ms. Field order, spacing and unknown fields of the JSON do not matter."""
+    return content_fingerprint(
+        tx.transaction_id, tx.customer_id, tx.terminal_id, tx.amount, tx.event_ms
+    )
+
+
+def content_fingerprint(
+    transaction_id: int, customer_id: int, terminal_id: int, amount: float, event_ms: int
+) -> int:
+    """:func:`fingerprint` from the fields."""
+    # + 0.0 turns -0.0 (a valid amount) into 0.0: one value, one encoding.
+    packed = _CONTENT.pack(transaction_id, customer_id, terminal_id, amount + 0.0, event_ms)
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little")

@@ -2,7 +2,7 @@
 input topics, output topics and whether it is on the decision path.
 
 The CLI (``rtpipe run``), the ops harness (demo, chaos, bench: which stages to start, when
-they are ready), the lag probes (stages/ops/report.py), Prometheus' scrape config and the
+they are ready), the lag probes (stages/ops/run_charts.py), Prometheus' scrape config and the
 stages themselves read their topology here, so a new stage or topic is named once.
 """
 

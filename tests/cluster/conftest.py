@@ -2,7 +2,7 @@
 masters, one replica each), started once per session by ``infra/stack.py`` on ports of their
 own (Kafka 30192/30193, 30292/30293, 30392/30393; Redis 30701-30706; stage metrics
 30101-30105, +100 per replica) under ``.rtpipe/cluster-30100``, and stopped at the end if
-this session started them.
+this session started them. The settings and ports are in ``tests.support``.
 
 Every port is below Linux's ephemeral range (``net.ipv4.ip_local_port_range``, 32768-60999
 by default): in it, a client's outgoing connection can take a port a broker is about to bind
@@ -15,31 +15,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from stages.shared.settings import Settings, on_cluster, on_port_base
-
-REPO = Path(__file__).resolve().parents[2]
-CLUSTER_BASE = int(os.environ.get("RTPIPE_CLUSTER_PORT_BASE", "30100"))
-CLUSTER_HOME = REPO / ".rtpipe" / f"cluster-{CLUSTER_BASE}"
-# The long variants (a broker stopped under load, a Redis failover) run only when asked.
-FULL = os.environ.get("RTPIPE_CLUSTER_FULL") == "1"
-
-
-def make_cluster_settings() -> Settings:
-    """Settings for the cluster stack: brokers on BASE+92 (+100, +200), Redis on BASE+601.."""
-    base = Settings(home=CLUSTER_HOME, feature_repo=REPO / "feature_repo")
-    settings = on_cluster(
-        on_port_base(base, CLUSTER_BASE),
-        kafka_port=CLUSTER_BASE + 92,
-        redis_port=CLUSTER_BASE + 601,
-    )
-    # Three JVMs on a small machine: a smaller heap each.
-    return settings.model_copy(
-        update={"stack": settings.stack.model_copy(update={"kafka_heap": "512m"})}
-    )
+from stages.shared.settings import Settings
+from tests.support import make_cluster_settings
 
 
 def _session_stack(component: str) -> Iterator[Settings]:

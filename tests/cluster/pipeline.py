@@ -1,5 +1,5 @@
 """What the cluster pipeline tests share: isolated settings on the cluster stack (topics on
-three replicas), the data set, the checks every run ends with (each transaction exactly one
+three replicas), the replay window, the checks every run ends with (each transaction exactly one
 outcome; served features equal to the batch definitions) and the longest time without
 decisions."""
 
@@ -21,31 +21,18 @@ import orjson
 import pandas as pd
 
 from stages.ops.audit import AuditReport, audit, read_topic
-from stages.ops.demo import (
-    PIPELINE_STAGES,
-    StageProcess,
-    start_stage,
-    start_stages,
-    stop_stages,
-    wait_until_ready,
-)
+from stages.ops.harness.outcomes import drain
+from stages.ops.harness.processes import StageProcess, start_stage, start_stages, stop_stages
+from stages.ops.harness.readiness import wait_until_ready
+from stages.ops.harness.sandbox import isolated_settings as support_isolated_settings
 from stages.ops.replay import ReplayPlan, replay
 from stages.shared.schemas import MODEL_FEATURES
 from stages.shared.settings import Settings, TopicSettings
-from tests.support import isolated_settings as support_isolated_settings
+from stages.shared.topology import PIPELINE_STAGES
 from training.features import compute_features
-from training.simulate import SimulatorConfig, simulate
 
 REPO = Path(__file__).resolve().parents[2]
 REPLAY_START = pd.Timestamp("2018-05-05", tz="UTC")
-
-
-def small_data_set(n_customers: int = 150, n_terminals: int = 300) -> pd.DataFrame:
-    """The simulated transactions the cluster runs replay (50 days)."""
-    return simulate(
-        SimulatorConfig(n_customers=n_customers, n_terminals=n_terminals, nb_days=50, seed=7),
-        progress=False,
-    )
 
 
 def isolated_settings(base: Settings, tmp: Path) -> Settings:
@@ -65,23 +52,17 @@ def replay_plan(days: float) -> ReplayPlan:
     return ReplayPlan(REPLAY_START, REPLAY_START + pd.Timedelta(days=days), history_days=30)
 
 
-def expected_ids(tx: pd.DataFrame, plan: ReplayPlan) -> list[int]:
-    sel = (tx["tx_datetime"] >= plan.start) & (tx["tx_datetime"] < plan.end)
-    return tx.loc[sel, "transaction_id"].tolist()
-
-
 def wait_for_outcomes(
     settings: Settings, expected: list[int], procs: list[StageProcess], timeout_s: float
 ) -> AuditReport:
-    """Audit until every transaction has an outcome, the timeout passes or a stage dies."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        report = audit(settings, expected)
-        if not report.lost or time.monotonic() > deadline:
-            return report
-        dead = [f"{sp.name}.{sp.replica}" for sp in procs if sp.proc.poll() is not None]
-        assert not dead, f"stage replica(s) died: {dead}; logs in {procs[0].log.parent}"
-        time.sleep(2.0)
+    """Audit until every transaction has an outcome, the timeout passes or a stage dies
+    (which fails the test, unless every transaction had its outcome)."""
+    report = drain(settings, expected, procs, timeout_s, every_s=2.0)
+    dead = [f"{sp.name}.{sp.replica}" for sp in procs if sp.proc.poll() is not None]
+    assert not (report.lost and dead), (
+        f"stage replica(s) died: {dead}; logs in {procs[0].log.parent}"
+    )
+    return report
 
 
 def served_feature_mismatches(settings: Settings, tx: pd.DataFrame) -> dict[str, int]:
@@ -185,13 +166,6 @@ def kill9(pid: int) -> None:
     raise AssertionError(f"pid {pid} still alive 10 s after SIGKILL")
 
 
-def kill9_stage(sp: StageProcess) -> None:
-    """SIGKILL a stage replica's session (its enrichment labels child too) and reap it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(sp.proc.pid, signal.SIGKILL)
-    sp.proc.wait(10)
-
-
 def redis_masters(stack_settings: Settings, exclude: tuple[int, ...] = ()) -> list[int]:
     """Ports of the Redis Cluster's masters not flagged failed, as the first node that
     answers (and is not in ``exclude``) sees them."""
@@ -244,7 +218,7 @@ def wait_serving(settings: Settings, name: str, replica: int, timeout_s: float =
     import urllib.error
     import urllib.request
 
-    from stages.ops.demo import replica_settings
+    from stages.ops.harness.processes import replica_settings
 
     ports = replica_settings(settings, replica).metrics.ports(name)  # type: ignore[arg-type]
     started = time.monotonic()
@@ -270,7 +244,7 @@ class StreamRun:
         self.tx = tx
         self.plan = plan
         self.rate = rate
-        self.expected = expected_ids(tx, plan)
+        self.expected = plan.transaction_ids(tx)
         self.procs: dict[tuple[str, int], StageProcess] = {}
         self.replicas = replicas
         self.events: list[str] = []

@@ -7,8 +7,7 @@ run that does not drain, up to its end) in ``.rtpipe/cluster-30100/faults.jsonl`
 Default suite: one replica of each stage killed with SIGKILL. With
 ``RTPIPE_CLUSTER_FULL=1``: a Redis master killed (its replica takes over), a rolling restart
 of every replica, and a broker killed and restarted, either one that is not the active
-controller or the active controller. The broker faults are expected to fail for now (see
-``BROKER_XFAIL``).
+controller or the active controller.
 """
 
 from __future__ import annotations
@@ -22,41 +21,36 @@ import pandas as pd
 import pytest
 
 from infra import stack
-from stages.ops.readiness import wait_until_ready
+from stages.ops.harness.processes import kill9 as kill9_stage
+from stages.ops.harness.readiness import wait_until_ready
+from stages.ops.harness.sandbox import register_tiny_model
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import ensure_topics
 from stages.shared.schemas import MODEL_FEATURES
 from stages.shared.settings import Settings
 from stages.shared.topology import PIPELINE_STAGES
-from tests.cluster.conftest import CLUSTER_HOME, FULL
 from tests.cluster.pipeline import (
     Gap,
     StreamRun,
     active_controller,
     isolated_settings,
     kill9,
-    kill9_stage,
     longest_decision_gap,
     node_pid,
     redis_masters,
     replay_plan,
     served_feature_mismatches,
-    small_data_set,
     wait_failover,
     wait_serving,
 )
-from tests.support import register_tiny_model
+from tests.support import CLUSTER_FULL as FULL
+from tests.support import CLUSTER_HOME
 
 pytestmark = pytest.mark.integration
 
 REPLICAS = 2
 # Where each run's numbers are appended (one JSON line per fault).
 RESULTS = CLUSTER_HOME / "faults.jsonl"
-
-
-@pytest.fixture(scope="module")
-def small_tx() -> pd.DataFrame:
-    return small_data_set()
 
 
 @pytest.fixture
@@ -121,22 +115,6 @@ def run_fault(
     return run, gap
 
 
-# Killing the broker that coordinates a group stalls the pipeline for good (measured: 236
-# and 329 of 775 transactions without an outcome after 4 minutes). The static members' 6 s
-# sessions expire while the coordinator moves; on rejoining, the broker fences them
-# ("Static consumer fenced by other consumer with same group.instance.id"). Then (1) the
-# enrichment customer app fails and is restarted in-process, but its RocksDB partitions are
-# still locked by the failed app ("cannot acquire a lock", retried forever), and (2) the
-# batch loop (labels process, prediction, routing) logs the fenced consumer's _FATAL error
-# as a warning ("consumer error: KafkaError{code=_FATAL...}": err.fatal() is False on the
-# message) and keeps polling the dead consumer instead of opening new clients.
-BROKER_XFAIL = pytest.mark.xfail(
-    reason="fenced static members after a group coordinator failover are not recovered "
-    "(enrichment RocksDB lock on in-process restart; _FATAL consumer errors ignored)",
-    strict=False,
-)
-
-
 def kill_and_restart_broker(stack_settings: Settings, node_id: int, down_s: float = 5.0):
     def fault(run: StreamRun) -> None:
         node = stack.kafka_nodes(stack_settings)[node_id - 1]
@@ -151,7 +129,6 @@ def kill_and_restart_broker(stack_settings: Settings, node_id: int, down_s: floa
 
 
 @pytest.mark.skipif(not FULL, reason="long variant: RTPIPE_CLUSTER_FULL=1")
-@BROKER_XFAIL
 def test_broker_killed_and_restarted(cluster: Settings, small_tx: pd.DataFrame, tmp_path: Path):
     """SIGKILL of a broker that is not the active controller, restarted 5 s later."""
     controller = active_controller(cluster)
@@ -167,7 +144,6 @@ def test_broker_killed_and_restarted(cluster: Settings, small_tx: pd.DataFrame, 
 
 
 @pytest.mark.skipif(not FULL, reason="long variant: RTPIPE_CLUSTER_FULL=1")
-@BROKER_XFAIL
 def test_active_controller_killed_and_restarted(
     cluster: Settings, small_tx: pd.DataFrame, tmp_path: Path
 ) -> None:

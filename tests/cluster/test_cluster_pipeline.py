@@ -17,40 +17,27 @@ import pandas as pd
 import pytest
 from confluent_kafka import Producer
 
-from stages.ops.demo import (
-    PIPELINE_STAGES,
-    _env_for,
-    clear_online_store,
-    skew_check,
-    start_stages,
-    stop_stages,
-    wait_until_ready,
-)
+from stages.ops.harness.processes import PIPELINE_STAGES, child_env, start_stages, stop_stages
+from stages.ops.harness.readiness import wait_until_ready
+from stages.ops.harness.sandbox import clear_online_store, register_tiny_model
+from stages.ops.offline import skew_check
 from stages.ops.replay import replay
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import ensure_topics, producer_config
 from stages.shared.schemas import DAY_MS, LABEL_DELAY_DAYS, MODEL_FEATURES
 from stages.shared.settings import Settings
 from tests.cluster.pipeline import (
-    expected_ids,
     isolated_settings,
     replay_plan,
     served_feature_mismatches,
-    small_data_set,
     wait_for_outcomes,
 )
-from tests.support import register_tiny_model
 from training.features import event_ms
 from training.simulate import write_dataset
 
 pytestmark = pytest.mark.integration
 
 REPLICAS = 2
-
-
-@pytest.fixture(scope="module")
-def small_tx() -> pd.DataFrame:
-    return small_data_set()
 
 
 def produce_window_labels(settings: Settings, tx: pd.DataFrame, ids: list[int]) -> None:
@@ -88,7 +75,7 @@ def test_pipeline_on_the_cluster_with_two_replicas_per_stage(
     register_tiny_model(settings, small_tx)
     ensure_topics(settings.kafka, settings.topics)
     plan = replay_plan(days=2)
-    expected = expected_ids(small_tx, plan)
+    expected = plan.transaction_ids(small_tx)
     assert len(expected) > 300
 
     procs = start_stages(settings, (*PIPELINE_STAGES, "evaluation"), replicas=REPLICAS)
@@ -133,7 +120,7 @@ def test_pipeline_on_the_cluster_with_two_replicas_per_stage(
     write_dataset(small_tx, settings.data_dir)
     cli = subprocess.run(
         [sys.executable, "-m", "stages.cli", "audit", "--start", "2018-05-05", "--days", "2"],
-        env=_env_for(settings),
+        env=child_env(settings),
         capture_output=True,
         text=True,
         timeout=120,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from stages.evaluation.app import RedisJoinStore
-from stages.evaluation.logic import JoinItem, decode_window
+from stages.evaluation.join import JoinItem, decode_window
 from stages.shared.settings import EvaluationSettings, Settings
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,8 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 from infra import stack
 from stages.shared.kafka import ensure_topics
 from stages.shared.settings import Settings, TopicSettings
-from tests.cluster.conftest import CLUSTER_BASE, FULL
+from tests.support import CLUSTER_BASE
+from tests.support import CLUSTER_FULL as FULL
 
 pytestmark = pytest.mark.integration
 

@@ -1,16 +1,21 @@
-"""Fixtures shared by the integration tests (the stack itself comes from tests/conftest.py)."""
+"""Fixtures shared by the integration tests (the stack and ``small_tx`` come from
+tests/conftest.py)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from training.simulate import SimulatorConfig, simulate
+from stages.ops.harness.sandbox import isolated_settings, provision
+from stages.shared.settings import Settings
 
 
-@pytest.fixture(scope="module")
-def small_tx() -> pd.DataFrame:
-    """A small simulated data set: 150 customers, 300 terminals, 50 days."""
-    return simulate(
-        SimulatorConfig(n_customers=150, n_terminals=300, nb_days=50, seed=7), progress=False
-    )
+@pytest.fixture
+def pipeline_settings(unique_topics: Settings, small_tx: pd.DataFrame, tmp_path: Path) -> Settings:
+    """Isolated settings on the test's own topics, ready for the stages: the feature repo
+    applied, a tiny model trained on ``small_tx`` promoted, the topics created."""
+    settings = isolated_settings(unique_topics, tmp_path)
+    provision(settings, small_tx)
+    return settings

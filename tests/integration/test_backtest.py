@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from stages.ops.backtest import backtest
+from stages.ops.harness.sandbox import register_tiny_model
 from stages.shared.schemas import MODEL_FEATURES
 from stages.shared.settings import PredictionSettings, RoutingSettings, Settings
-from tests.support import register_tiny_model
 from training import registry
 from training.evaluate import evaluate
 from training.features import compute_features

@@ -23,7 +23,6 @@ import random
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -32,16 +31,13 @@ import pytest
 from confluent_kafka import Producer
 
 from stages.ops.audit import audit, read_topic
-from stages.ops.demo import start_stages, stop_stages
+from stages.ops.harness.processes import start_stages, stop_stages
 from stages.ops.replay import ReplayPlan, replay
 from stages.prediction.logic import decode_enriched
-from stages.shared.feast_store import apply_repo
-from stages.shared.kafka import DLQ_REASON, DLQ_SOURCE, ensure_topics, producer_config
+from stages.shared.kafka import DLQ_REASON, DLQ_SOURCE, producer_config
 from stages.shared.records import parse_label, parse_prediction
 from stages.shared.schemas import DAY_MS, MAX_ID, InvalidMessage, parse_transaction
 from stages.shared.settings import Settings
-from tests.support import isolated_settings, register_tiny_model
-from training.simulate import SimulatorConfig, simulate
 
 pytestmark = pytest.mark.integration
 
@@ -201,15 +197,9 @@ def malformed_inputs(settings: Settings, rng: random.Random) -> dict[str, list[t
 
 
 def test_malformed_input_lands_in_dlqs_and_valid_events_are_unaffected(
-    unique_topics: Settings, tmp_path: Path
+    pipeline_settings: Settings, small_tx: pd.DataFrame
 ) -> None:
-    small_tx = simulate(
-        SimulatorConfig(n_customers=150, n_terminals=300, nb_days=50, seed=7), progress=False
-    )
-    settings = isolated_settings(unique_topics, tmp_path)
-    apply_repo(settings)
-    register_tiny_model(settings, small_tx)
-    ensure_topics(settings.kafka, settings.topics)
+    settings = pipeline_settings
     t = settings.topics
     rng = random.Random(SEED)
     bad = malformed_inputs(settings, rng)
@@ -218,10 +208,7 @@ def test_malformed_input_lands_in_dlqs_and_valid_events_are_unaffected(
     assert len({r for rows in bad.values() for _, r in rows}) >= 7
 
     plan = ReplayPlan(START, START + pd.Timedelta(days=1))
-    expected = small_tx.loc[
-        (small_tx["tx_datetime"] >= plan.start) & (small_tx["tx_datetime"] < plan.end),
-        "transaction_id",
-    ].tolist()
+    expected = plan.transaction_ids(small_tx)
     # Never-seen customers and terminals are valid: each is anchored at one event; a second
     # event of that customer a year (or ten minutes) older is late.
     grace = settings.enrichment.grace_ms

@@ -4,7 +4,8 @@ batch is processed again with every input yielding its output exactly once."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -47,35 +48,61 @@ class _Loop(TransactionalBatchLoop):
         self._producer = _FailOnce(self._producer, self.failed)  # type: ignore[arg-type,assignment]
 
 
-def test_fatal_producer_error_gets_new_clients_and_loses_nothing(unique_topics: Settings) -> None:
-    settings = unique_topics
+def _input(settings: Settings, n: int) -> tuple[str, str]:
+    """The test's input topic holding ``n`` records (values 0..n-1), and its output topic."""
     src, dst = settings.topics.name("transactions"), settings.topics.name("enriched")
     ensure_topics(settings.kafka, settings.topics, [src, dst])
     producer = Producer(producer_config(settings.kafka))
-    n = 300
     for i in range(n):
         producer.produce(src, key=b"%d" % i, value=b"%d" % i)
     assert producer.flush(30) == 0
+    return src, dst
 
-    def handler(msgs: list[Message]) -> list[Output]:
-        return [Output(dst, m.key(), m.value() + b"!") for m in msgs]
 
-    loop = _Loop(
+def _marked(dst: str, msgs: list[Message]) -> list[Output]:
+    """What the loops below output for ``msgs``: each value with a ``!``, to ``dst``."""
+    return [Output(dst, m.key(), m.value() + b"!") for m in msgs]
+
+
+def _outputs(settings: Settings, dst: str) -> list[int]:
+    """The committed outputs of :func:`_marked`, as sorted ints."""
+    return sorted(int(v[:-1]) for _, v, _ in read_topic(settings, dst) if v)
+
+
+L = TypeVar("L", bound=TransactionalBatchLoop)
+
+
+def _loop(
+    cls: type[L],
+    settings: Settings,
+    src: str,
+    handler: Callable[[list[Message]], list[Output]],
+    **options: Any,
+) -> L:
+    """A loop of ``cls`` in group ``loop`` over ``src``, running ``handler``."""
+    return cls(
         settings,
         group_id=settings.topics.group("loop"),
         input_topics=[src],
         handler=handler,
-        max_batch=50,
-        max_wait_ms=5,
         stage="test",
+        **options,
     )
+
+
+def test_fatal_producer_error_gets_new_clients_and_loses_nothing(unique_topics: Settings) -> None:
+    settings = unique_topics
+    n = 300
+    src, dst = _input(settings, n)
+
+    loop = _loop(_Loop, settings, src, lambda msgs: _marked(dst, msgs), max_batch=50, max_wait_ms=5)
     loop.failed = []
     stats = loop.run(StopFlag(), max_idle_s=5.0)
 
     assert loop.failed == [True]
     assert stats.restarts == 1
-    values = sorted(int(v[:-1]) for _, v, _ in read_topic(settings, dst) if v)
-    assert values == list(range(n))  # each exactly once, the failed batch's included
+    # Each exactly once, the failed batch's included.
+    assert _outputs(settings, dst) == list(range(n))
 
 
 def test_a_stalled_partition_is_detected_counted_and_re_read(unique_topics: Settings) -> None:
@@ -83,13 +110,8 @@ def test_a_stalled_partition_is_detected_counted_and_re_read(unique_topics: Sett
     # issue #15, here injected): lag and no progress. The loop counts it, re-reads it from
     # the committed offset, and every input still yields its output exactly once.
     settings = unique_topics.model_copy(update={"stall_timeout_s": 1.5})
-    src, dst = settings.topics.name("transactions"), settings.topics.name("enriched")
-    ensure_topics(settings.kafka, settings.topics, [src, dst])
-    producer = Producer(producer_config(settings.kafka))
     n = 400
-    for i in range(n):
-        producer.produce(src, key=b"%d" % i, value=b"%d" % i)
-    assert producer.flush(30) == 0
+    src, dst = _input(settings, n)
     stalls: list[tuple[str, int, int]] = []
     paused: list[int] = []
 
@@ -99,16 +121,15 @@ def test_a_stalled_partition_is_detected_counted_and_re_read(unique_topics: Sett
             part = msgs[0].partition()
             paused.append(part)
             loop._consumer.pause([TopicPartition(src, part)])  # type: ignore[union-attr]
-        return [Output(dst, m.key(), m.value() + b"!") for m in msgs]
+        return _marked(dst, msgs)
 
-    loop = TransactionalBatchLoop(
+    loop = _loop(
+        TransactionalBatchLoop,
         settings,
-        group_id=settings.topics.group("loop"),
-        input_topics=[src],
-        handler=handler,
+        src,
+        handler,
         max_batch=20,
         max_wait_ms=0,
-        stage="test",
         lag_interval_s=0.5,
         on_stall=lambda topic, part, offset: stalls.append((topic, part, offset)),
     )
@@ -116,5 +137,4 @@ def test_a_stalled_partition_is_detected_counted_and_re_read(unique_topics: Sett
 
     assert stats.restarts == 0
     assert [(t, p) for t, p, _ in stalls] == [(src, paused[0])]
-    values = sorted(int(v[:-1]) for _, v, _ in read_topic(settings, dst) if v)
-    assert values == list(range(n))
+    assert _outputs(settings, dst) == list(range(n))

@@ -14,13 +14,14 @@ import pandas as pd
 import pytest
 
 from stages.ops.audit import read_topic
-from stages.ops.demo import start_stages, stop_stages
-from stages.ops.readiness import wait_until_ready
+from stages.ops.harness.processes import start_stages, stop_stages
+from stages.ops.harness.readiness import wait_until_ready
+from stages.ops.harness.sandbox import isolated_settings
 from stages.ops.replay import ReplayPlan, replay
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import ensure_topics
 from stages.shared.settings import Settings
-from tests.support import isolated_settings
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -31,16 +32,6 @@ def _children(pid: int) -> list[int]:
         text = (task / "children").read_text().split()
         out += [int(c) for c in text]
     return out
-
-
-def _wait(cond: object, timeout_s: float, what: str) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()  # type: ignore[operator]
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _alive(pid: int) -> bool:
@@ -65,16 +56,16 @@ def test_labels_process_is_restarted_and_dies_with_the_stage(
     ensure_topics(settings.kafka, settings.topics)
     (stage,) = start_stages(settings, ("enrichment",))
     try:
-        first = _wait(lambda: _children(stage.proc.pid), 30, "the labels process")
-        assert len(first) == 1  # type: ignore[arg-type]
+        first = wait_until("the labels process", lambda: _children(stage.proc.pid), 30)
+        assert len(first) == 1
         wait_until_ready(settings, [stage])
 
         # A crash of the labels process: the stage starts a new one.
-        os.kill(first[0], signal.SIGKILL)  # type: ignore[index]
-        second = _wait(
-            lambda: [c for c in _children(stage.proc.pid) if c not in first],  # type: ignore[operator]
-            30,
+        os.kill(first[0], signal.SIGKILL)
+        second = wait_until(
             "a new labels process",
+            lambda: [c for c in _children(stage.proc.pid) if c not in first],
+            30,
         )
         assert stage.proc.poll() is None
 
@@ -89,13 +80,13 @@ def test_labels_process_is_restarted_and_dies_with_the_stage(
             ids = [orjson.loads(value)["transaction_id"] for _, value, _ in records if value]
             return ids if len(ids) >= result.transactions else None
 
-        ids = _wait(enriched, 120, "every transaction enriched")
-        assert len(ids) == len(set(ids)) == result.transactions  # type: ignore[arg-type]
+        ids = wait_until("every transaction enriched", enriched, 120)
+        assert len(ids) == len(set(ids)) == result.transactions
 
         # The stage killed outright: its labels process does not outlive it.
         os.kill(stage.proc.pid, signal.SIGKILL)
         stage.proc.wait(10)
-        _wait(lambda: not _alive(second[0]), 30, "the orphaned labels process to exit")  # type: ignore[index]
+        wait_until("the orphaned labels process to exit", lambda: not _alive(second[0]), 30)
     finally:
         stop_stages([stage])
 
@@ -111,4 +102,4 @@ def test_sigterm_during_start_up_is_a_clean_exit(unique_topics: Settings, tmp_pa
     children = _children(procs[0].proc.pid)
     assert stop_stages(procs) == {"enrichment": 0, "routing": 0}
     for child in children:
-        _wait(lambda c=child: not _alive(c), 30, "the labels process to exit")
+        wait_until("the labels process to exit", lambda c=child: not _alive(c), 30)

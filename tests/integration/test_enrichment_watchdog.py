@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 
 from stages.ops.audit import read_topic
-from stages.ops.demo import start_stages, stop_stages
-from stages.ops.readiness import wait_until_ready
+from stages.ops.harness.processes import start_stages, stop_stages
+from stages.ops.harness.readiness import wait_until_ready
+from stages.ops.harness.sandbox import isolated_settings
 from stages.ops.replay import ReplayPlan, replay
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import ensure_topics
 from stages.shared.settings import Settings
-from tests.support import isolated_settings
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from stages.evaluation.app import run
 from stages.ops.audit import read_topic
-from stages.ops.report import KAFKA_LAG, KafkaLagProbe
+from stages.ops.run_charts import KAFKA_LAG, KafkaLagProbe
 from stages.shared.kafka import StopFlag, ensure_topics, producer_config
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.settings import EvaluationSettings, RoutingSettings, Settings

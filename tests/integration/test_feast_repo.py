@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from stages.ops.harness.sandbox import clear_online_store, isolated_settings
 from stages.shared.feast_store import apply_repo, materialize, open_feature_store
 from stages.shared.offline import OfflineSchemaError, read_offline, write_offline
 from stages.shared.online.reader import OnlineFeatureReader
@@ -32,8 +33,6 @@ from stages.shared.schemas import (
     service_features,
 )
 from stages.shared.settings import Settings
-from tests.online_support import drop_project_rows
-from tests.support import isolated_settings
 from training.features import backfill_offline_store
 from training.skew import check_skew
 
@@ -47,7 +46,7 @@ def feast_settings(stack_settings: Settings, tmp_path: Path) -> Iterator[Setting
     """Settings on a private repo copy and a unique Feast project."""
     settings = isolated_settings(stack_settings, tmp_path)
     yield settings
-    drop_project_rows(settings.redis.client(), settings.feast_project)
+    clear_online_store(settings)
 
 
 def customer_rows(ids: list[int], ts: list[datetime], base: float, **extra: object) -> pd.DataFrame:

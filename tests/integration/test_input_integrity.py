@@ -22,14 +22,14 @@ from confluent_kafka import Producer
 
 from stages.enrichment.intake import REKEYED_HEADER
 from stages.ops.audit import audit, read_topic
-from stages.ops.demo import start_stage, start_stages, stop_stages
-from stages.ops.readiness import wait_until_ready
+from stages.ops.harness.processes import start_stage, start_stages, stop_stages
+from stages.ops.harness.readiness import wait_until_ready
+from stages.ops.harness.sandbox import isolated_settings, register_tiny_model
 from stages.ops.replay import ReplayPlan, replay
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import DLQ_REASON, ensure_topics
 from stages.shared.schemas import MODEL_FEATURES
 from stages.shared.settings import Settings
-from tests.support import isolated_settings, register_tiny_model
 from training.features import compute_features
 from training.simulate import SimulatorConfig, simulate
 

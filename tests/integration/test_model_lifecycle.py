@@ -12,14 +12,15 @@ import orjson
 import pandas as pd
 import pytest
 
-from stages.ops.audit import AuditReport, audit, read_topic
-from stages.ops.demo import start_stages, stop_stages
+from stages.ops.audit import read_topic
+from stages.ops.harness.outcomes import drain
+from stages.ops.harness.processes import start_stages, stop_stages
+from stages.ops.harness.sandbox import isolated_settings, register_tiny_model
 from stages.ops.replay import ReplayPlan, replay
 from stages.prediction.logic import stable_fraction
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import ensure_topics
 from stages.shared.settings import Settings
-from tests.support import isolated_settings, register_tiny_model
 from training import registry
 from training.simulate import SimulatorConfig, simulate
 
@@ -57,27 +58,17 @@ def _run(
     """Replay ``plan`` through the three stages and wait until every transaction is decided;
     with ``then``, call its function and replay its plan after that."""
 
-    def ids(p: ReplayPlan) -> list[int]:
-        sel = (tx["tx_datetime"] >= p.start) & (tx["tx_datetime"] < p.end)
-        return tx.loc[sel, "transaction_id"].tolist()
-
-    def drain(expected: list[int]) -> AuditReport:
-        deadline = time.monotonic() + 120
-        while (report := audit(settings, expected)).lost and time.monotonic() < deadline:
-            time.sleep(1)
-        return report
-
-    expected = ids(plan)
+    expected = plan.transaction_ids(tx)
     procs = start_stages(settings)
     try:
         replay(settings, tx, plan, rate=rate)
-        report = drain(expected)
+        report = drain(settings, expected)
         if then is not None:
             between, second = then
             between()
             replay(settings, tx, second, rate=rate)
-            expected += ids(second)
-            report = drain(expected)
+            expected += second.transaction_ids(tx)
+            report = drain(settings, expected)
     finally:
         codes = stop_stages(procs)
     assert codes == {"enrichment": 0, "prediction": 0, "routing": 0}

@@ -19,7 +19,8 @@ import pytest
 from confluent_kafka import Producer
 
 from stages.ops.audit import audit, check_online_features, read_topic
-from stages.ops.demo import start_stages, stop_stages
+from stages.ops.harness.processes import start_stages, stop_stages
+from stages.ops.harness.sandbox import isolated_settings, register_tiny_model
 from stages.ops.replay import ReplayPlan, replay
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import DLQ_REASON, ensure_topics, producer_config
@@ -33,7 +34,6 @@ from stages.shared.schemas import (
     TERMINAL_VIEW,
 )
 from stages.shared.settings import Settings
-from tests.support import isolated_settings, register_tiny_model
 from training import registry
 from training.features import compute_features
 from training.skew import check_skew, predictions_frame
@@ -136,15 +136,11 @@ def test_every_transaction_ends_in_exactly_one_outcome(
     served = pd.DataFrame(
         [p["features"] for p in preds], index=pd.Index(ids, name="transaction_id")
     )
-    # The v2 features too, served by the v2 model.
-    for names in (TERMINAL_FEATURES, CUSTOMER_FEATURES, BEHAVIOUR_FEATURES):
-        pd.testing.assert_frame_equal(
-            served[list(names)],
-            full.loc[ids, list(names)],
-            check_dtype=False,
-            atol=1e-9,
-            rtol=0,
-        )
+    # Terminal and customer features alike, and the v2 ones the v2 model was served.
+    features = [*TERMINAL_FEATURES, *CUSTOMER_FEATURES, *BEHAVIOUR_FEATURES]
+    pd.testing.assert_frame_equal(
+        served[features], full.loc[ids, features], check_dtype=False, atol=1e-9, rtol=0
+    )
     assert {p["model_version"] for p in preds} == {"v0001"}
 
     # The v1 shadow scored every row; each record names the v2 service and its views only.

@@ -12,91 +12,34 @@ first prediction served by the candidate.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-import lightgbm as lgb
-import numpy as np
 import orjson
 import pandas as pd
 import pytest
 from confluent_kafka import Producer
 
 from stages.ops.audit import audit, read_topic
-from stages.ops.demo import start_stages, stop_stages
+from stages.ops.harness.processes import child_env, start_process, start_stages, stop_stages
+from stages.ops.harness.sandbox import isolated_settings, register_tiny_model
 from stages.ops.replay import ReplayPlan, replay
 from stages.retrain.logic import request_payload
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import ensure_topics, producer_config
-from stages.shared.schemas import MODEL_FEATURES
-from stages.shared.settings import Settings, settings_to_env
+from stages.shared.settings import Settings
 from stages.shared.topology import retrain_requests_topic
-from tests.support import isolated_settings
+from tests.support import wait_until
 from training import registry
-from training.features import backfill_offline_store, compute_features
+from training.features import backfill_offline_store
 from training.simulate import SimulatorConfig, simulate, write_dataset
 
 pytestmark = pytest.mark.integration
 
 DAY = pd.Timedelta(days=1)
-T = TypeVar("T")
 STAGES = ("enrichment", "prediction", "routing", "evaluation")
-
-
-def _wait(what: str, cond: Callable[[], T], timeout_s: float = 120.0, every_s: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def _useless_champion(settings: Settings, tx: pd.DataFrame) -> str:
-    feats = compute_features(tx)
-    y = np.random.default_rng(0).permutation(tx["is_fraud"].to_numpy())
-    booster = lgb.train(
-        {"objective": "binary", "num_leaves": 8, "verbose": -1, "seed": 0},
-        lgb.Dataset(
-            feats[list(MODEL_FEATURES)].to_numpy(np.float64),
-            label=y,
-            feature_name=list(MODEL_FEATURES),
-        ),
-        num_boost_round=20,
-    )
-    mv = registry.register(
-        settings.registry_dir,
-        settings.prediction.model_name,
-        booster.model_to_string(),
-        {"features": list(MODEL_FEATURES), "feature_service": settings.prediction.feature_service},
-    )
-    registry.promote(settings.registry_dir, settings.prediction.model_name, mv.version)
-    return mv.version
-
-
-def _start_retrain(settings: Settings) -> tuple[subprocess.Popen[bytes], Path]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RTPIPE_")}
-    resolved = settings.model_copy(
-        update={"home": settings.home.resolve(), "feature_repo": settings.feature_repo.resolve()}
-    )
-    env.update(settings_to_env(resolved))
-    log = settings.run_dir / "stages" / f"{settings.topics.prefix}retrain.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stages.cli", "retrain"],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    return proc, log
 
 
 def test_retrain_request_ends_with_the_candidate_serving(
@@ -131,7 +74,8 @@ def test_retrain_request_ends_with_the_candidate_serving(
     write_dataset(tx, settings.data_dir)
     ensure_topics(settings.kafka, settings.topics)
     name = settings.prediction.model_name
-    champion = _useless_champion(settings, tx)
+    # Trained on shuffled labels: the drift made it so.
+    champion = register_tiny_model(settings, tx, shuffle_labels=True)
 
     day0 = pd.Timestamp("2018-05-08", tz="UTC")
     # A: champion alone. B: champion and, once marked, the candidate as shadow. C: B's labels
@@ -141,21 +85,17 @@ def test_retrain_request_ends_with_the_candidate_serving(
     plan_c = ReplayPlan(plan_b.start + 9 * DAY, plan_b.start + 10 * DAY, label_lookback_days=9)
     plan_d = ReplayPlan(plan_c.end, plan_c.end + DAY / 2, label_lookback_days=0)
 
-    def ids(p: ReplayPlan) -> list[int]:
-        sel = (tx["tx_datetime"] >= p.start) & (tx["tx_datetime"] < p.end)
-        return tx.loc[sel, "transaction_id"].tolist()
-
     def decided(expected: list[int]) -> bool:
         return not audit(settings, expected).lost
 
     reg = settings.registry_dir
     procs = start_stages(settings, STAGES)
-    retrain_proc, retrain_log = _start_retrain(settings)
+    retrain = start_process(settings, "retrain", ("stages.cli", "retrain"))
     expected: list[int] = []
     try:
         replay(settings, tx, plan_a)
-        expected += ids(plan_a)
-        _wait("plan A decided", lambda: decided(expected), 150, 1.0)
+        expected += plan_a.transaction_ids(tx)
+        wait_until("plan A decided", lambda: decided(expected), 150, 1.0)
 
         producer = Producer(producer_config(settings.kafka))
         t_request = time.time()
@@ -168,7 +108,9 @@ def test_retrain_request_ends_with_the_candidate_serving(
             name.encode(),
         )
         producer.flush(10)
-        candidate = _wait("a candidate in shadow", lambda: registry.shadow_version(reg, name), 90)
+        candidate = wait_until(
+            "a candidate in shadow", lambda: registry.shadow_version(reg, name), 90
+        )
         t_shadow = time.time()
         assert candidate is not None and candidate != champion
         assert registry.current_version(reg, name) == champion
@@ -177,23 +119,24 @@ def test_retrain_request_ends_with_the_candidate_serving(
         time.sleep(3.0)
 
         replay(settings, tx, plan_b)
-        expected += ids(plan_b)
+        expected += plan_b.transaction_ids(tx)
         replay(settings, tx, plan_c)
-        expected += ids(plan_c)
-        _wait("the gate's promotion", lambda: registry.current_version(reg, name) == candidate, 240)
+        expected += plan_c.transaction_ids(tx)
+        wait_until(
+            "the gate's promotion", lambda: registry.current_version(reg, name) == candidate, 240
+        )
         t_promoted = time.time()
         assert registry.shadow_version(reg, name) is None
 
         replay(settings, tx, plan_d)
-        expected += ids(plan_d)
-        _wait("every transaction decided", lambda: decided(expected), 120, 1.0)
+        expected += plan_d.transaction_ids(tx)
+        wait_until("every transaction decided", lambda: decided(expected), 120, 1.0)
         report = audit(settings, expected)
     finally:
         codes = stop_stages(procs)
-        retrain_proc.terminate()
-        retrain_code = retrain_proc.wait(30)
+        retrain_code = stop_stages([retrain])["retrain"]
     assert codes == dict.fromkeys(STAGES, 0)
-    assert retrain_code == 0, retrain_log.read_text()[-3000:]
+    assert retrain_code == 0, retrain.log.read_text()[-3000:]
     assert report.lost == [] and report.duplicated == []
 
     predictions = [
@@ -201,7 +144,7 @@ def test_retrain_request_ends_with_the_candidate_serving(
         for _, v, _ in read_topic(settings, settings.topics.name("predictions"))
     ]
     by_time = sorted(predictions, key=lambda p: p["ts"]["predicted_ms"])
-    b_ids = set(ids(plan_b))
+    b_ids = set(plan_b.transaction_ids(tx))
     shadowed = [p for p in by_time if p["transaction_id"] in b_ids]
     assert shadowed and all(p.get("shadow", {}).get("model_version") == candidate for p in shadowed)
     served = [p for p in by_time if p["model_version"] == candidate]
@@ -209,7 +152,7 @@ def test_retrain_request_ends_with_the_candidate_serving(
     # Once it serves it keeps serving, and every transaction of D is scored by it.
     first = by_time.index(served[0])
     assert all(p["model_version"] == candidate for p in by_time[first:])
-    assert set(ids(plan_d)) <= {p["transaction_id"] for p in served}
+    assert set(plan_d.transaction_ids(tx)) <= {p["transaction_id"] for p in served}
 
     steps = [(e["step"], e["version"]) for e in registry.events(reg, name)]
     assert steps == [
@@ -226,17 +169,7 @@ def test_retrain_request_ends_with_the_candidate_serving(
 
     cli = subprocess.run(
         [sys.executable, "-m", "stages.cli", "model", "list"],
-        env={
-            **os.environ,
-            **settings_to_env(
-                settings.model_copy(
-                    update={
-                        "home": settings.home.resolve(),
-                        "feature_repo": settings.feature_repo.resolve(),
-                    }
-                )
-            ),
-        },
+        env=child_env(settings),
         capture_output=True,
         text=True,
         timeout=60,

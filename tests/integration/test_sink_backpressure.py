@@ -242,53 +242,59 @@ class Case:
         assert sorted(self.output()) == self.ids, "output topic not exactly once"
 
 
+def _backlog(
+    settings: Settings, tmp_path: Path, *, concat: bool, outage_s: float = OUTAGE_S
+) -> tuple[Case, Outage]:
+    """A case with a backlog on every partition, and the outage its sink will meet."""
+    case = Case(settings, tmp_path, concat=concat)
+    case.produce(BACKLOG_PER_PARTITION)
+    return case, Outage(outage_s)
+
+
+def _quixstreams_defect(what: str) -> pytest.MarkDecorator:
+    """A test that shows a quixstreams 3.28.1 defect: it must fail, on an assertion."""
+    return pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason=f"quixstreams 3.28.1: {what}"
+    )
+
+
 def test_bare_backpressure_without_time_alignment_recovers(
     unique_topics: Settings, tmp_path: Path
 ) -> None:
     """One input topic (no concat): quixstreams' pause/seek/resume loses nothing."""
-    case = Case(unique_topics, tmp_path, concat=False)
-    case.produce(BACKLOG_PER_PARTITION)
-    outage = Outage(OUTAGE_S)
+    case, outage = _backlog(unique_topics, tmp_path, concat=False)
     sink = BareSink(outage)
     case.run(case.app(sink), until=case.caught_up)
     assert outage.refusals > 0
     case.assert_every_record_once(sink)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="quixstreams 3.28.1: trigger_backpressure clears the time-alignment buffer of "
-    "partitions it does not seek back; their fetched messages are never read again",
+@_quixstreams_defect(
+    "trigger_backpressure clears the time-alignment buffer of partitions it does not seek "
+    "back; their fetched messages are never read again"
 )
 def test_bare_backpressure_with_time_alignment_stalls(
     unique_topics: Settings, tmp_path: Path
 ) -> None:
     """The chaos run's stall: after the outage, partitions other than the one being
     processed when the flush failed never commit again (nothing new arrives)."""
-    case = Case(unique_topics, tmp_path, concat=True)
-    case.produce(BACKLOG_PER_PARTITION)
-    outage = Outage(OUTAGE_S)
+    case, outage = _backlog(unique_topics, tmp_path, concat=True)
     sink = BareSink(outage)
     case.run(case.app(sink), until=case.caught_up, max_s=OUTAGE_S + 8)
     assert outage.refusals > 0
     case.assert_every_record_once(sink)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="quixstreams 3.28.1: the dropped messages are committed past once new data "
-    "arrives on their partitions (silent loss)",
+@_quixstreams_defect(
+    "the dropped messages are committed past once new data arrives on their partitions "
+    "(silent loss)"
 )
 def test_bare_backpressure_with_time_alignment_loses_records(
     unique_topics: Settings, tmp_path: Path
 ) -> None:
     """The same with traffic after the outage: the committed offsets reach the end, but the
     messages dropped from the buffer were never processed."""
-    case = Case(unique_topics, tmp_path, concat=True)
-    case.produce(BACKLOG_PER_PARTITION)
-    outage = Outage(OUTAGE_S)
+    case, outage = _backlog(unique_topics, tmp_path, concat=True)
     sink = BareSink(outage)
     tail_sent = False
 
@@ -314,9 +320,7 @@ def test_retrying_sink_rides_out_the_outage(
 ) -> None:
     """The workaround: the flush retries in place; every record once, every partition at
     its end, with or without time alignment."""
-    case = Case(unique_topics, tmp_path, concat=concat)
-    case.produce(BACKLOG_PER_PARTITION)
-    outage = Outage(OUTAGE_S)
+    case, outage = _backlog(unique_topics, tmp_path, concat=concat)
     sink = RetryingSink(outage)
     case.run(case.app(sink), until=case.caught_up)
     assert outage.refusals > 0 and sink.total_retries > 0
@@ -329,9 +333,7 @@ def test_retrying_sink_out_of_budget_fails_and_a_restart_recovers(
     """An outage longer than the retry budget fails the application (nothing committed,
     transaction aborted) instead of pausing it; the restarted application, as the stage's
     supervisor runs it, resumes from the committed offsets and loses nothing."""
-    case = Case(unique_topics, tmp_path, concat=True)
-    case.produce(BACKLOG_PER_PARTITION)
-    outage = Outage(OUTAGE_S + 1.0)
+    case, outage = _backlog(unique_topics, tmp_path, concat=True, outage_s=OUTAGE_S + 1.0)
     first = RetryingSink(outage, retry_budget_s=0.5)
     with pytest.raises(SinkUnavailableError):
         case.run(case.app(first), until=case.caught_up)

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from infra import stack
 from infra.cli import stack_app
 from stages.shared.settings import MetricsSettings, RedisSettings, Settings, StackSettings
-from tests.conftest import make_test_settings
+from tests.support import make_test_settings
 
 
 def _free_port() -> int:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from bench.naive import NaiveScorer
 from bench.pipeline import decision_stats, plans
-from bench.report import Goal, Machine, Results, Row, fmt_number, markdown_table, median, ratio
+from bench.results import Goal, Machine, Results, Row, fmt_number, markdown_table, median, ratio
 from stages.shared.schemas import CUSTOMER_FEATURES, MODEL_FEATURES, TERMINAL_FEATURES
 
 

@@ -12,22 +12,21 @@ import pandas as pd
 import pytest
 
 from stages.evaluation.app import EvaluationStage
-from stages.evaluation.logic import (
-    DriftWindow,
+from stages.evaluation.drift import DriftWindow, drift_psi, retrain_request, retrain_triggers
+from stages.evaluation.join import (
     JoinItem,
     MemoryJoinStore,
     PredictionRow,
-    calibration_bins,
     decode_window,
-    drift_psi,
-    expected_calibration_error,
     label_half,
+    prediction_half,
+    scored_prediction,
+)
+from stages.evaluation.quality import (
+    calibration_bins,
+    expected_calibration_error,
     online_metrics,
     precision_recall_at,
-    prediction_half,
-    retrain_request,
-    retrain_triggers,
-    scored_prediction,
 )
 from stages.shared.metrics import build_metrics
 from stages.shared.records import Label, parse_label

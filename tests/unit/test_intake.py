@@ -22,9 +22,7 @@ from stages.enrichment.intake import (
     canonical_partition,
     check_duplicate,
     check_horizon,
-    content_fingerprint,
     describe_placement,
-    fingerprint,
     key_customer,
     murmur2,
     rekey_headers,
@@ -35,6 +33,7 @@ from stages.enrichment.intake import (
     state_loads,
 )
 from stages.enrichment.logic import CustomerState, LateEvent, update_customer
+from stages.shared.records import content_fingerprint, fingerprint
 from stages.shared.schemas import DAY_MS, MAX_ID, Transaction, parse_transaction
 
 T0 = 1_525_132_800_000  # 2018-05-01T00:00:00Z

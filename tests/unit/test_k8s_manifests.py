@@ -44,55 +44,56 @@ _KAFKA_TRIGGER = {
         },
     },
 }
-# The subset of KEDA 2.x's CRDs (keda.sh/v1alpha1) these manifests use.
+
+
+def _keda_object(spec: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a KEDA 2.x object (keda.sh/v1alpha1) whose ``spec`` is ``spec``."""
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {"const": "keda.sh/v1alpha1"}, "spec": spec},
+    }
+
+
+# The subset of KEDA 2.x's CRDs these manifests use.
 KEDA_SCHEMAS: dict[str, dict[str, Any]] = {
-    "ScaledObject": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "keda.sh/v1alpha1"},
-            "spec": {
-                "type": "object",
-                "required": ["scaleTargetRef", "triggers"],
-                "additionalProperties": False,
-                "properties": {
-                    "scaleTargetRef": {
+    "ScaledObject": _keda_object(
+        {
+            "type": "object",
+            "required": ["scaleTargetRef", "triggers"],
+            "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string"}},
+                },
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": {"type": "integer", "minimum": 0},
+                "triggers": {"type": "array", "minItems": 1, "items": _KAFKA_TRIGGER},
+            },
+        }
+    ),
+    "TriggerAuthentication": _keda_object(
+        {
+            "type": "object",
+            "required": ["secretTargetRef"],
+            "properties": {
+                "secretTargetRef": {
+                    "type": "array",
+                    "items": {
                         "type": "object",
-                        "required": ["name"],
-                        "properties": {"name": {"type": "string"}},
-                    },
-                    "minReplicaCount": {"type": "integer", "minimum": 0},
-                    "maxReplicaCount": {"type": "integer", "minimum": 1},
-                    "pollingInterval": {"type": "integer", "minimum": 1},
-                    "cooldownPeriod": {"type": "integer", "minimum": 0},
-                    "triggers": {"type": "array", "minItems": 1, "items": _KAFKA_TRIGGER},
-                },
-            },
-        },
-    },
-    "TriggerAuthentication": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "keda.sh/v1alpha1"},
-            "spec": {
-                "type": "object",
-                "required": ["secretTargetRef"],
-                "properties": {
-                    "secretTargetRef": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["parameter", "name", "key"],
-                            "properties": {
-                                "parameter": {"enum": ["sasl", "username", "password", "tls", "ca"]}
-                            },
+                        "required": ["parameter", "name", "key"],
+                        "properties": {
+                            "parameter": {"enum": ["sasl", "username", "password", "tls", "ca"]}
                         },
-                    }
-                },
+                    },
+                }
             },
-        },
-    },
+        }
+    ),
 }
 
 

@@ -1,13 +1,13 @@
 """Readiness as the stages report it: the partitions each process holds
 (stages/shared/metrics.py ``Assignment``), summed over processes from their /metrics
-(stages/ops/readiness.py), served by real HTTP servers on free ports."""
+(stages/ops/harness/readiness.py), served by real HTTP servers on free ports."""
 
 from __future__ import annotations
 
 import socket
 from typing import NamedTuple
 
-from stages.ops.readiness import held_partitions
+from stages.ops.harness.readiness import held_partitions
 from stages.shared.metrics import Assignment, build_metrics
 
 

@@ -11,15 +11,14 @@ import orjson
 import pandas as pd
 import pytest
 
-from stages.evaluation.logic import (
+from stages.evaluation.join import (
     PredictionRow,
-    ShadowComparison,
     decode_window,
     label_half,
     prediction_half,
     scored_prediction,
-    shadow_comparisons,
 )
+from stages.evaluation.quality import ShadowComparison, shadow_comparisons
 from stages.retrain.logic import (
     WindowError,
     gate,
@@ -151,8 +150,8 @@ def test_registry_shadow_marker_and_events(tmp_path: Path) -> None:
 
 
 def test_model_holder_follows_the_registry_shadow_marker(tmp_path: Path) -> None:
+    from stages.ops.harness.sandbox import register_tiny_model
     from stages.prediction.models import ModelHolder
-    from tests.support import register_tiny_model
     from training.simulate import SimulatorConfig, simulate
 
     tx = simulate(SimulatorConfig(n_customers=20, n_terminals=40, nb_days=10, seed=1), False)

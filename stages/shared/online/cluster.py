@@ -20,6 +20,7 @@ from typing import Any, Final
 import numpy as np
 import redis
 
+from stages.shared.errors import RtpipeError
 from stages.shared.online.resp import read_replies
 
 logger = logging.getLogger(__name__)
@@ -27,11 +28,11 @@ logger = logging.getLogger(__name__)
 _SLOTS: Final = 16384
 
 
-class _Redirected(Exception):
+class _Redirected(RtpipeError):
     """A node answered MOVED or ASK: the slot map is stale."""
 
 
-class ClusterUnavailableError(redis.ConnectionError):
+class ClusterUnavailableError(RtpipeError, redis.ConnectionError):
     """The cluster does not serve a slot right now (a master failed and its replica is not
     promoted yet: ``CLUSTERDOWN``, ``TRYAGAIN``, ``MASTERDOWN``). Transient, like a refused
     connection, so it is one: the stages back off and retry the batch."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from stages.shared.errors import RtpipeError
 
-class FeatureLayoutError(ValueError):
+
+class FeatureLayoutError(RtpipeError, ValueError):
     """The registry or a request does not fit the online layout this package implements."""
 
     def __init__(self, what: str, detail: str) -> None:
@@ -12,7 +14,7 @@ class FeatureLayoutError(ValueError):
         self.detail = detail
 
 
-class OnlineWriteError(RuntimeError):
+class OnlineWriteError(RtpipeError, RuntimeError):
     """A batched online write failed in Redis."""
 
     def __init__(self, view: str, rows: int, detail: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from stages.ops.audit import AuditReport, TopicRecords
-from stages.ops.report import (
+from stages.ops.run_charts import (
     Frame,
     MetricsSampler,
     gauge_series,

@@ -56,6 +56,22 @@ def ratio(ours: float, baseline: float, better: Better = "higher") -> float:
 
 
 @dataclass(frozen=True)
+class Versus:
+    """Events/s of ours against a baseline's, each the median of ``trials`` runs over
+    its number of events."""
+
+    ours_eps: float
+    baseline_eps: float
+    ours_events: int
+    baseline_events: int
+    trials: int
+
+    def row(self, what: str, note: str, goal: Goal | None = None) -> Row:
+        """The results line of this comparison (events/s, higher is better)."""
+        return Row(what, self.ours_eps, self.baseline_eps, "ev/s", goal=goal or NO_GOAL, note=note)
+
+
+@dataclass(frozen=True)
 class Goal:
     """A goal on a line's ratio (``min_ratio``) or on ``ours`` itself (``max_ours`` or
     ``min_ours``)."""

@@ -23,7 +23,7 @@ from stages.shared.settings import Settings, StageName
 from stages.shared.topology import stage_groups
 
 if TYPE_CHECKING:
-    from stages.ops.demo import StageProcess
+    from stages.ops.harness.processes import StageProcess
 
 ASSIGNED = "rtpipe_assigned_partitions"
 
@@ -70,7 +70,7 @@ def wait_until_ready(
         RuntimeError: a stage process exited meanwhile.
         TimeoutError: not ready within ``timeout_s``.
     """
-    from stages.ops.demo import replica_settings
+    from stages.ops.harness.processes import replica_settings
 
     started = time.monotonic()
     groups: dict[str, tuple[str, ...]] = {}
