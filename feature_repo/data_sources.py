@@ -25,6 +25,15 @@ terminal_risk_source = FileSource(
     description="Parquet part files of terminal risk aggregates.",
 )
 
+# Offline history of customer behaviour (feature service v2), one row per (customer, event time).
+customer_behaviour_source = FileSource(
+    name="customer_behaviour_source",
+    path="data/customer_behaviour",
+    timestamp_field="event_timestamp",
+    created_timestamp_column="created_timestamp",
+    description="Parquet part files of customer behaviour features.",
+)
+
 # Enrichment pushes fresh customer aggregates here; the batch source backs materialize/history.
 customer_spending_push = PushSource(
     name="customer_spending_push",
@@ -37,4 +46,11 @@ terminal_risk_push = PushSource(
     name="terminal_risk_push",
     batch_source=terminal_risk_source,
     description="Online writes of terminal risk aggregates by the enrichment stage.",
+)
+
+# Enrichment pushes each event's customer behaviour features here, beside its spending row.
+customer_behaviour_push = PushSource(
+    name="customer_behaviour_push",
+    batch_source=customer_behaviour_source,
+    description="Online writes of customer behaviour features by the enrichment stage.",
 )

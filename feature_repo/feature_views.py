@@ -1,11 +1,12 @@
 """Feast feature views: one per entity, fed by its push source, backed by Parquet history.
 
-Feature names must match ``stages.shared.schemas`` (CUSTOMER_FEATURES, TERMINAL_FEATURES).
+Feature names must match ``stages.shared.schemas`` (CUSTOMER_FEATURES, TERMINAL_FEATURES,
+BEHAVIOUR_FEATURES).
 """
 
 from datetime import timedelta
 
-from data_sources import customer_spending_push, terminal_risk_push
+from data_sources import customer_behaviour_push, customer_spending_push, terminal_risk_push
 from entities import customer, terminal
 from feast import FeatureView, Field
 from feast.types import Float64, Int64
@@ -50,5 +51,25 @@ terminal_risk = FeatureView(
     online=True,
     source=terminal_risk_push,
     description="Per-terminal labelled transaction counts and fraud rates over 1, 7, 30 days.",
+    tags={"team": "fraud"},
+)
+
+# Customer behaviour (v2): its own view, so v1's view, history and service stay as they were.
+customer_behaviour = FeatureView(
+    name="customer_behaviour",
+    entities=[customer],
+    ttl=AGGREGATE_TTL,
+    schema=[
+        Field(name="customer_id", dtype=Int64),
+        Field(name="customer_amount_ratio_7d", dtype=Float64),
+        Field(name="customer_amount_ratio_30d", dtype=Float64),
+        Field(name="customer_secs_since_prev_tx", dtype=Float64),
+        Field(name="customer_nb_terminals_1d", dtype=Int64),
+        Field(name="customer_nb_terminals_7d", dtype=Int64),
+    ],
+    online=True,
+    source=customer_behaviour_push,
+    description="Per-customer amount vs 7/30-day means, time since previous transaction, "
+    "distinct terminals over 1 and 7 days.",
     tags={"team": "fraud"},
 )

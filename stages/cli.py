@@ -118,6 +118,9 @@ def train(
     predictions_out: Annotated[
         Path | None, typer.Option(help="Write test predictions here.")
     ] = None,
+    feature_service: Annotated[
+        str | None, typer.Option(help="Feature service (default: the prediction setting's).")
+    ] = None,
 ) -> None:
     """Train LightGBM from the Feast offline store (point-in-time joins), evaluate, register."""
     from training.train import train as run_train
@@ -130,6 +133,7 @@ def train(
         delay_days=delay_days,
         test_days=test_days,
         predictions_out=predictions_out,
+        feature_service=feature_service,
     )
     console.print(result)
 

@@ -70,11 +70,11 @@ def random_frame(
 
 
 def feast_online(
-    store: FeatureStore, customers: np.ndarray, terminals: np.ndarray
+    store: FeatureStore, customers: np.ndarray, terminals: np.ndarray, service: str = SERVICE
 ) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
-    """Feast's answer: values by feature name, and event-time ms by view."""
+    """Feast's answer for ``service``: values by feature name, and event-time ms by view."""
     response = store.get_online_features(
-        features=store.get_feature_service(SERVICE),
+        features=store.get_feature_service(service),
         entity_rows=[
             {"customer_id": int(c), "terminal_id": int(t)}
             for c, t in zip(customers, terminals, strict=True)

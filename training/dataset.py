@@ -36,7 +36,10 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from stages.shared.schemas import CUSTOMER_FEATURES, MODEL_FEATURES, TERMINAL_FEATURES
+from stages.shared.schemas import (
+    REQUEST_FEATURES,
+    service_features,
+)
 from training.features import event_ms, is_night_ms, is_weekend_ms
 
 if TYPE_CHECKING:
@@ -47,7 +50,16 @@ logger = logging.getLogger(__name__)
 # Entity rows per Feast call: bounds the memory of the Dask merge (about 3 GB at 50k rows).
 DEFAULT_CHUNK_ROWS = 50_000
 ID_COLUMNS = ("transaction_id", "customer_id", "terminal_id", "tx_datetime")
-STORED_FEATURES = (*CUSTOMER_FEATURES, *TERMINAL_FEATURES)
+
+
+def stored_features(feature_service: str) -> tuple[str, ...]:
+    """The features of a service that come from Feast (all but the request features), in the
+    model's column order.
+
+    Raises:
+        stages.shared.schemas.UnknownFeatureServiceError: an unknown service name.
+    """
+    return tuple(f for f in service_features(feature_service) if f not in REQUEST_FEATURES)
 
 
 class MissingFeaturesError(RuntimeError):
@@ -67,7 +79,8 @@ class MissingFeaturesError(RuntimeError):
 class Dataset:
     """Model inputs, labels and identifiers of one time window, aligned row by row.
 
-    ``X`` has the ``MODEL_FEATURES`` columns in that order (float64); ``y`` the labels (int8);
+    ``X`` has the feature service's model columns (``service_features``) in that order
+    (float64); ``y`` the labels (int8);
     ``ids`` the ``transaction_id``, ``customer_id``, ``terminal_id``, ``tx_datetime``. Rows are
     sorted by transaction id (time order).
     """
@@ -290,7 +303,7 @@ def point_in_time_features(
     logger.info("point-in-time join of %d rows in %.1f s", len(joined), time.perf_counter() - t0)
     joined = joined.set_index("transaction_id").reindex(window["transaction_id"].to_numpy())
     out = pd.DataFrame(index=window.index)
-    for name in STORED_FEATURES:
+    for name in stored_features(feature_service):
         if name not in joined.columns:
             raise KeyError(f"feature service {feature_service} did not return {name}")
         col = pd.to_numeric(joined[name], errors="raise").astype("float64").to_numpy()
@@ -345,7 +358,9 @@ def build_datasets(
         ],
         ignore_index=True,
     )
-    X_all = pd.concat([request_features(union), stored], axis=1)[list(MODEL_FEATURES)]
+    X_all = pd.concat([request_features(union), stored], axis=1)[
+        list(service_features(feature_service))
+    ]
     X_all = X_all.astype("float64")
     out = []
     offset = 0

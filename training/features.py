@@ -1,4 +1,5 @@
-"""Batch (reference) computation of the 15 model inputs, straight from SIMULATOR.md.
+"""Batch (reference) computation of the model inputs: the 15 of SIMULATOR.md (feature service
+v1) and the customer behaviour features of v2 (defined in ``stages.shared.schemas``).
 
 This is the definition the streaming enrichment stage must agree with (the skew check compares
 them). Everything is vectorised: rows are sorted by (entity, time, transaction id) and each window
@@ -37,11 +38,17 @@ import pandas as pd
 
 from stages.shared.offline import write_offline
 from stages.shared.schemas import (
+    AMOUNT_RATIO_DAYS,
+    BEHAVIOUR_FEATURES,
+    BEHAVIOUR_VIEW,
     CUSTOMER_FEATURES,
     CUSTOMER_VIEW,
     DAY_MS,
+    DISTINCT_TERMINAL_DAYS,
     LABEL_DELAY_DAYS,
+    MAX_GAP_S,
     MODEL_FEATURES,
+    MODEL_FEATURES_V2,
     TERMINAL_FEATURES,
     TERMINAL_VIEW,
     WINDOWS_DAYS,
@@ -110,6 +117,54 @@ def _customer_windows(
     return out
 
 
+def _behaviour(
+    customer: np.ndarray,
+    ms: np.ndarray,
+    tid: np.ndarray,
+    terminal: np.ndarray,
+    amount: np.ndarray,
+    spending: dict[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """The customer behaviour features (``stages.shared.schemas``, BEHAVIOUR_FEATURES)."""
+    out: dict[str, np.ndarray] = {}
+    for n in AMOUNT_RATIO_DAYS:
+        mean = spending[f"customer_avg_amount_{n}d"]
+        # Same float operation as the stream (amount / mean); 0 / 0 is 1.0.
+        safe = np.where(mean > 0, mean, 1.0)
+        out[f"customer_amount_ratio_{n}d"] = np.where(mean > 0, amount / safe, 1.0)
+    order, key = _grouped_keys(customer, ms, tid)
+    size = key.size
+    ms_s, cust_s, term_s = ms[order], customer[order], terminal[order]
+    max_gap_ms = MAX_GAP_S * 1000
+    gap = np.full(size, max_gap_ms, dtype=np.int64)
+    if size > 1:
+        same = cust_s[1:] == cust_s[:-1]
+        gap[1:][same] = ms_s[1:][same] - ms_s[:-1][same]
+    secs = np.empty(size, np.float64)
+    secs[order] = np.minimum(gap, max_gap_ms) / 1000.0
+    out["customer_secs_since_prev_tx"] = secs
+    # Distinct terminals in (t - n days, t]: row j counts for row i (j <= i) when it is the
+    # latest of its terminal up to i (i < next[j], the next row of the same customer and
+    # terminal) and inside i's window (lo[i] <= j). lo is non-decreasing, so the rows i that
+    # j counts for form one interval [j, stop[j]); a difference array sums them.
+    pos = np.arange(size)
+    pair = np.lexsort((pos, term_s, cust_s))
+    nxt = np.full(size, size, dtype=np.int64)
+    if size > 1:
+        same_pair = (cust_s[pair][1:] == cust_s[pair][:-1]) & (
+            term_s[pair][1:] == term_s[pair][:-1]
+        )
+        nxt[pair[:-1][same_pair]] = pair[1:][same_pair]
+    for n in DISTINCT_TERMINAL_DAYS:
+        lo = np.searchsorted(key, key - n * DAY_MS, side="right")
+        stop = np.minimum(nxt, np.searchsorted(lo, pos, side="right"))
+        ended = np.cumsum(np.bincount(stop, minlength=size + 1))[:size]
+        distinct = np.empty(size, np.int64)
+        distinct[order] = pos + 1 - ended
+        out[f"customer_nb_terminals_{n}d"] = distinct
+    return out
+
+
 def _terminal_windows(
     terminal: np.ndarray, ms: np.ndarray, tid: np.ndarray, fraud: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -130,35 +185,51 @@ def _terminal_windows(
     return out
 
 
-def compute_features(tx: pd.DataFrame) -> pd.DataFrame:
-    """All 15 model inputs of every transaction, from the definitions in SIMULATOR.md.
+def compute_features(
+    tx: pd.DataFrame, features: tuple[str, ...] | list[str] = MODEL_FEATURES
+) -> pd.DataFrame:
+    """Model inputs of every transaction, from the definitions in SIMULATOR.md and
+    ``stages.shared.schemas`` (the behaviour features).
 
     Args:
         tx: transactions with at least ``transaction_id``, ``customer_id``, ``terminal_id``,
             ``tx_datetime`` (tz-aware UTC), ``amount`` and ``is_fraud``; any row order.
+        features: the feature columns wanted, in that order (default: the 15 of v1; a
+            service's are ``stages.shared.schemas.service_features(name)``).
 
     Returns:
         One row per transaction, in the input order: ``transaction_id``, ``customer_id``,
-        ``terminal_id``, ``tx_datetime``, then the columns of ``MODEL_FEATURES`` in that order
-        (counts and flags int64, amounts and risks float64).
+        ``terminal_id``, ``tx_datetime``, then ``features`` in that order (counts and flags
+        int64, amounts, ratios, seconds and risks float64).
+
+    Raises:
+        KeyError: missing input columns, or a feature name not defined here.
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in tx.columns]
     if missing:
         raise KeyError(f"transactions lack columns {missing}")
+    unknown = [f for f in features if f not in MODEL_FEATURES_V2]
+    if unknown:
+        raise KeyError(f"no batch definition for features {unknown}")
     ms = event_ms(tx["tx_datetime"])
     tid = tx["transaction_id"].to_numpy(np.int64)
     amount = tx["amount"].to_numpy(np.float64)
+    customer = tx["customer_id"].to_numpy(np.int64)
     out = tx[list(ID_COLUMNS)].copy()
     cols: dict[str, np.ndarray] = {
         "amount": amount,
         "is_weekend": is_weekend_ms(ms),
         "is_night": is_night_ms(ms),
     }
-    cols |= _customer_windows(tx["customer_id"].to_numpy(np.int64), ms, tid, amount)
-    cols |= _terminal_windows(
-        tx["terminal_id"].to_numpy(np.int64), ms, tid, tx["is_fraud"].to_numpy()
-    )
-    for name in MODEL_FEATURES:
+    cols |= _customer_windows(customer, ms, tid, amount)
+    if any(f in TERMINAL_FEATURES for f in features):
+        cols |= _terminal_windows(
+            tx["terminal_id"].to_numpy(np.int64), ms, tid, tx["is_fraud"].to_numpy()
+        )
+    if any(f in BEHAVIOUR_FEATURES for f in features):
+        terminal = tx["terminal_id"].to_numpy(np.int64)
+        cols |= _behaviour(customer, ms, tid, terminal, amount, cols)
+    for name in features:
         out[name] = cols[name]
     return out
 
@@ -207,8 +278,21 @@ def terminal_feature_rows(features: pd.DataFrame) -> pd.DataFrame:
     return _feature_rows(features, "terminal_id", TERMINAL_FEATURES)
 
 
+def behaviour_feature_rows(features: pd.DataFrame) -> pd.DataFrame:
+    """Rows for the ``customer_behaviour`` offline store, one per (customer, timestamp).
+
+    Args:
+        features: output of :func:`compute_features` with the ``BEHAVIOUR_FEATURES``.
+
+    Returns:
+        ``customer_id``, ``event_timestamp``, ``created_timestamp``, then
+        ``BEHAVIOUR_FEATURES``, sorted by time.
+    """
+    return _feature_rows(features, "customer_id", BEHAVIOUR_FEATURES)
+
+
 def backfill_offline_store(settings: Settings, tx: pd.DataFrame) -> dict[str, Path]:
-    """Compute every transaction's features and write both views into the offline store.
+    """Compute every transaction's features and write every view into the offline store.
 
     Each view gets one new part file through ``stages.shared.offline.write_offline``; running
     it twice duplicates the history (identical rows, harmless for a point-in-time join but
@@ -217,10 +301,11 @@ def backfill_offline_store(settings: Settings, tx: pd.DataFrame) -> dict[str, Pa
     Returns:
         The Parquet file written per view name.
     """
-    features = compute_features(tx)
+    features = compute_features(tx, MODEL_FEATURES_V2)
     frames = {
         CUSTOMER_VIEW: customer_feature_rows(features),
         TERMINAL_VIEW: terminal_feature_rows(features),
+        BEHAVIOUR_VIEW: behaviour_feature_rows(features),
     }
     paths: dict[str, Path] = {}
     for view, df in frames.items():

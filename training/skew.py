@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from stages.shared.schemas import CUSTOMER_FEATURES, MODEL_FEATURES, TERMINAL_FEATURES
+from stages.shared.schemas import (
+    BEHAVIOUR_FEATURES,
+    CUSTOMER_FEATURES,
+    MODEL_FEATURES,
+    MODEL_FEATURES_V2,
+    service_features,
+)
 from training.features import compute_features
 
 if TYPE_CHECKING:
@@ -46,7 +52,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 1e-6
-STORED_FEATURES = (*CUSTOMER_FEATURES, *TERMINAL_FEATURES)
+# Computed from the customer's own transactions (the stream's customer state), as opposed to
+# the terminal windows, which come from the labels stream.
+CUSTOMER_STATE_FEATURES = (*CUSTOMER_FEATURES, *BEHAVIOUR_FEATURES)
+RECORD_COLUMNS = ("score", "model_version", "event_ms", "feature_service")
 COMPARISON_COLUMNS = ("compared", "mismatches", "mismatch_rate", "max_abs_diff")
 
 
@@ -55,12 +64,14 @@ def predictions_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 
     Args:
         records: dicts with ``transaction_id`` and a ``features`` dict (name -> number or
-            None); ``score``, ``model_version`` and ``event_ms`` are kept when present.
+            None); ``score``, ``model_version``, ``event_ms`` and ``feature_service`` are kept
+            when present.
 
     Returns:
         One row per transaction id (index ``transaction_id``, sorted), a float64 column per
-        feature seen (None -> NaN), then ``score``, ``model_version``, ``event_ms``. When a
-        transaction was predicted more than once (a re-processed batch), the last record wins.
+        feature seen (None -> NaN), then ``score``, ``model_version``, ``event_ms``,
+        ``feature_service``. When a transaction was predicted more than once (a re-processed
+        batch), the last record wins.
 
     Raises:
         ValueError: if a record has no ``transaction_id``.
@@ -77,10 +88,11 @@ def predictions_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         row["score"] = np.nan if rec.get("score") is None else float(rec["score"])
         row["model_version"] = rec.get("model_version")
         row["event_ms"] = rec.get("event_ms")
+        row["feature_service"] = rec.get("feature_service")
         rows.append(row)
     if not rows:
         return pd.DataFrame(
-            columns=[*MODEL_FEATURES, "score", "model_version", "event_ms"],
+            columns=[*MODEL_FEATURES, *RECORD_COLUMNS],
             index=pd.Index([], name="transaction_id", dtype=np.int64),
         ).astype({n: "float64" for n in (*MODEL_FEATURES, "score")})
     frame = pd.DataFrame(rows)
@@ -88,12 +100,12 @@ def predictions_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     if n_dup:
         logger.warning("%d transactions were predicted more than once: last record kept", n_dup)
     frame = frame.drop_duplicates("transaction_id", keep="last").set_index("transaction_id")
-    features = [c for c in frame.columns if c not in ("score", "model_version", "event_ms")]
-    ordered = [n for n in MODEL_FEATURES if n in features] + sorted(
-        n for n in features if n not in MODEL_FEATURES
+    features = [c for c in frame.columns if c not in RECORD_COLUMNS]
+    ordered = [n for n in MODEL_FEATURES_V2 if n in features] + sorted(
+        n for n in features if n not in MODEL_FEATURES_V2
     )
     frame[ordered] = frame[ordered].astype("float64")
-    return frame[[*ordered, "score", "model_version", "event_ms"]].sort_index()
+    return frame[[*ordered, *RECORD_COLUMNS]].sort_index()
 
 
 def compare_features(
@@ -221,7 +233,50 @@ class SkewReport:
 
 
 def _batch_features(tx: pd.DataFrame) -> pd.DataFrame:
-    return compute_features(tx).set_index("transaction_id")[list(MODEL_FEATURES)].astype("float64")
+    features = compute_features(tx, MODEL_FEATURES_V2).set_index("transaction_id")
+    return features[list(MODEL_FEATURES_V2)].astype("float64")
+
+
+def recorded_service(predictions: pd.DataFrame | None) -> str | None:
+    """The one feature service the prediction records name, or None (none named, or several)."""
+    if predictions is None or "feature_service" not in predictions.columns:
+        return None
+    named = predictions["feature_service"].dropna().unique()
+    return str(named[0]) if len(named) == 1 else None
+
+
+def compare_by_service(
+    batch: pd.DataFrame, served: pd.DataFrame, default_service: str, tolerance: float
+) -> pd.DataFrame:
+    """:func:`compare_features` of each record against its own feature service's features
+    (``feature_service`` column; records without one: ``default_service``), summed per
+    feature over the services (a feature is compared on the records whose service has it)."""
+    named = (
+        served["feature_service"].fillna(default_service)
+        if "feature_service" in served.columns
+        else pd.Series(default_service, index=served.index)
+    )
+    parts = [
+        compare_features(batch, served.loc[named == svc], service_features(svc), tolerance)
+        for svc in sorted(named.unique())
+    ]
+    if not parts:
+        return compare_features(batch, served, service_features(default_service), tolerance)
+    if len(parts) == 1:
+        return parts[0]
+    names = [n for n in MODEL_FEATURES_V2 if any(n in p.index for p in parts)]
+    joined = pd.concat(parts, keys=range(len(parts)), names=["part", "feature"])
+    grouped = joined.groupby(level="feature")
+    out = pd.DataFrame(
+        {
+            "compared": grouped["compared"].sum(),
+            "mismatches": grouped["mismatches"].sum(),
+            "max_abs_diff": grouped["max_abs_diff"].max(),
+        }
+    ).loc[names]
+    rate = out["mismatches"] / out["compared"].where(out["compared"] > 0)
+    out.insert(2, "mismatch_rate", rate.astype("float64"))
+    return out[list(COMPARISON_COLUMNS)]
 
 
 def check_skew(
@@ -235,11 +290,16 @@ def check_skew(
     store: FeatureStore | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     progress: bool = False,
+    feature_service: str | None = None,
 ) -> SkewReport:
     """Compare batch features with online-logged and Feast offline features.
 
+    Every record is compared on its own feature service's features (the service it names;
+    else ``feature_service``; else the one setting); the offline join uses
+    ``feature_service``, else the one service the records name, else the setting.
+
     Args:
-        settings: process settings (feature repo and feature service for the offline join).
+        settings: process settings (feature repo, and the default feature service).
         tx: the raw transactions with labels (``transaction_id``, ``customer_id``,
             ``terminal_id``, ``tx_datetime``, ``amount``, ``is_fraud``), covering at least the
             30 + 7 days before the checked transactions.
@@ -251,11 +311,14 @@ def check_skew(
         store: an open feature store for (b) (default: ``open_feature_store(settings)``).
         tolerance: see the module docstring.
         progress: show a progress bar over the Feast calls.
+        feature_service: see above.
 
     Returns:
         Mismatch counts and rates per feature for each comparison, and counts of what could
         not be compared.
     """
+    default = feature_service or settings.prediction.feature_service
+    service = feature_service or recorded_service(predictions) or default
     ids = pd.Index(np.unique(np.fromiter(transaction_ids, dtype=np.int64)))
     known = pd.Index(tx["transaction_id"].to_numpy(np.int64))
     unknown = ids.difference(known)
@@ -273,22 +336,26 @@ def check_skew(
             recent = tx.loc[tx["tx_datetime"] >= start]
             partial = _batch_features(recent)
             reference = full.copy()
-            customer = list(CUSTOMER_FEATURES)
+            customer = list(CUSTOMER_STATE_FEATURES)
             in_recent = ids.intersection(partial.index)
             reference.loc[in_recent, customer] = partial.loc[in_recent, customer]
             # Transactions before the replay start cannot have been scored by the replay.
             reference.loc[ids.difference(partial.index), customer] = np.nan
         served = predictions.loc[predictions.index.intersection(ids)]
         missing_online = len(ids.difference(predictions.index))
-        online_cmp = compare_features(reference, served, MODEL_FEATURES, tolerance)
+        online_cmp = compare_by_service(reference, served, default, tolerance)
 
     offline_cmp: pd.DataFrame | None = None
     missing_offline = 0
     if offline:
-        offline_values = _offline_features(settings, tx, ids, store, progress)
-        no_row = offline_values[list(STORED_FEATURES)].isna().all(axis=1)
+        from training.dataset import stored_features
+
+        offline_values = _offline_features(settings, tx, ids, store, progress, service)
+        no_row = offline_values[list(stored_features(service))].isna().all(axis=1)
         missing_offline = int(no_row.sum())
-        offline_cmp = compare_features(full, offline_values.loc[~no_row], MODEL_FEATURES, tolerance)
+        offline_cmp = compare_features(
+            full, offline_values.loc[~no_row], service_features(service), tolerance
+        )
 
     report = SkewReport(
         requested=len(ids) + len(unknown),
@@ -312,6 +379,7 @@ def _offline_features(
     ids: pd.Index,
     store: FeatureStore | None,
     progress: bool,
+    service: str,
 ) -> pd.DataFrame:
     """Request features plus the Feast point-in-time join, the training path (dataset.py)."""
     from training.dataset import point_in_time_features, request_features
@@ -325,8 +393,7 @@ def _offline_features(
         .sort_values("transaction_id", kind="stable")
         .reset_index(drop=True)
     )
-    service = settings.prediction.feature_service
     stored = point_in_time_features(store, window, service, progress=progress, allow_missing=True)
-    frame = pd.concat([request_features(window), stored], axis=1)[list(MODEL_FEATURES)]
+    frame = pd.concat([request_features(window), stored], axis=1)[list(service_features(service))]
     frame.index = pd.Index(window["transaction_id"].to_numpy(np.int64), name="transaction_id")
     return frame.astype("float64")

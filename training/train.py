@@ -48,7 +48,7 @@ from rich.table import Table
 from rich.text import Text
 from tqdm.auto import tqdm
 
-from stages.shared.schemas import MODEL_FEATURES
+from stages.shared.schemas import service_features
 from training import registry, tune
 from training.baselines import BASELINES, BaselineName, fit_baselines
 from training.dataset import Dataset, build_datasets, concat_datasets, utc_day
@@ -192,10 +192,11 @@ def refit(
 ) -> lgb.Booster:
     """LightGBM on the whole training window with a fixed number of rounds."""
     ds_params = {"max_bin": params["max_bin"]} if "max_bin" in params else None
+    features = list(train.X.columns)
     dall = lgb.Dataset(
-        train.X, train.y, feature_name=list(MODEL_FEATURES), params=ds_params, free_raw_data=False
+        train.X, train.y, feature_name=features, params=ds_params, free_raw_data=False
     )
-    lgb_params = tune.lightgbm_params(params)
+    lgb_params = tune.lightgbm_params(params, features)
     with tqdm(total=rounds, desc="boosting (refit)", disable=not progress) as bar:
         return lgb.train(lgb_params, dall, num_boost_round=rounds, callbacks=[_tqdm_callback(bar)])
 
@@ -238,6 +239,7 @@ def train(
     n_trials: int = DEFAULT_TRIALS,
     baselines: tuple[BaselineName, ...] = BASELINES,
     plots: bool = True,
+    feature_service: str | None = None,
 ) -> TrainResult:
     """Build the datasets through Feast, tune and train, compare, register and promote.
 
@@ -259,6 +261,9 @@ def train(
         n_trials: LightGBM configurations tried (1: the defaults only, no search).
         baselines: baseline models to train and report next to LightGBM.
         plots: write the PNG plots (and link them from the report).
+        feature_service: the feature service to train with (its features, in
+            ``stages.shared.schemas.service_features`` order, are the model's inputs and the
+            metadata records it); default ``settings.prediction.feature_service``.
 
     Returns:
         The registered version, the metrics of every model, where the files are, step times.
@@ -273,7 +278,8 @@ def train(
     start = utc_day(pd.Timestamp(train_start))
     train_end = start + pd.Timedelta(days=train_days)
     test_start = train_end + pd.Timedelta(days=delay_days)
-    service = settings.prediction.feature_service
+    service = feature_service or settings.prediction.feature_service
+    features = service_features(service)
     folds = tune.validation_folds(train_end, n_folds, train_days, delay_days, test_days)
     first = min(tune.history_start(folds), start)
     windows: list[tuple[pd.Timestamp, int]] = [(start, train_days), (test_start, test_days)]
@@ -318,13 +324,13 @@ def train(
         metrics = model_metrics[PRIMARY_MODEL]
         kept = ~known_compromised_mask(base_frame, history, start, train_ds.end, delay_days)
 
-    gain = pd.Series(booster.feature_importance("gain"), index=list(MODEL_FEATURES))
+    gain = pd.Series(booster.feature_importance("gain"), index=list(features))
     importance = (gain / gain.sum() if gain.sum() > 0 else gain).sort_values(ascending=False)
     day = pd.Timedelta(days=1)
     meta: dict[str, Any] = {
         "model_format": "lightgbm-text",
         "feature_service": service,
-        "features": list(MODEL_FEATURES),
+        "features": list(features),
         "training_window": {
             "start": start.date().isoformat(),
             "end_inclusive": (train_ds.end - day).date().isoformat(),
@@ -336,7 +342,7 @@ def train(
         "delay_days": delay_days,
         "best_iteration": best,
         "params": final_params,
-        "lightgbm_params": tune.lightgbm_params(final_params),
+        "lightgbm_params": tune.lightgbm_params(final_params, features),
         "monotone_increasing": list(MONOTONE_INCREASING) if final_params.get("monotone") else [],
         "tuning": search.to_dict(),
         "metrics": metrics.to_dict(),
@@ -345,7 +351,7 @@ def train(
         "n_train_frauds": int(train_ds.y.sum()),
         "data_fingerprint": fingerprint(train_ds),
         "feature_importance_gain": {k: float(v) for k, v in importance.items()},
-        "reference": build_reference(train_ds.X, np.asarray(train_scores), MODEL_FEATURES),
+        "reference": build_reference(train_ds.X, np.asarray(train_scores), features),
     }
     with timer("register"):
         mv = registry.register(

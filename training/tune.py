@@ -77,17 +77,20 @@ class ValidationSplitError(ValueError):
         self.detail = detail
 
 
-def lightgbm_params(params: Mapping[str, Any]) -> dict[str, Any]:
+def lightgbm_params(
+    params: Mapping[str, Any], features: Sequence[str] = MODEL_FEATURES
+) -> dict[str, Any]:
     """LightGBM's parameters for a configuration: the ``monotone`` choice becomes constraints.
 
     ``monotone`` True sets ``monotone_constraints`` (1 on :data:`MONOTONE_INCREASING`, in
-    ``MODEL_FEATURES`` order) and :data:`MONOTONE_METHOD`; False (or absent) removes them.
+    ``features`` order, the model's columns) and :data:`MONOTONE_METHOD`; False (or absent)
+    removes them.
     """
     out = {k: v for k, v in params.items() if k != "monotone"}
     out.pop("monotone_constraints", None)
     out.pop("monotone_constraints_method", None)
     if params.get("monotone", False):
-        out["monotone_constraints"] = [1 if f in MONOTONE_INCREASING else 0 for f in MODEL_FEATURES]
+        out["monotone_constraints"] = [1 if f in MONOTONE_INCREASING else 0 for f in features]
         out["monotone_constraints_method"] = MONOTONE_METHOD
     return out
 
@@ -276,7 +279,7 @@ def ap_curve(
     patience: int,
 ) -> tuple[lgb.Booster, np.ndarray]:
     """Boost with early stopping on ``val``'s AP; the validation AP after each round run."""
-    features = list(MODEL_FEATURES)
+    features = list(fit.X.columns)
     # feature_pre_filter off: min_child_samples varies across candidates on the same data.
     ds_params = {"feature_pre_filter": False, "verbose": -1}
     if "max_bin" in params:
@@ -285,7 +288,7 @@ def ap_curve(
     dval = lgb.Dataset(val.X, val.y, reference=dtrain, params=ds_params, free_raw_data=False)
     record: dict[str, Any] = {}
     booster = lgb.train(
-        {**lightgbm_params(params), "metric": VALIDATION_METRIC},
+        {**lightgbm_params(params, features), "metric": VALIDATION_METRIC},
         dtrain,
         num_boost_round=max_rounds,
         valid_sets=[dval],

@@ -57,7 +57,7 @@ from stages.enrichment.intake import (
     remember,
     route,
 )
-from stages.enrichment.logic import CustomerState, update_customer
+from stages.enrichment.logic import CustomerState, customer_features
 from stages.enrichment.watch import LoopWatchdog, PartitionWatch
 from stages.shared.kafka import (
     DLQ_DETAIL,
@@ -74,8 +74,8 @@ from stages.shared.online.layout import online_layout
 from stages.shared.online.writer import OnlineFeatureWriter
 from stages.shared.records import CONFLICT_REASON, content_fingerprint
 from stages.shared.schemas import (
-    CUSTOMER_FEATURES,
     CUSTOMER_VIEW,
+    CUSTOMER_VIEWS,
     InvalidMessage,
     parse_transaction,
 )
@@ -99,22 +99,28 @@ CHECKPOINT_TRANSACTION_TIMEOUT_MS = 30_000
 
 
 class FeastOnlineSink(RetryingBatchingSink):
-    """Writes one feature view's rows to Feast's Redis layout at each checkpoint, in one
-    pipelined, idempotent round trip (an older row never overwrites a newer one).
+    """Writes feature views' rows to Feast's Redis layout at each checkpoint, one pipelined,
+    idempotent round trip per view (an older row never overwrites a newer one).
 
     While Redis is unreachable the checkpoint retries in place (``RetryingBatchingSink``),
     never through quixstreams' pause/seek path, which drops fetched messages in apps that
     time-align their inputs (``stages/enrichment/backpressure.py``); past the retry budget
-    the app fails and the stage restarts it from its committed offsets."""
+    the app fails and the stage restarts it from its committed offsets. Rows are written
+    again whole on a retry (idempotent), so a view written before a failed one is harmless.
+
+    Args:
+        writer: the online writer.
+        views: per view name, its features; each record's ``features[view]`` holds them.
+        entity: the join key field of the records.
+    """
 
     def __init__(
-        self, writer: OnlineFeatureWriter, view: str, entity: str, features: tuple[str, ...]
+        self, writer: OnlineFeatureWriter, views: dict[str, tuple[str, ...]], entity: str
     ) -> None:
         super().__init__(retry_budget_s=SINK_RETRY_BUDGET_S)
         self._writer = writer
-        self._view = view
+        self._views = views
         self._entity = entity
-        self._features = features
 
     def write(self, batch: SinkBatch) -> None:
         rows = [item.value for item in batch]
@@ -122,17 +128,41 @@ class FeastOnlineSink(RetryingBatchingSink):
             return
         ids = np.fromiter((r[self._entity] for r in rows), dtype=np.int64, count=len(rows))
         ts = np.fromiter((r["event_ms"] for r in rows), dtype=np.int64, count=len(rows))
-        values = {
-            f: np.fromiter((r["features"][f] for r in rows), dtype=np.float64, count=len(rows))
-            for f in self._features
-        }
-        try:
-            self._writer.write(self._view, ids, values, ts)
-        except OnlineWriteError as exc:
-            if isinstance(exc.__cause__, redis.ConnectionError | redis.TimeoutError):
-                # Retried by flush() (the rows are idempotent).
-                raise SinkBackpressureError(retry_after=1.0) from exc
-            raise
+        for view, features in self._views.items():
+            values = {
+                f: np.fromiter(
+                    (r["features"][view][f] for r in rows), dtype=np.float64, count=len(rows)
+                )
+                for f in features
+            }
+            try:
+                self._writer.write(view, ids, values, ts)
+            except OnlineWriteError as exc:
+                if isinstance(exc.__cause__, redis.ConnectionError | redis.TimeoutError):
+                    # Retried by flush() (the rows are idempotent).
+                    raise SinkBackpressureError(retry_after=1.0) from exc
+                raise
+
+
+def pushed_views(settings: Settings) -> dict[str, tuple[str, ...]]:
+    """The customer views the stage pushes: those of ``CUSTOMER_VIEWS`` that the applied
+    feature repo defines (a registry applied before the behaviour view existed gets the
+    spending view only, and a warning)."""
+    layout = online_layout(settings)
+    views = {v: f for v, f in CUSTOMER_VIEWS.items() if v in layout.views}
+    absent = sorted(set(CUSTOMER_VIEWS) - set(views))
+    if absent:
+        logger.warning(
+            "feature views %s are not in project %s: not pushed (run `rtpipe feast apply`)",
+            absent,
+            layout.project,
+        )
+    if CUSTOMER_VIEW not in views:
+        raise RuntimeError(
+            f"feature view {CUSTOMER_VIEW} is not in project {layout.project}: "
+            "run `rtpipe feast apply` first"
+        )
+    return views
 
 
 class NaturalBatchingApplication(Application):
@@ -313,7 +343,7 @@ ENRICHED_FIELDS = ("transaction_id", "customer_id", "terminal_id", "amount", "ev
 
 def _enriched_json(value: dict[str, Any]) -> bytes:
     out = {k: value[k] for k in ENRICHED_FIELDS}
-    out["features"] = {CUSTOMER_VIEW: value["features"]}
+    out["features"] = value["features"]  # per view: what was pushed for this very event
     return orjson.dumps(out)
 
 
@@ -410,7 +440,9 @@ def build_customer_app(
             return dead_letter(value, key, CONFLICT_REASON, detail)
         remember(dedup, tx_id, fp, event_ms)
         try:
-            rec["features"] = update_customer(cs, event_ms, rec["amount"], grace)
+            rec["features"] = customer_features(
+                cs, event_ms, rec["amount"], rec["terminal_id"], grace
+            )
         except InvalidMessage as err:
             rec = dead_letter(value, key, err.reason, err.detail)
         # Remembered even when late: a retry of it is a duplicate, not a second outcome.
@@ -434,7 +466,7 @@ def build_customer_app(
     def key_of(value: dict[str, Any]) -> Any:
         return str(value["transaction_id"]) if value["kind"] == "ok" else value["key"]
 
-    sink = FeastOnlineSink(writer, CUSTOMER_VIEW, "customer_id", CUSTOMER_FEATURES)
+    sink = FeastOnlineSink(writer, pushed_views(settings), "customer_id")
     (
         app.dataframe(tx_topic)
         .apply(step, stateful=True, metadata=True)

@@ -3,6 +3,11 @@ quixstreams app keeps in its state store (with changelog topics).
 
 Customer spending (SIMULATOR.md): for a transaction at ``t``, the number of the customer's
 transactions in ``(t - n days, t]`` and their mean amount, the current one included.
+Customer behaviour (feature service v2; definitions in ``stages.shared.schemas`` next to
+``BEHAVIOUR_FEATURES``): amount relative to the 7/30-day means, seconds since the previous
+transaction (capped at 30 days), distinct terminals over 1/7 days. ``training.features``
+computes both, vectorised, by the same definitions (tests/unit/test_features.py checks that
+the two agree event by event, late events and ties included).
 
 Terminal risk: over the terminal's transactions in ``(t - (7+n) days, t - 7 days]``, their
 number and fraud fraction. Every transaction gets a label (fraud or not) that is known
@@ -17,12 +22,17 @@ checked against (tests/cluster/test_label_index_cluster.py, tests/unit/test_stag
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stages.shared.schemas import (
+    AMOUNT_RATIO_DAYS,
+    BEHAVIOUR_VIEW,
+    CUSTOMER_VIEW,
     DAY_MS,
+    DISTINCT_TERMINAL_DAYS,
     LABEL_DELAY_DAYS,
+    MAX_GAP_S,
     WINDOWS_DAYS,
     InvalidMessage,
 )
@@ -42,22 +52,45 @@ class LateEvent(InvalidMessage):
         )
 
 
+# A terminal id recorded by a state written before terminals were kept (see CustomerState).
+UNKNOWN_TERMINAL = -1
+_MAX_GAP_MS = MAX_GAP_S * 1000
+
+
 @dataclass
 class CustomerState:
-    """Per-customer history: parallel lists sorted by event time, and the newest time seen."""
+    """Per-customer history: parallel lists sorted by event time, and the newest time seen.
+
+    ``terminal`` was added with the behaviour features: a state stored before it gets
+    :data:`UNKNOWN_TERMINAL` for its older entries, which the distinct-terminal counts skip
+    (an undercount that ends once those entries leave the 7-day window).
+    """
 
     ts: list[int]
     amount: list[float]
     max_ts: int
+    terminal: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.terminal) < len(self.ts):
+            pad = [UNKNOWN_TERMINAL] * (len(self.ts) - len(self.terminal))
+            self.terminal = pad + self.terminal
 
     @classmethod
     def from_state(cls, raw: Any) -> CustomerState:
         if not raw:
             return cls([], [], 0)
-        return cls(list(raw["ts"]), list(raw["amount"]), int(raw["max_ts"]))
+        return cls(
+            list(raw["ts"]), list(raw["amount"]), int(raw["max_ts"]), list(raw.get("terminal", ()))
+        )
 
     def to_state(self) -> dict[str, Any]:
-        return {"ts": self.ts, "amount": self.amount, "max_ts": self.max_ts}
+        return {
+            "ts": self.ts,
+            "amount": self.amount,
+            "max_ts": self.max_ts,
+            "terminal": self.terminal,
+        }
 
 
 def update_customer(
@@ -68,12 +101,25 @@ def update_customer(
     Raises:
         LateEvent: if ``event_ms`` is more than ``grace_ms`` behind the newest event seen.
     """
+    return customer_features(state, event_ms, amount, UNKNOWN_TERMINAL, grace_ms)[CUSTOMER_VIEW]
+
+
+def customer_features(
+    state: CustomerState, event_ms: int, amount: float, terminal_id: int, grace_ms: int
+) -> dict[str, dict[str, float]]:
+    """Add one transaction to a customer's history and return its features per view
+    (``customer_spending`` and ``customer_behaviour``).
+
+    Raises:
+        LateEvent: if ``event_ms`` is more than ``grace_ms`` behind the newest event seen.
+    """
     if state.max_ts and event_ms < state.max_ts - grace_ms:
         raise LateEvent(event_ms, state.max_ts, grace_ms)
     # Insert after any equal timestamps: ties count in arrival (transaction id) order.
     pos = bisect_right(state.ts, event_ms)
     state.ts.insert(pos, event_ms)
     state.amount.insert(pos, amount)
+    state.terminal.insert(pos, terminal_id)
     state.max_ts = max(state.max_ts, event_ms)
     # Keep what a future (possibly late, within grace) event's 30-day window could need.
     horizon = state.max_ts - grace_ms - _MAX_CUSTOMER_SPAN_MS
@@ -81,16 +127,28 @@ def update_customer(
     if drop:
         del state.ts[:drop]
         del state.amount[:drop]
+        del state.terminal[:drop]
         pos -= drop
-    out: dict[str, float] = {}
+    spending: dict[str, float] = {}
     end = pos + 1  # the current transaction, and earlier arrivals at the same time
     for n in WINDOWS_DAYS:
         start = bisect_right(state.ts, event_ms - n * DAY_MS, 0, end)
         count = end - start
         total = sum(state.amount[start:end])
-        out[f"customer_nb_tx_{n}d"] = float(count)
-        out[f"customer_avg_amount_{n}d"] = total / count
-    return out
+        spending[f"customer_nb_tx_{n}d"] = float(count)
+        spending[f"customer_avg_amount_{n}d"] = total / count
+    behaviour: dict[str, float] = {}
+    for n in AMOUNT_RATIO_DAYS:
+        mean = spending[f"customer_avg_amount_{n}d"]
+        behaviour[f"customer_amount_ratio_{n}d"] = amount / mean if mean > 0 else 1.0
+    gap_ms = event_ms - state.ts[pos - 1] if pos else _MAX_GAP_MS
+    behaviour["customer_secs_since_prev_tx"] = min(gap_ms, _MAX_GAP_MS) / 1000.0
+    for n in DISTINCT_TERMINAL_DAYS:
+        start = bisect_right(state.ts, event_ms - n * DAY_MS, 0, end)
+        seen = set(state.terminal[start:end])
+        seen.discard(UNKNOWN_TERMINAL)
+        behaviour[f"customer_nb_terminals_{n}d"] = float(len(seen))
+    return {CUSTOMER_VIEW: spending, BEHAVIOUR_VIEW: behaviour}
 
 
 @dataclass

@@ -226,9 +226,11 @@ def check_online_features(
     start: pd.Timestamp,
     end: pd.Timestamp,
     atol: float = 1e-9,
+    feature_service: str | None = None,
 ) -> FeatureCheck:
     """Check that the online store holds, for every customer and terminal of a replay of
-    ``tx`` over ``[start, end)``, the batch features of its last replayed transaction.
+    ``tx`` over ``[start, end)``, the batch features of its last replayed transaction, in
+    every view of ``feature_service`` (default ``settings.prediction.feature_service``).
 
     Customer windows in the stream start empty at the replay start, so the batch customer
     features are computed over the transactions from ``start`` on; terminal windows are
@@ -243,6 +245,7 @@ def check_online_features(
         start: the replay start (inclusive).
         end: the replay end (exclusive).
         atol: tolerance on feature values.
+        feature_service: the service whose views are checked.
 
     Raises:
         redis.RedisError: Redis is unreachable.
@@ -252,15 +255,14 @@ def check_online_features(
     from stages.shared.labels import LabelIndex
     from stages.shared.online.reader import OnlineFeatureReader
     from stages.shared.schemas import (
-        CUSTOMER_FEATURES,
-        CUSTOMER_VIEW,
+        MODEL_FEATURES_V2,
         TERMINAL_FEATURES,
         TERMINAL_VIEW,
     )
     from training.features import compute_features, event_ms
 
     replayed = tx[tx["tx_datetime"] >= start]
-    customer_batch = compute_features(replayed)
+    customer_batch = compute_features(replayed, MODEL_FEATURES_V2)
     terminal_batch = compute_features(tx)
     in_window = (tx["tx_datetime"] >= start) & (tx["tx_datetime"] < end)
     window = tx.loc[in_window, ["transaction_id", "customer_id", "terminal_id", "tx_datetime"]]
@@ -275,12 +277,17 @@ def check_online_features(
     reader = OnlineFeatureReader(
         client,
         open_feature_store(settings),
-        settings.prediction.feature_service,
+        feature_service or settings.prediction.feature_service,
         exclude_views=(TERMINAL_VIEW,),
     )
     check = FeatureCheck({}, {}, {}, {})
+    # The service's customer views (as it projects them), then the terminal windows.
     specs = (
-        (CUSTOMER_VIEW, "customer_id", CUSTOMER_FEATURES, customer_batch),
+        *(
+            (view, "customer_id", features, customer_batch)
+            for view, features in reader.layout.services[reader.feature_service_name]
+            if view != TERMINAL_VIEW
+        ),
         (TERMINAL_VIEW, "terminal_id", TERMINAL_FEATURES, terminal_batch),
     )
     lasts = {key: last_rows(key) for _, key, _, _ in specs}
@@ -301,12 +308,16 @@ def check_online_features(
         terminals.index.to_numpy(np.int64), terminals["ms"].to_numpy(np.int64)
     )
     served = {
-        CUSTOMER_VIEW: (
-            online.values,
-            online.feature_names,
-            online.found[CUSTOMER_VIEW],
-            online.event_ts_ms[CUSTOMER_VIEW],
-        ),
+        **{
+            view: (
+                online.values,
+                online.feature_names,
+                online.found[view],
+                online.event_ts_ms[view],
+            )
+            for view, _, _, _ in specs
+            if view != TERMINAL_VIEW
+        },
         TERMINAL_VIEW: (
             term_values,
             TERMINAL_FEATURES,

@@ -2,12 +2,19 @@
 feature read (customer rows from Feast's layout, terminal windows counted over the label
 index for each event's own time), one LightGBM call per batch, predictions out in the same
 Kafka transaction as the input offsets.
+
+Each model is served with its own feature service (``stages/prediction/models.py``): the
+batch read covers the union of the services of the promoted, shadow and canary models (one
+round trip whatever the mix), each model's matrix takes its own columns, and a prediction
+record names the promoted model's service and the feature ages of that service's views only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,16 +35,22 @@ from stages.prediction.logic import (
     request_features,
     stable_fraction,
 )
-from stages.prediction.models import ModelHolder, ServingModel
+from stages.prediction.models import (
+    ModelCheck,
+    ModelHolder,
+    ServingModel,
+    UnservableModelError,
+)
 from stages.shared.batch_loop import LoopStats, RetryBatch, stage_loop
 from stages.shared.claims import TransactionClaims
 from stages.shared.kafka import Output, StopFlag, dead_letter, ensure_topics, where
 from stages.shared.labels import LabelIndex, exact_mask
 from stages.shared.metrics import Metrics, build_metrics
-from stages.shared.online.layout import online_layout
+from stages.shared.online.layout import OnlineLayout, online_layout
 from stages.shared.online.reader import OnlineBatch, OnlineFeatureReader
+from stages.shared.online.transport import RedisClient
 from stages.shared.records import CONFLICT_REASON, content_fingerprint
-from stages.shared.schemas import TERMINAL_FEATURES, TERMINAL_VIEW
+from stages.shared.schemas import REQUEST_FEATURES, TERMINAL_FEATURES, TERMINAL_VIEW
 from stages.shared.settings import Settings, StageName
 
 logger = logging.getLogger(__name__)
@@ -45,19 +58,69 @@ logger = logging.getLogger(__name__)
 STAGE: StageName = "prediction"
 
 
+def union_service(layout: OnlineLayout, services: Iterable[str]) -> tuple[OnlineLayout, str]:
+    """A layout whose service ``name`` serves every feature of ``services`` (each view once,
+    its features in first-seen order), and that name; a single service is returned as is.
+
+    Raises:
+        UnservableModelError: a service the layout does not have.
+    """
+    names = sorted(set(services))
+    for name in names:
+        if name not in layout.services:
+            raise UnservableModelError(
+                "(any)", name, f"no such feature service in project {layout.project}"
+            )
+    if len(names) == 1:
+        return layout, names[0]
+    merged: dict[str, list[str]] = {}
+    for name in names:
+        for view, features in layout.services[name]:
+            have = merged.setdefault(view, [])
+            have.extend(f for f in features if f not in have)
+    union = "+".join(names)
+    projections = tuple((v, tuple(f)) for v, f in merged.items())
+    return dataclasses.replace(layout, services={**layout.services, union: projections}), union
+
+
+def model_check(layout: OnlineLayout) -> ModelCheck:
+    """The load-time check of a model against the online layout (``models.ModelCheck``)."""
+
+    def check(model: ServingModel) -> None:
+        views = layout.services.get(model.feature_service)
+        if views is None:
+            raise UnservableModelError(
+                model.version,
+                model.feature_service,
+                f"no such feature service in project {layout.project} "
+                f"(known: {sorted(layout.services)}; run `rtpipe feast apply`?)",
+            )
+        served = {*REQUEST_FEATURES, *(f for _, features in views for f in features)}
+        missing = [f for f in model.features if f not in served]
+        if missing:
+            raise UnservableModelError(
+                model.version, model.feature_service, f"the service does not serve {missing}"
+            )
+
+    return check
+
+
 @dataclass
 class PredictionStage:
     """Everything the batch handler needs, built once per process."""
 
     settings: Settings
+    # The reader of the services served at start-up; others are built as models change.
     reader: OnlineFeatureReader
     models: ModelHolder
     metrics: Metrics
-    # Set when the feature service serves the terminal view: its windows come from here.
+    # Set when a feature service serves the terminal view: its windows come from here.
     labels: LabelIndex | None = None
     admin: AdminClient | None = None
     # One outcome per transaction id (stages/shared/claims.py); None turns the check off.
     claims: TransactionClaims | None = None
+    # For the readers of other service mixes (None: only ``reader``'s can be served).
+    client: RedisClient | None = None
 
     def __post_init__(self) -> None:
         topics = self.settings.topics
@@ -65,6 +128,24 @@ class PredictionStage:
         self._dlq_topic = topics.dlq(topics.name("enriched"))
         self._labels_topic = topics.name("labels")
         self._label_partitions: list[TopicPartition] = []
+        self._layout = self.reader.layout
+        self._readers = {self.reader.feature_service_name: self.reader}
+
+    def _reader_for(self, services: Sequence[str]) -> OnlineFeatureReader:
+        """The reader of the union of ``services`` (built once per mix)."""
+        key = "+".join(sorted(set(services)))
+        reader = self._readers.get(key)
+        if reader is None:
+            if self.client is None:
+                raise RuntimeError(f"no Redis client to read feature services {key}")
+            layout, name = union_service(self._layout, services)
+            reader = OnlineFeatureReader(self.client, layout, name, exclude_views=(TERMINAL_VIEW,))
+            self._readers[key] = reader
+            logger.info("serving feature services %s", key)
+        return reader
+
+    def _views(self, service: str) -> list[str]:
+        return [view for view, _ in self._layout.services[service]]
 
     def handle(self, msgs: list[Message]) -> list[Output]:
         """Score one micro-batch; returns predictions and dead letters."""
@@ -124,12 +205,15 @@ class PredictionStage:
     def _score(self, batch: EnrichedBatch, msgs: list[Message], dead: list[Output]) -> list[Output]:
         entity = {"customer_id": batch.customer_id, "terminal_id": batch.terminal_id}
         fps = self._fingerprints(batch) if self.claims is not None else []
+        services = [m.feature_service for m in self.models.serving]
+        reader = self._reader_for(services)
+        windows = self.labels is not None and any(TERMINAL_VIEW in self._views(s) for s in services)
         try:
             # Asked first, answered while Redis is read: where the labels are now.
-            stable = self._stable_label_offsets() if self.labels is not None else None
-            online = self.reader.read(entity)
+            stable = self._stable_label_offsets() if windows else None
+            online = reader.read(entity)
             conflict = np.zeros(len(batch), dtype=bool)
-            if self.labels is not None:
+            if windows:
                 # The claims travel in the label index's round trip.
                 claims = (
                     self.claims.commands(batch.transaction_id, fps)
@@ -192,13 +276,14 @@ class PredictionStage:
         else:
             for v, n in zip(*np.unique(versions, return_counts=True), strict=True):
                 self.metrics.predictions.labels(model.name, str(v)).inc(int(n))
+        views = [v for v in self._views(model.feature_service) if v in online.event_ts_ms]
         records = prediction_records(
             batch,
             scores,
             matrix,
             model.features,
-            online.event_ts_ms,
-            online.found,
+            {v: online.event_ts_ms[v] for v in views},
+            {v: online.found[v] for v in views},
             model=model.name,
             model_version=model.version,
             feature_service=model.feature_service,
@@ -345,6 +430,8 @@ def build_stage(settings: Settings, metrics: Metrics | None = None) -> Predictio
     """Read the online layout, open the Redis client and load the current model."""
     metrics = metrics or build_metrics()
     layout = online_layout(settings)
+    models = ModelHolder(settings, metrics, model_check(layout))
+    models.load_initial()
     client = settings.redis.client(
         socket_timeout=2.0,
         socket_connect_timeout=2.0,
@@ -353,13 +440,10 @@ def build_stage(settings: Settings, metrics: Metrics | None = None) -> Predictio
         # from the review policy; the batch loop retries (pause) or reviews instead.
         retry=Retry(NoBackoff(), 0),
     )
-    service = settings.prediction.feature_service
-    reader = OnlineFeatureReader(client, layout, service, exclude_views=(TERMINAL_VIEW,))
-    on_demand = service in layout.services and any(
-        view == TERMINAL_VIEW for view, _ in layout.services[service]
-    )
-    models = ModelHolder(settings, metrics)
-    models.load_initial()
+    union, service = union_service(layout, [m.feature_service for m in models.serving])
+    reader = OnlineFeatureReader(client, union, service, exclude_views=(TERMINAL_VIEW,))
+    # Any service of the layout with the terminal view (a model may switch to it later).
+    on_demand = any(view == TERMINAL_VIEW for s in layout.services.values() for view, _ in s)
     labels = admin = None
     if on_demand:
         labels = LabelIndex.from_settings(settings, client)
@@ -375,6 +459,7 @@ def build_stage(settings: Settings, metrics: Metrics | None = None) -> Predictio
         labels=labels,
         admin=admin,
         claims=claims,
+        client=client,
     )
 
 

@@ -4,12 +4,22 @@ between batches when a new version is promoted; an optional shadow model beside 
 The shadow is ``RTPIPE_PREDICTION__SHADOW_VERSION`` when set (fixed for the process), else the
 registry's shadow marker (``training.registry.set_shadow``, what the retrain job sets for its
 candidate), polled with the promotion pointer and swapped between batches like it.
+
+Each model is served with the feature service its metadata records (a v1 model with
+``fraud_model_v1``, a v2 model with ``fraud_model_v2``; metadata without one means
+``settings.prediction.feature_service``). A version whose service the online layout does not
+have, or whose features that service does not serve, is refused when it is loaded (counted in
+``model_load_failures`` and logged with the reason), never at scoring time. A shadow may use
+another service than the promoted model (the stage reads the union); a canary may not: its
+rows are routed and recorded with the promoted model's features and service, so a canary of
+another service is refused.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import lightgbm as lgb
@@ -24,6 +34,18 @@ logger = logging.getLogger(__name__)
 
 class NoModelError(RuntimeError):
     """No verified model version could be loaded at start-up."""
+
+
+class UnservableModelError(ValueError):
+    """A model version the stage cannot serve: its feature service is unknown to the online
+    layout, or does not serve every feature the model takes, or (a canary) it differs from
+    the promoted model's."""
+
+    def __init__(self, version: str, feature_service: str, detail: str) -> None:
+        super().__init__(f"model version {version} (feature service {feature_service}): {detail}")
+        self.version = version
+        self.feature_service = feature_service
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -41,9 +63,13 @@ class ServingModel:
         return np.asarray(self.booster.predict(matrix, num_threads=1), dtype=np.float64)
 
 
-def _load(settings: Settings, version: str) -> ServingModel:
+# Raises UnservableModelError for a model the stage cannot serve (see the module docstring).
+ModelCheck = Callable[[ServingModel], None]
+
+
+def _load(settings: Settings, version: str, check: ModelCheck | None = None) -> ServingModel:
     loaded = registry.load_version(settings.registry_dir, settings.prediction.model_name, version)
-    return ServingModel(
+    model = ServingModel(
         name=settings.prediction.model_name,
         version=loaded.version,
         features=tuple(loaded.features),
@@ -52,14 +78,20 @@ def _load(settings: Settings, version: str) -> ServingModel:
         ),
         booster=loaded.booster,
     )
+    if check is not None:
+        check(model)
+    return model
 
 
 class ModelHolder:
     """Holds the current (and shadow) model; swaps only between batches."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, check: ModelCheck | None = None
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
+        self._check = check
         self._current: ServingModel | None = None
         self.shadow: ServingModel | None = None
         self.canary: ServingModel | None = None
@@ -87,12 +119,30 @@ class ModelHolder:
         self.shadow = self._optional(self._shadow_wanted(), "shadow")
         self.canary = self._optional(self._settings.prediction.canary_version, "canary")
 
+    @property
+    def serving(self) -> tuple[ServingModel, ...]:
+        """The promoted model, then the shadow and the canary when loaded."""
+        return tuple(m for m in (self.current, self.shadow, self.canary) if m is not None)
+
+    def _same_service(self, model: ServingModel) -> None:
+        current = self._current
+        if current is not None and model.feature_service != current.feature_service:
+            raise UnservableModelError(
+                model.version,
+                model.feature_service,
+                f"a canary must use the promoted model's feature service "
+                f"{current.feature_service} (its rows are recorded with it)",
+            )
+
     def _optional(self, version: str | None, role: str) -> ServingModel | None:
         """Load a shadow or canary version; a failure is logged and counted, not fatal."""
         if not version:
             return None
         try:
-            return _load(self._settings, version)
+            model = _load(self._settings, version, self._check)
+            if role == "canary":
+                self._same_service(model)
+            return model
         except (registry.RegistryError, OSError, ValueError, lgb.basic.LightGBMError) as exc:
             self._metrics.model_load_failures.labels(
                 self._settings.prediction.model_name, role
@@ -149,7 +199,7 @@ class ModelHolder:
     def _swap(self, version: str) -> None:
         name = self._settings.prediction.model_name
         try:
-            model = _load(self._settings, version)
+            model = _load(self._settings, version, self._check)
         except registry.ModelIntegrityError as exc:
             self._reject(version, "integrity", exc)
             return
@@ -160,6 +210,16 @@ class ModelHolder:
             return
         old = self._current
         self._current = model
+        if self.canary is not None and self.canary.feature_service != model.feature_service:
+            self._metrics.model_load_failures.labels(name, "canary").inc()
+            logger.error(
+                "canary model %s dropped: its feature service %s is not the promoted %s's %s",
+                self.canary.version,
+                self.canary.feature_service,
+                model.version,
+                model.feature_service,
+            )
+            self.canary = None
         if old is not None:
             self._metrics.model_info.labels(name, old.version, old.feature_service).set(0)
         self._metrics.model_info.labels(name, model.version, model.feature_service).set(1)

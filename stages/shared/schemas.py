@@ -31,6 +31,63 @@ MODEL_FEATURES: Final = (*REQUEST_FEATURES, *CUSTOMER_FEATURES, *TERMINAL_FEATUR
 
 DAY_MS: Final = 86_400_000
 
+# Customer behaviour (feature service v2), its own view so that v1's view, its offline
+# history and its service stay exactly as v1 models were trained and served on. For a
+# transaction at ``t`` by customer ``c`` on terminal ``k`` (windows as above, current
+# transaction included, ties in transaction-id order):
+# - ``customer_amount_ratio_{n}d``: amount / customer_avg_amount_{n}d for n in 7, 30; a
+#   first transaction is its own mean (1.0), and 0 / 0 (only zero amounts) is 1.0 too;
+# - ``customer_secs_since_prev_tx``: seconds since c's previous transaction in
+#   ``(t - 30 days, t]`` (0 for a tie), or 30 days (``MAX_GAP_S``) when there is none: a
+#   first transaction and one after more than 30 idle days look the same, because 30 days
+#   is all the history the stream keeps;
+# - ``customer_nb_terminals_{n}d``: distinct terminals among c's transactions in
+#   ``(t - n days, t]`` for n in 1, 7 (at least 1: the current one).
+BEHAVIOUR_VIEW: Final = "customer_behaviour"
+AMOUNT_RATIO_DAYS: Final = (7, 30)
+DISTINCT_TERMINAL_DAYS: Final = (1, 7)
+MAX_GAP_S: Final = 30 * 86_400
+BEHAVIOUR_FEATURES: Final = (
+    *(f"customer_amount_ratio_{n}d" for n in AMOUNT_RATIO_DAYS),
+    "customer_secs_since_prev_tx",
+    *(f"customer_nb_terminals_{n}d" for n in DISTINCT_TERMINAL_DAYS),
+)
+# Model input order per feature service (the Feast services in feature_repo/ serve the
+# stored ones; tests/integration/test_feast_repo.py checks that they agree).
+FEATURE_SERVICE_V1: Final = "fraud_model_v1"
+FEATURE_SERVICE_V2: Final = "fraud_model_v2"
+MODEL_FEATURES_V2: Final = (*MODEL_FEATURES, *BEHAVIOUR_FEATURES)
+SERVICE_FEATURES: Final[dict[str, tuple[str, ...]]] = {
+    FEATURE_SERVICE_V1: MODEL_FEATURES,
+    FEATURE_SERVICE_V2: MODEL_FEATURES_V2,
+}
+# The views whose features the enrichment stage computes per customer event, and their names.
+CUSTOMER_VIEWS: Final[dict[str, tuple[str, ...]]] = {
+    CUSTOMER_VIEW: CUSTOMER_FEATURES,
+    BEHAVIOUR_VIEW: BEHAVIOUR_FEATURES,
+}
+
+
+class UnknownFeatureServiceError(ValueError):
+    """A feature service name that no model input order is defined for."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"unknown feature service {service!r}; known: {sorted(SERVICE_FEATURES)}")
+        self.service = service
+
+
+def service_features(service: str) -> tuple[str, ...]:
+    """The model inputs of a feature service, in the model's column order.
+
+    Raises:
+        UnknownFeatureServiceError: for a name not in :data:`SERVICE_FEATURES`.
+    """
+    try:
+        return SERVICE_FEATURES[service]
+    except KeyError:
+        raise UnknownFeatureServiceError(service) from None
+
+
 Decision = Literal["action", "review", "approved"]
 
 

@@ -22,12 +22,19 @@ from stages.shared.feast_store import apply_repo, materialize, open_feature_stor
 from stages.shared.offline import OfflineSchemaError, read_offline, write_offline
 from stages.shared.online.reader import OnlineFeatureReader
 from stages.shared.schemas import (
+    BEHAVIOUR_FEATURES,
+    BEHAVIOUR_VIEW,
     CUSTOMER_FEATURES,
     CUSTOMER_VIEW,
+    REQUEST_FEATURES,
+    SERVICE_FEATURES,
     TERMINAL_FEATURES,
     TERMINAL_VIEW,
+    service_features,
 )
 from stages.shared.settings import Settings
+from training.features import backfill_offline_store
+from training.skew import check_skew
 
 pytestmark = pytest.mark.integration
 
@@ -63,16 +70,33 @@ def test_apply_repo_registers_entities_views_and_service(feast_settings: Setting
     entities = {e.name: e.join_key for e in store.list_entities()}
     assert entities == {"customer": "customer_id", "terminal": "terminal_id"}
     views = {fv.name: fv for fv in store.list_feature_views()}
-    assert set(views) == {CUSTOMER_VIEW, TERMINAL_VIEW}
+    assert set(views) == {CUSTOMER_VIEW, TERMINAL_VIEW, BEHAVIOUR_VIEW}
     assert tuple(f.name for f in views[CUSTOMER_VIEW].features) == CUSTOMER_FEATURES
     assert tuple(f.name for f in views[TERMINAL_VIEW].features) == TERMINAL_FEATURES
+    assert tuple(f.name for f in views[BEHAVIOUR_VIEW].features) == BEHAVIOUR_FEATURES
     dtypes = {f.name: str(f.dtype) for fv in views.values() for f in fv.features}
-    assert all(dtypes[n] == ("Int64" if "nb_tx" in n else "Float64") for n in dtypes)
+    # Counts (nb_tx, nb_terminals) are Int64, everything else Float64.
+    assert all(dtypes[n] == ("Int64" if "nb_" in n else "Float64") for n in dtypes)
+    assert views[BEHAVIOUR_VIEW].ttl == timedelta(days=31)
+    behaviour_push = views[BEHAVIOUR_VIEW].stream_source
+    assert behaviour_push is not None and behaviour_push.name == "customer_behaviour_push"
     assert views[CUSTOMER_VIEW].ttl == timedelta(days=31)
     push = views[CUSTOMER_VIEW].stream_source
     assert push is not None and push.name == "customer_spending_push"
     service = store.get_feature_service("fraud_model_v1")
     assert [p.name for p in service.feature_view_projections] == [CUSTOMER_VIEW, TERMINAL_VIEW]
+    v2 = store.get_feature_service("fraud_model_v2")
+    assert [p.name for p in v2.feature_view_projections] == [
+        CUSTOMER_VIEW,
+        TERMINAL_VIEW,
+        BEHAVIOUR_VIEW,
+    ]
+    # Each service serves exactly the model inputs (after the request features) that
+    # stages.shared.schemas orders the model's columns by.
+    for name, model_features in SERVICE_FEATURES.items():
+        projections = store.get_feature_service(name).feature_view_projections
+        served = tuple(f.name for p in projections for f in p.features)
+        assert (*REQUEST_FEATURES, *served) == model_features, name
     # The registry lives in the repo copy, not in the working directory.
     assert (feast_settings.feature_repo / "data" / "registry.db").is_file()
     # Applying again is a no-op, not an error.
@@ -93,8 +117,13 @@ def test_feast_cli_apply_from_the_repo_folder(stack_settings: Settings, tmp_path
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     store = open_feature_store(settings)
-    assert {fv.name for fv in store.list_feature_views()} == {CUSTOMER_VIEW, TERMINAL_VIEW}
+    assert {fv.name for fv in store.list_feature_views()} == {
+        CUSTOMER_VIEW,
+        TERMINAL_VIEW,
+        BEHAVIOUR_VIEW,
+    }
     assert store.get_feature_service("fraud_model_v1").name == "fraud_model_v1"
+    assert store.get_feature_service("fraud_model_v2").name == "fraud_model_v2"
 
 
 def test_historical_features_point_in_time_across_part_files(feast_settings: Settings) -> None:
@@ -223,3 +252,23 @@ def test_materialize_loads_latest_rows_into_redis(feast_settings: Settings) -> N
     t0_ms = int(T0.timestamp() * 1000)
     np.testing.assert_array_equal(batch.event_ts_ms[CUSTOMER_VIEW], [t0_ms + 3_600_000, t0_ms, 0])
     assert not batch.found[TERMINAL_VIEW].any()
+
+
+def test_backfilled_v2_history_joins_to_the_batch_definitions(
+    feast_settings: Settings, small_tx: pd.DataFrame
+) -> None:
+    """``backfill_offline_store`` writes all three views; the training path's point-in-time
+    join of fraud_model_v2 returns the batch definitions (the offline half of check-skew)."""
+    apply_repo(feast_settings)
+    paths = backfill_offline_store(feast_settings, small_tx)
+    assert set(paths) == {CUSTOMER_VIEW, TERMINAL_VIEW, BEHAVIOUR_VIEW}
+    day = small_tx["tx_datetime"] >= pd.Timestamp("2018-05-10", tz="UTC")
+    day &= small_tx["tx_datetime"] < pd.Timestamp("2018-05-11", tz="UTC")
+    ids = small_tx.loc[day, "transaction_id"]
+    assert len(ids) > 100
+    report = check_skew(
+        feast_settings, small_tx, None, ids, feature_service="fraud_model_v2", progress=False
+    )
+    assert report.offline is not None and report.missing_offline == 0
+    assert list(report.offline.index) == list(service_features("fraud_model_v2"))
+    assert report.ok, str(report)

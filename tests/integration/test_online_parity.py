@@ -14,6 +14,8 @@ from stages.shared.online.layout import OnlineLayout
 from stages.shared.online.reader import OnlineFeatureReader
 from stages.shared.online.writer import OnlineFeatureWriter
 from stages.shared.schemas import (
+    BEHAVIOUR_FEATURES,
+    BEHAVIOUR_VIEW,
     CUSTOMER_FEATURES,
     CUSTOMER_VIEW,
     TERMINAL_FEATURES,
@@ -82,6 +84,34 @@ def test_writer_output_is_what_feast_reads(env: FeastProject) -> None:
         np.testing.assert_array_equal(frame[name].to_numpy(dtype=float), expected[name])
     np.testing.assert_array_equal(expected_ts[CUSTOMER_VIEW], ts)
     assert_same_as_feast(env, ids, ids)
+
+
+def test_v2_two_customer_views_in_one_hash_are_what_feast_reads(env: FeastProject) -> None:
+    # fraud_model_v2: the spending and behaviour views share each customer's Redis hash,
+    # each with its own event time; some customers have only the spending row.
+    rng = np.random.default_rng(13)
+    writer = OnlineFeatureWriter(env.client, env.layout)
+    ids = np.arange(2000, 2100, dtype=np.int64)
+    ts = T0_MS + rng.integers(0, 10**9, len(ids))
+    spending = random_frame(rng, CUSTOMER_VIEW, ids, ts)
+    writer.write(CUSTOMER_VIEW, ids, {f: spending[f].to_numpy() for f in CUSTOMER_FEATURES}, ts)
+    some = ids[::2]
+    behaviour = {
+        f: (rng.integers(1, 9, len(some)) if "nb_" in f else rng.uniform(0, 5, len(some)))
+        for f in BEHAVIOUR_FEATURES
+    }
+    writer.write(BEHAVIOUR_VIEW, some, behaviour, ts[::2] + 1)
+    reader = OnlineFeatureReader(env.client, env.store, "fraud_model_v2")
+    assert reader.feature_names == (*CUSTOMER_FEATURES, *TERMINAL_FEATURES, *BEHAVIOUR_FEATURES)
+    batch = reader.read({"customer_id": ids, "terminal_id": ids})
+    expected, expected_ts = feast_online(env.store, ids, ids, "fraud_model_v2")
+    for j, name in enumerate(batch.feature_names):
+        np.testing.assert_array_equal(batch.values[:, j], expected[name], err_msg=name)
+    for view in (CUSTOMER_VIEW, TERMINAL_VIEW, BEHAVIOUR_VIEW):
+        np.testing.assert_array_equal(batch.event_ts_ms[view], expected_ts[view], err_msg=view)
+    assert batch.found[BEHAVIOUR_VIEW].tolist() == [True, False] * 50
+    col = batch.feature_names.index("customer_nb_terminals_7d")
+    np.testing.assert_array_equal(batch.values[::2, col], behaviour["customer_nb_terminals_7d"])
 
 
 def test_a_write_spanning_several_script_calls_is_what_feast_reads(env: FeastProject) -> None:

@@ -1,6 +1,9 @@
 """End to end against the real broker and Redis: the three stages as separate processes,
 a replay with malformed input mixed in, and the DESIGN.md invariant checked with an audit
-that reads every outcome topic with read_committed.
+that reads every outcome topic with read_committed. The promoted model is a v2 model
+(feature service ``fraud_model_v2``) with a v1 model as its shadow: served features of
+both services, the skew check and the online audit are checked against the batch
+definitions.
 """
 
 from __future__ import annotations
@@ -8,20 +11,32 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import lightgbm as lgb
+import numpy as np
 import orjson
 import pandas as pd
 import pytest
 from confluent_kafka import Producer
 
-from stages.ops.audit import audit, read_topic
+from stages.ops.audit import audit, check_online_features, read_topic
 from stages.ops.harness.processes import start_stages, stop_stages
 from stages.ops.harness.sandbox import isolated_settings, register_tiny_model
 from stages.ops.replay import ReplayPlan, replay
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import DLQ_REASON, ensure_topics, producer_config
-from stages.shared.schemas import CUSTOMER_FEATURES, TERMINAL_FEATURES
+from stages.shared.schemas import (
+    BEHAVIOUR_FEATURES,
+    BEHAVIOUR_VIEW,
+    CUSTOMER_FEATURES,
+    CUSTOMER_VIEW,
+    MODEL_FEATURES_V2,
+    TERMINAL_FEATURES,
+    TERMINAL_VIEW,
+)
 from stages.shared.settings import Settings
+from training import registry
 from training.features import compute_features
+from training.skew import check_skew, predictions_frame
 
 pytestmark = pytest.mark.integration
 
@@ -39,12 +54,30 @@ MALFORMED: list[tuple[bytes, str]] = [
 ]
 
 
+def promote_v2_model(settings: Settings, tx: pd.DataFrame) -> str:
+    """A small LightGBM on the v2 batch features, registered with its service and promoted."""
+    feats = compute_features(tx, MODEL_FEATURES_V2)
+    label = tx.set_index("transaction_id").loc[feats["transaction_id"], "is_fraud"]
+    x = feats[list(MODEL_FEATURES_V2)].to_numpy(np.float64)
+    data = lgb.Dataset(x, label=label.to_numpy(), feature_name=list(MODEL_FEATURES_V2))
+    params = {"objective": "binary", "num_leaves": 8, "verbose": -1, "seed": 0}
+    text = lgb.train(params, data, num_boost_round=20).model_to_string()
+    meta = {"features": list(MODEL_FEATURES_V2), "feature_service": "fraud_model_v2"}
+    name = settings.prediction.model_name
+    version = registry.register(settings.registry_dir, name, text, meta).version
+    registry.promote(settings.registry_dir, name, version)
+    return version
+
+
 def test_every_transaction_ends_in_exactly_one_outcome(
     unique_topics: Settings, small_tx: pd.DataFrame, tmp_path: Path
 ) -> None:
     settings = isolated_settings(unique_topics, tmp_path)
     apply_repo(settings)
-    register_tiny_model(settings, small_tx)
+    promote_v2_model(settings, small_tx)
+    # A v1 model beside it, as the shadow: the stage reads both services' features.
+    shadow = register_tiny_model(settings, small_tx, promote=False)
+    registry.set_shadow(settings.registry_dir, settings.prediction.model_name, shadow)
     ensure_topics(settings.kafka, settings.topics)
 
     start = pd.Timestamp("2018-05-05", tz="UTC")
@@ -98,14 +131,49 @@ def test_every_transaction_ends_in_exactly_one_outcome(
         orjson.loads(v) for _, v, _ in read_topic(settings, settings.topics.name("predictions"))
     ]
     assert len(preds) == len(expected)
-    full = compute_features(small_tx).set_index("transaction_id")
+    full = compute_features(small_tx, MODEL_FEATURES_V2).set_index("transaction_id")
     ids = [p["transaction_id"] for p in preds]
     served = pd.DataFrame(
         [p["features"] for p in preds], index=pd.Index(ids, name="transaction_id")
     )
-    # Terminal and customer features alike.
-    features = [*TERMINAL_FEATURES, *CUSTOMER_FEATURES]
+    # Terminal and customer features alike, and the v2 ones the v2 model was served.
+    features = [*TERMINAL_FEATURES, *CUSTOMER_FEATURES, *BEHAVIOUR_FEATURES]
     pd.testing.assert_frame_equal(
         served[features], full.loc[ids, features], check_dtype=False, atol=1e-9, rtol=0
     )
     assert {p["model_version"] for p in preds} == {"v0001"}
+
+    # The v1 shadow scored every row; each record names the v2 service and its views only.
+    assert list(served.columns) == list(MODEL_FEATURES_V2)
+    assert {p["feature_service"] for p in preds} == {"fraud_model_v2"}
+    assert {p["shadow"]["model_version"] for p in preds} == {shadow}
+    assert all(
+        set(p["feature_age_s"]) == {CUSTOMER_VIEW, TERMINAL_VIEW, BEHAVIOUR_VIEW} for p in preds
+    )
+    # The skew check (what `rtpipe check-skew` runs) finds nothing, on every v2 feature.
+    report = check_skew(
+        settings,
+        small_tx,
+        predictions_frame(preds),
+        expected,
+        history_start=plan.start - pd.Timedelta(days=plan.history_days),
+        offline=False,
+    )
+    assert report.online is not None and list(report.online.index) == list(MODEL_FEATURES_V2)
+    assert report.ok, str(report)
+    # The online store holds every scored customer's last rows of both customer views (the
+    # warm-up transactions are never pushed: customers with only those have no row).
+    check = check_online_features(
+        settings,
+        small_tx,
+        plan.start - pd.Timedelta(days=plan.history_days),
+        plan.end,
+        feature_service="fraud_model_v2",
+    )
+    scored = set(small_tx.set_index("transaction_id").loc[expected, "customer_id"].tolist())
+    for view in (CUSTOMER_VIEW, BEHAVIOUR_VIEW, TERMINAL_VIEW):
+        assert check.mismatched[view] == [], view
+    assert check.entities[BEHAVIOUR_VIEW] == check.entities[CUSTOMER_VIEW] >= len(scored) > 0
+    for view in (CUSTOMER_VIEW, BEHAVIOUR_VIEW):
+        assert scored.isdisjoint(check.missing[view]), view
+        assert len(check.missing[view]) == check.entities[view] - len(scored), view

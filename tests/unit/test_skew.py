@@ -6,7 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.shared.schemas import CUSTOMER_FEATURES, MODEL_FEATURES, TERMINAL_FEATURES
+from stages.shared.schemas import (
+    BEHAVIOUR_FEATURES,
+    CUSTOMER_FEATURES,
+    MODEL_FEATURES,
+    MODEL_FEATURES_V2,
+    TERMINAL_FEATURES,
+    service_features,
+)
 from stages.shared.settings import Settings
 from training.features import compute_features
 from training.skew import check_skew, compare_features, predictions_frame
@@ -143,3 +150,64 @@ def test_history_start_restricts_batch_customer_windows_only() -> None:
     # ... and terminal features are compared over all transactions either way.
     for name in TERMINAL_FEATURES:
         assert naive.online.loc[name, "mismatches"] == 0
+
+
+def v2_records(features: pd.DataFrame, service: str | None) -> list[dict[str, object]]:
+    names = service_features(service or "fraud_model_v1")
+    return [
+        {
+            "transaction_id": int(r["transaction_id"]),
+            "feature_service": service,
+            "features": {n: float(r[n]) for n in names},
+        }
+        for _, r in features.iterrows()
+    ]
+
+
+def test_check_skew_compares_each_record_on_its_own_feature_service() -> None:
+    tx = transactions()
+    feats = compute_features(tx, MODEL_FEATURES_V2).iloc[60:].copy()
+    feats.loc[feats.index[:2], "customer_secs_since_prev_tx"] += 1.0
+    # A promotion from v1 to v2 half-way through the replay.
+    records = [*v2_records(feats.iloc[:10], "fraud_model_v1")]
+    records += v2_records(feats.iloc[10:], "fraud_model_v2")
+    preds = predictions_frame(records)
+    assert list(preds.columns[-1:]) == ["feature_service"]
+    report = check_skew(Settings(), tx, preds, range(60, 80), offline=False)
+    assert report.online is not None
+    # v1 features on all 20 records, the v2 ones on the 10 v2 records only; the skewed v2
+    # values are in rows a v1 model served, whose records do not carry them: no mismatch.
+    assert report.online.loc["amount", "compared"] == 20
+    assert report.online.loc["customer_nb_terminals_7d", "compared"] == 10
+    assert report.ok
+    skewed = feats.copy()
+    skewed.loc[skewed.index[15:17], "customer_amount_ratio_30d"] *= 1.01
+    preds = predictions_frame(v2_records(skewed, "fraud_model_v2"))
+    report = check_skew(Settings(), tx, preds, range(60, 80), offline=False)
+    assert report.online is not None and not report.ok
+    assert report.online.loc["customer_amount_ratio_30d", "mismatches"] == 2
+    assert report.online.loc["customer_secs_since_prev_tx", "mismatches"] == 2
+    assert list(report.online.index) == list(MODEL_FEATURES_V2)
+    # A v2 record without the v2 features is skewed, not silently compared on v1's.
+    preds = predictions_frame(v2_records(feats, None))
+    report = check_skew(
+        Settings(), tx, preds, range(60, 80), offline=False, feature_service="fraud_model_v2"
+    )
+    assert report.online is not None
+    assert report.online.loc["customer_nb_terminals_1d", "mismatches"] == 20
+
+
+def test_history_start_restricts_behaviour_features_too() -> None:
+    tx = transactions()
+    start = pd.Timestamp("2018-04-21", tz="UTC")
+    replay = compute_features(tx[tx["tx_datetime"] >= start], MODEL_FEATURES_V2)
+    full = compute_features(tx, MODEL_FEATURES_V2).set_index("transaction_id")
+    served = full.loc[replay["transaction_id"]].copy()
+    replay = replay.set_index("transaction_id")
+    served[list(BEHAVIOUR_FEATURES)] = replay[list(BEHAVIOUR_FEATURES)]
+    served[list(CUSTOMER_FEATURES)] = replay[list(CUSTOMER_FEATURES)]
+    preds = predictions_frame(v2_records(served.reset_index().iloc[:3], "fraud_model_v2"))
+    fair = check_skew(Settings(), tx, preds, served.index[:3], history_start=start, offline=False)
+    assert fair.online is not None and fair.ok
+    # The first replayed transaction has no previous one in the replay: 30 days.
+    assert served.iloc[0]["customer_secs_since_prev_tx"] == 30 * 86_400

@@ -294,7 +294,8 @@ def test_the_enriched_record_is_what_the_prediction_stage_decodes() -> None:
         "amount": 12.5,
         "event_ms": 1_530_000_000_000,
         "ts": {"ingest_ms": 1_800_000_000_000, "consumed_ms": 1, "enriched_ms": 1_800_000_000_005},
-        "features": feats,
+        # Per view, as customer_features returns them.
+        "features": {CUSTOMER_VIEW: feats},
     }
     batch, bad = decode_enriched([_enriched_json(rec)])
     assert bad == []
