@@ -30,6 +30,7 @@ is accepted rather than inventing sub-second timestamps.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -291,12 +292,14 @@ def behaviour_feature_rows(features: pd.DataFrame) -> pd.DataFrame:
     return _feature_rows(features, "customer_id", BEHAVIOUR_FEATURES)
 
 
-def backfill_offline_store(settings: Settings, tx: pd.DataFrame) -> dict[str, Path]:
+def backfill_offline_store(
+    settings: Settings, tx: pd.DataFrame, *, replace: bool = False
+) -> dict[str, Path]:
     """Compute every transaction's features and write every view into the offline store.
 
     Each view gets one new part file through ``stages.shared.offline.write_offline``; running
     it twice duplicates the history (identical rows, harmless for a point-in-time join but
-    wasteful), so clear ``settings.offline_dir / <view>`` first when re-backfilling.
+    wasteful) unless ``replace`` first deletes each view's existing history.
 
     Returns:
         The Parquet file written per view name.
@@ -309,6 +312,8 @@ def backfill_offline_store(settings: Settings, tx: pd.DataFrame) -> dict[str, Pa
     }
     paths: dict[str, Path] = {}
     for view, df in frames.items():
+        if replace:
+            shutil.rmtree(settings.offline_dir / view, ignore_errors=True)
         paths[view] = write_offline(settings, view, df)
         logger.info("backfilled %d rows into %s (%s)", len(df), view, paths[view])
     return paths

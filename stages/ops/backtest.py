@@ -26,10 +26,10 @@ from stages.prediction.logic import assemble_matrix, request_features
 from stages.prediction.models import ServingModel
 from stages.routing.logic import decide
 from stages.shared.schemas import (
-    CUSTOMER_FEATURES,
     LABEL_DELAY_DAYS,
-    TERMINAL_FEATURES,
+    REQUEST_FEATURES,
     WINDOWS_DAYS,
+    service_features,
 )
 from stages.shared.settings import Settings
 from training import registry
@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 # Features of a transaction look back at most this far (terminal windows: delay + 30 days).
 LOOKBACK_DAYS = LABEL_DELAY_DAYS + max(WINDOWS_DAYS)
-ONLINE_NAMES = (*CUSTOMER_FEATURES, *TERMINAL_FEATURES)
 
 
 @dataclass(frozen=True)
@@ -147,7 +146,10 @@ def backtest(
     # Only the look-back the features need, so a backtest of a week does not featurise months.
     history_start = min(begin - pd.Timedelta(days=LOOKBACK_DAYS), train_start)
     recent = tx.loc[(tx["tx_datetime"] >= history_start) & (tx["tx_datetime"] < end)]
-    feats = compute_features(recent)
+    wanted = service_features(model.feature_service)
+    feats = compute_features(recent, wanted)
+    # Everything but the request features comes from the stored views.
+    online_names = tuple(f for f in wanted if f not in REQUEST_FEATURES)
     in_window = (feats["tx_datetime"] >= begin).to_numpy()
     rows = feats.loc[in_window].sort_values("transaction_id", kind="stable")
     if rows.empty:
@@ -155,13 +157,13 @@ def backtest(
 
     amount = rows["amount"].to_numpy(np.float64)
     ms = event_ms(rows["tx_datetime"])
-    online_values = rows[list(ONLINE_NAMES)].to_numpy(np.float64)
+    online_values = rows[list(online_names)].to_numpy(np.float64)
     scores = np.empty(len(rows), dtype=np.float64)
     step = settings.prediction.max_batch
     for lo in range(0, len(rows), step):
         hi = lo + step
         request = request_features(amount[lo:hi], ms[lo:hi])
-        matrix = assemble_matrix(model.features, request, online_values[lo:hi], ONLINE_NAMES)
+        matrix = assemble_matrix(model.features, request, online_values[lo:hi], online_names)
         scores[lo:hi] = model.predict(matrix)
     decisions = [decide({"score": float(s)}, settings.routing)[0] for s in scores]
 

@@ -5,7 +5,6 @@ definitions). Used by ``rtpipe backfill``, ``rtpipe check-skew`` and the demo.
 
 from __future__ import annotations
 
-import shutil
 from datetime import date
 
 import orjson
@@ -13,7 +12,6 @@ import pandas as pd
 
 from stages.ops.audit import read_topic
 from stages.ops.replay import ReplayPlan
-from stages.shared.schemas import CUSTOMER_VIEW, TERMINAL_VIEW
 from stages.shared.settings import Settings
 from training.skew import SkewReport
 
@@ -52,6 +50,4 @@ def backfill(settings: Settings, tx: pd.DataFrame) -> None:
     """Replace the offline store's history with the batch features of ``tx``."""
     from training.features import backfill_offline_store
 
-    for view in (CUSTOMER_VIEW, TERMINAL_VIEW):
-        shutil.rmtree(settings.offline_dir / view, ignore_errors=True)
-    backfill_offline_store(settings, tx)
+    backfill_offline_store(settings, tx, replace=True)

@@ -12,7 +12,7 @@ import pytest
 
 from stages.ops.backtest import backtest
 from stages.ops.harness.sandbox import register_tiny_model
-from stages.shared.schemas import MODEL_FEATURES
+from stages.shared.schemas import service_features
 from stages.shared.settings import PredictionSettings, RoutingSettings, Settings
 from training import registry
 from training.evaluate import evaluate
@@ -27,24 +27,28 @@ def small_tx() -> pd.DataFrame:
     )
 
 
-def test_backtest_matches_direct_evaluation(small_tx: pd.DataFrame, tmp_path: Path) -> None:
+@pytest.mark.parametrize("service", ["fraud_model_v1", "fraud_model_v2"])
+def test_backtest_matches_direct_evaluation(
+    small_tx: pd.DataFrame, tmp_path: Path, service: str
+) -> None:
     settings = Settings(
         home=tmp_path,
         # Small micro-batches, so the window is scored in many batches like the stage does.
         prediction=PredictionSettings(max_batch=97),
         routing=RoutingSettings(action_threshold=0.5, review_threshold=0.2),
     )
-    version = register_tiny_model(settings, small_tx)
+    version = register_tiny_model(settings, small_tx, feature_service=service)
     report = backtest(settings, "2018-05-15", 7, transactions=small_tx, k=10)
 
     start = pd.Timestamp("2018-05-15", tz="UTC")
     end = start + pd.Timedelta(days=7)
-    # Direct: features over the whole data set, the booster on MODEL_FEATURES columns.
-    feats = compute_features(small_tx)
+    # Direct: features over the whole data set, the booster on its service's columns.
+    features = service_features(service)
+    feats = compute_features(small_tx, features)
     rows = feats[(feats["tx_datetime"] >= start) & (feats["tx_datetime"] < end)]
     rows = rows.sort_values("transaction_id")
     booster = registry.load_current(settings.registry_dir, "fraud").booster
-    scores = np.asarray(booster.predict(rows[list(MODEL_FEATURES)].to_numpy(np.float64)))
+    scores = np.asarray(booster.predict(rows[list(features)].to_numpy(np.float64)))
     assert report.model_version == version
     assert len(report.scored) == len(rows) > 500
     assert report.scored["transaction_id"].tolist() == rows["transaction_id"].tolist()

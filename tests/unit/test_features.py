@@ -223,3 +223,35 @@ def test_matches_slow_reference(seed: int) -> None:
             got[name].to_numpy(), want[name].to_numpy(), rtol=1e-9, err_msg=name
         )
     assert (got["terminal_nb_tx_7d"] > 0).any() and (got["terminal_risk_30d"] > 0).any()
+
+
+def test_backfill_replace_keeps_one_history_per_view(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pyarrow.parquet as pq
+
+    from stages.ops.harness.sandbox import isolated_settings
+    from stages.shared.settings import Settings
+    from training.features import backfill_offline_store
+    from training.simulate import SimulatorConfig, simulate
+
+    # A copy of the feature repo: the offline store lives in the repo's data folder.
+    settings = isolated_settings(Settings(home=tmp_path), tmp_path)
+    assert settings.offline_dir.resolve().is_relative_to(tmp_path.resolve())
+    tx = simulate(
+        SimulatorConfig(n_customers=20, n_terminals=40, nb_days=5, seed=3), progress=False
+    )
+
+    def rows() -> dict[str, tuple[int, int]]:
+        out = {}
+        for view_dir in sorted(p for p in settings.offline_dir.iterdir() if p.is_dir()):
+            parts = sorted(view_dir.rglob("*.parquet"))
+            out[view_dir.name] = (len(parts), sum(pq.read_metadata(p).num_rows for p in parts))
+        return out
+
+    backfill_offline_store(settings, tx)
+    once = rows()
+    assert set(once) == {"customer_spending", "terminal_risk", "customer_behaviour"}
+    assert all(parts == 1 and n > 0 for parts, n in once.values())
+    backfill_offline_store(settings, tx)  # appends: every row twice
+    assert rows() == {v: (2, 2 * n) for v, (_, n) in once.items()}
+    backfill_offline_store(settings, tx, replace=True)  # one history again, every view
+    assert rows() == once

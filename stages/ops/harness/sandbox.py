@@ -112,18 +112,21 @@ def register_model(
     num_trees: int = 20,
     seed: int = 0,
     promote: bool = True,
+    feature_service: str | None = None,
 ) -> str:
-    """Train a LightGBM on ``x`` (columns: the model's features, in order) and ``y``,
-    register it (with the production feature list and feature service) and promote it
-    unless told not to. Returns the version."""
+    """Train a LightGBM on ``x`` (columns: the feature service's features, in order; the
+    settings' service by default) and ``y``, register it (with that feature list and
+    service) and promote it unless told not to. Returns the version."""
     import lightgbm as lgb
 
-    from stages.shared.schemas import MODEL_FEATURES
+    from stages.shared.schemas import service_features
     from training import registry
 
+    service = feature_service or settings.prediction.feature_service
+    features = list(service_features(service))
     booster = lgb.train(
         {"objective": "binary", "num_leaves": num_leaves, "verbose": -1, "seed": seed},
-        lgb.Dataset(x, label=y, feature_name=list(MODEL_FEATURES)),
+        lgb.Dataset(x, label=y, feature_name=features),
         num_boost_round=num_trees,
     )
     name = settings.prediction.model_name
@@ -131,7 +134,7 @@ def register_model(
         settings.registry_dir,
         name,
         booster.model_to_string(),
-        {"features": list(MODEL_FEATURES), "feature_service": settings.prediction.feature_service},
+        {"features": features, "feature_service": service},
     )
     if promote:
         registry.promote(settings.registry_dir, name, mv.version)
@@ -146,26 +149,29 @@ def register_tiny_model(
     num_trees: int = 20,
     seed: int = 0,
     shuffle_labels: bool = False,
+    feature_service: str | None = None,
 ) -> str:
     """Train a small LightGBM on batch features of ``tx`` and register it (see
-    :func:`register_model`).
+    :func:`register_model`; ``feature_service``: the settings' by default).
 
     Model quality is irrelevant here; the model only has to be a real, loadable, verified
     registry version with the production feature list. ``shuffle_labels``: trained on
     permuted labels, a deliberately useless model.
     """
-    from stages.shared.schemas import MODEL_FEATURES
+    from stages.shared.schemas import service_features
     from training.features import compute_features
 
-    feats = compute_features(tx)
+    features = service_features(feature_service or settings.prediction.feature_service)
+    feats = compute_features(tx, features)
     y = tx.set_index("transaction_id").loc[feats["transaction_id"], "is_fraud"].to_numpy()
     if shuffle_labels:
         y = np.random.default_rng(seed).permutation(y)
     return register_model(
         settings,
-        feats[list(MODEL_FEATURES)].to_numpy(np.float64),
+        feats[list(features)].to_numpy(np.float64),
         y,
         num_trees=num_trees,
         seed=seed,
         promote=promote,
+        feature_service=feature_service,
     )
