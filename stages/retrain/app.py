@@ -33,6 +33,7 @@ from stages.retrain.logic import (
     GateDecision,
     RetrainRequest,
     WindowError,
+    candidate_service,
     gate,
     latest_window,
     parse_request,
@@ -142,7 +143,13 @@ class RetrainJob:
             return None
         # Only the rows the folds, the training and the test window read: labels known.
         tx = tx.loc[tx["tx_datetime"] < window.test_end]
-        logger.info("training a candidate on %s", window.to_dict())
+        champion_meta = (
+            registry.get_version(self.settings.registry_dir, self._name, champion).metadata
+            if champion is not None
+            else None
+        )
+        service = candidate_service(champion_meta, self.settings.prediction.feature_service)
+        logger.info("training a candidate on %s with %s", window.to_dict(), service)
         result = train(
             self.settings,
             window.train_start,
@@ -157,6 +164,7 @@ class RetrainJob:
             n_trials=cfg.n_trials,
             baselines=("logistic_regression",),
             plots=False,
+            feature_service=service,
         )
         seconds = time.perf_counter() - t0
         version = result.version

@@ -22,8 +22,9 @@ promote if the candidate's average precision is at least the champion's minus ``
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 import pandas as pd
@@ -170,3 +171,14 @@ def gate(
     if math.isfinite(cand) and math.isfinite(champ) and cand >= champ - cfg.ap_tolerance:
         return GateDecision("promote", text)
     return GateDecision("reject", text)
+
+
+def candidate_service(champion: Mapping[str, Any] | None, default: str) -> str:
+    """The feature service a candidate is trained on: its champion's (the gate compares the
+    two on the same events, and a v2 champion must not be replaced by a v1 candidate),
+    ``default`` when there is no champion or it records none."""
+    if champion is not None:
+        service = champion.get("feature_service")
+        if isinstance(service, str) and service:
+            return service
+    return default

@@ -113,6 +113,11 @@ def test_retrain_request_ends_with_the_candidate_serving(
         )
         t_shadow = time.time()
         assert candidate is not None and candidate != champion
+        # Trained on its champion's feature service.
+        assert (
+            registry.get_version(reg, name, candidate).metadata["feature_service"]
+            == registry.get_version(reg, name, champion).metadata["feature_service"]
+        )
         assert registry.current_version(reg, name) == champion
         # The prediction stage polls the marker every 0.2 s; a loaded machine (the whole
         # suite beside other work) needed more than 1 s once, and plan B went unshadowed.

@@ -174,3 +174,14 @@ def test_model_holder_follows_the_registry_shadow_marker(tmp_path: Path) -> None
     holder._next_check = 0.0
     holder.maybe_reload()
     assert holder.current.version == v2 and holder.shadow is None
+
+
+def test_candidate_is_trained_on_its_champions_feature_service() -> None:
+    from stages.retrain.logic import candidate_service
+
+    assert candidate_service({"feature_service": "fraud_model_v2"}, "fraud_model_v1") == (
+        "fraud_model_v2"
+    )
+    assert candidate_service({"features": []}, "fraud_model_v1") == "fraud_model_v1"
+    assert candidate_service({"feature_service": ""}, "fraud_model_v1") == "fraud_model_v1"
+    assert candidate_service(None, "fraud_model_v1") == "fraud_model_v1"
