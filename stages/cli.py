@@ -434,13 +434,21 @@ def demo(
     history_days: Annotated[
         int, typer.Option(help="Days of earlier transactions that warm the windows up.")
     ] = 30,
+    feature_service: Annotated[
+        str, typer.Option(help="The served model's feature service (trained if needed).")
+    ] = "fraud_model_v2",
 ) -> None:
     """The whole story: stack up, data, Feast, training, three stages, a replay, a summary."""
     from stages.ops.demo import run_demo
 
     settings = _settings()
     code = run_demo(
-        settings, _day(replay_start), replay_days, fresh=fresh, history_days=history_days
+        settings,
+        _day(replay_start),
+        replay_days,
+        fresh=fresh,
+        history_days=history_days,
+        feature_service=feature_service,
     )
     raise typer.Exit(code)
 

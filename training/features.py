@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import pandas as pd
@@ -292,6 +292,10 @@ def behaviour_feature_rows(features: pd.DataFrame) -> pd.DataFrame:
     return _feature_rows(features, "customer_id", BEHAVIOUR_FEATURES)
 
 
+# Every view the offline store holds a history of (what backfill_offline_store writes).
+BACKFILL_VIEWS: Final = (CUSTOMER_VIEW, TERMINAL_VIEW, BEHAVIOUR_VIEW)
+
+
 def backfill_offline_store(
     settings: Settings, tx: pd.DataFrame, *, replace: bool = False
 ) -> dict[str, Path]:
@@ -305,11 +309,12 @@ def backfill_offline_store(
         The Parquet file written per view name.
     """
     features = compute_features(tx, MODEL_FEATURES_V2)
-    frames = {
-        CUSTOMER_VIEW: customer_feature_rows(features),
-        TERMINAL_VIEW: terminal_feature_rows(features),
-        BEHAVIOUR_VIEW: behaviour_feature_rows(features),
+    rows = {
+        CUSTOMER_VIEW: customer_feature_rows,
+        TERMINAL_VIEW: terminal_feature_rows,
+        BEHAVIOUR_VIEW: behaviour_feature_rows,
     }
+    frames = {view: rows[view](features) for view in BACKFILL_VIEWS}
     paths: dict[str, Path] = {}
     for view, df in frames.items():
         if replace:
