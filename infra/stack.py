@@ -751,7 +751,18 @@ class RedisNode:
 
     @property
     def bus_port(self) -> int:
-        """The cluster bus (node-to-node) port."""
+        """The cluster bus (node-to-node) port: next to the node's own for a new node, what
+        its ``nodes.conf`` records for one that has run before (its peers know it there)."""
+        try:
+            text = (self.dir / "nodes.conf").read_text()
+        except OSError:
+            return self.port + 100
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) > 2 and "myself" in fields[2].split(","):
+                address = fields[1].split(",")[0]  # ip:port@cport[,hostname]
+                if "@" in address:
+                    return int(address.rsplit("@", 1)[1])
         return self.port + 100
 
     @property

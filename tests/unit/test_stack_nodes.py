@@ -1,0 +1,30 @@
+"""The Redis Cluster stack's node bus ports (infra/stack.py): next to the node for a new one,
+out of Linux's ephemeral range; what ``nodes.conf`` records for one that has run before."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from infra.stack import RedisNode
+
+EPHEMERAL = range(32768, 61000)
+
+
+def test_new_node_bus_port_is_next_to_it(tmp_path: Path) -> None:
+    node = RedisNode(port=30701, dir=tmp_path)
+    assert node.bus_port == 30801
+    assert node.bus_port not in EPHEMERAL
+
+
+def test_a_node_that_ran_keeps_the_bus_port_its_peers_know(tmp_path: Path) -> None:
+    (tmp_path / "nodes.conf").write_text(
+        "a1 127.0.0.1:30702@40702 master - 0 0 1 connected 5461-10922\n"
+        "b2 127.0.0.1:30701@40701,myhost myself,master - 0 0 2 connected 0-5460\n"
+        "vars currentEpoch 6 lastVoteEpoch 0\n"
+    )
+    assert RedisNode(port=30701, dir=tmp_path).bus_port == 40701
+
+
+def test_a_conf_without_its_own_entry_counts_as_new(tmp_path: Path) -> None:
+    (tmp_path / "nodes.conf").write_text("vars currentEpoch 0 lastVoteEpoch 0\n")
+    assert RedisNode(port=30701, dir=tmp_path).bus_port == 30801
