@@ -119,9 +119,15 @@ def test_retrain_request_ends_with_the_candidate_serving(
             == registry.get_version(reg, name, champion).metadata["feature_service"]
         )
         assert registry.current_version(reg, name) == champion
-        # The prediction stage polls the marker every 0.2 s; a loaded machine (the whole
-        # suite beside other work) needed more than 1 s once, and plan B went unshadowed.
-        time.sleep(3.0)
+        # Plan B must be scored beside the candidate. The prediction stage polls the marker
+        # every 0.2 s, but loading a version took over 3 s on a loaded machine (plan B went
+        # unshadowed, the gate never had paired events): wait for the stage to say so.
+        (prediction,) = [sp for sp in procs if sp.name == "prediction"]
+        wait_until(
+            "the prediction stage to load the shadow",
+            lambda: f"shadow model now {candidate}" in prediction.log.read_text(errors="replace"),
+            90,
+        )
 
         replay(settings, tx, plan_b)
         expected += plan_b.transaction_ids(tx)
