@@ -14,9 +14,8 @@ number and fraud fraction. Every transaction gets a label (fraud or not) that is
 7 days later, so the window is computed from the ``labels`` stream alone: a label carries its
 transaction's time, and the window's upper bound ``t - 7 days`` means that every label it
 needs became known at or before ``t``. The pipeline serves these windows from the label index
-(``stages/shared/labels.py``, counted per event by the prediction stage); ``TerminalState``
-and :func:`terminal_features` here are the per-terminal stream formulation the index is
-checked against (tests/cluster/test_label_index_cluster.py, tests/unit/test_stage_logic.py).
+(``stages/shared/labels.py``, counted per event by the prediction stage); the per-terminal
+stream formulation it is checked against is a test reference (tests/terminal_reference.py).
 """
 
 from __future__ import annotations
@@ -31,14 +30,12 @@ from stages.shared.schemas import (
     CUSTOMER_VIEW,
     DAY_MS,
     DISTINCT_TERMINAL_DAYS,
-    LABEL_DELAY_DAYS,
     MAX_GAP_S,
     WINDOWS_DAYS,
     InvalidMessage,
 )
 
 _MAX_CUSTOMER_SPAN_MS = max(WINDOWS_DAYS) * DAY_MS
-_MAX_TERMINAL_SPAN_MS = (LABEL_DELAY_DAYS + max(WINDOWS_DAYS)) * DAY_MS
 
 
 class LateEvent(InvalidMessage):
@@ -149,67 +146,3 @@ def customer_features(
         seen.discard(UNKNOWN_TERMINAL)
         behaviour[f"customer_nb_terminals_{n}d"] = float(len(seen))
     return {CUSTOMER_VIEW: spending, BEHAVIOUR_VIEW: behaviour}
-
-
-@dataclass
-class TerminalState:
-    """Per-terminal labels: parallel lists sorted by transaction time."""
-
-    ts: list[int]
-    fraud: list[int]
-    tx_ids: list[int]
-    max_ts: int
-
-    @classmethod
-    def from_state(cls, raw: Any) -> TerminalState:
-        if not raw:
-            return cls([], [], [], 0)
-        return cls(list(raw["ts"]), list(raw["fraud"]), list(raw["tx_ids"]), int(raw["max_ts"]))
-
-    def to_state(self) -> dict[str, Any]:
-        return {"ts": self.ts, "fraud": self.fraud, "tx_ids": self.tx_ids, "max_ts": self.max_ts}
-
-
-def add_label(
-    state: TerminalState, tx_ms: int, transaction_id: int, is_fraud: int, grace_ms: int
-) -> bool:
-    """Record a transaction's label; a repeated label (same transaction) changes nothing.
-
-    Returns:
-        True if the label was new.
-    """
-    lo = bisect_right(state.ts, tx_ms - 1)
-    hi = bisect_right(state.ts, tx_ms)
-    if transaction_id in state.tx_ids[lo:hi]:
-        return False
-    state.ts.insert(hi, tx_ms)
-    state.fraud.insert(hi, int(is_fraud))
-    state.tx_ids.insert(hi, transaction_id)
-    _prune_terminal(state, grace_ms)
-    return True
-
-
-def _prune_terminal(state: TerminalState, grace_ms: int) -> None:
-    horizon = state.max_ts - grace_ms - _MAX_TERMINAL_SPAN_MS
-    drop = bisect_right(state.ts, horizon)
-    if drop:
-        del state.ts[:drop]
-        del state.fraud[:drop]
-        del state.tx_ids[:drop]
-
-
-def terminal_features(state: TerminalState, event_ms: int, grace_ms: int) -> dict[str, float]:
-    """Terminal risk features for a transaction at ``event_ms`` (advances the terminal's
-    clock, so old labels can be pruned)."""
-    state.max_ts = max(state.max_ts, event_ms)
-    _prune_terminal(state, grace_ms)
-    upper = event_ms - LABEL_DELAY_DAYS * DAY_MS
-    end = bisect_right(state.ts, upper)
-    out: dict[str, float] = {}
-    for n in WINDOWS_DAYS:
-        start = bisect_right(state.ts, upper - n * DAY_MS, 0, end)
-        count = end - start
-        frauds = sum(state.fraud[start:end])
-        out[f"terminal_nb_tx_{n}d"] = float(count)
-        out[f"terminal_risk_{n}d"] = frauds / count if count else 0.0
-    return out

@@ -2,7 +2,7 @@
 client takes the index's pipelined path (one ``EVALSHA`` per terminal, routed by the
 terminal's hash tag), its scripts are loaded on every primary, a flushed script cache is
 reloaded, and the terminal windows equal the stream reference
-(``stages.enrichment.logic.terminal_features``) on random labels."""
+(``tests.terminal_reference.terminal_features``) on random labels."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stages.enrichment.logic import TerminalState, add_label, terminal_features
 from stages.shared.labels import (
     _ADD_LABELS,
     _COUNT_WINDOWS,
@@ -25,6 +24,7 @@ from stages.shared.labels import (
 from stages.shared.online.resp import RawRedis
 from stages.shared.schemas import DAY_MS, LABEL_DELAY_DAYS, TERMINAL_FEATURES, WINDOWS_DAYS
 from stages.shared.settings import Settings
+from tests.terminal_reference import TerminalState, add_label, terminal_features
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,6 @@ import pytest
 from stages.enrichment.logic import (
     CustomerState,
     LateEvent,
-    TerminalState,
-    add_label,
-    terminal_features,
     update_customer,
 )
 from stages.prediction.logic import (
@@ -31,6 +28,7 @@ from stages.shared.schemas import (
     parse_transaction,
 )
 from stages.shared.settings import RoutingSettings
+from tests.terminal_reference import TerminalState, add_label, terminal_features
 
 T0 = 1_525_132_800_000  # 2018-05-01T00:00:00Z, a Tuesday
 
