@@ -41,6 +41,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast, get_args
 
+from stages.shared.errors import RtpipeError
 from stages.shared.settings import Settings
 from stages.shared.topology import STAGES
 
@@ -64,7 +65,7 @@ _STOP_TIMEOUT_S: dict[Component, float] = {"kafka": 30.0, "redis": 10.0, "promet
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
-class StackError(RuntimeError):
+class StackError(RtpipeError, RuntimeError):
     """A component cannot be prepared, started, checked or stopped; the message says why."""
 
 

@@ -36,6 +36,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from stages.shared.errors import RtpipeError
 from stages.shared.schemas import (
     REQUEST_FEATURES,
     service_features,
@@ -62,7 +63,7 @@ def stored_features(feature_service: str) -> tuple[str, ...]:
     return tuple(f for f in service_features(feature_service) if f not in REQUEST_FEATURES)
 
 
-class MissingFeaturesError(RuntimeError):
+class MissingFeaturesError(RtpipeError, RuntimeError):
     """The point-in-time join found no feature row for some transactions."""
 
     def __init__(self, feature: str, n_missing: int, n_rows: int) -> None:

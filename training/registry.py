@@ -29,6 +29,8 @@ from typing import Any
 
 import lightgbm as lgb
 
+from stages.shared.errors import RtpipeError
+
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.txt"
@@ -38,7 +40,7 @@ HISTORY_FILE = "HISTORY"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(RtpipeError, RuntimeError):
     """The registry is missing something that was asked for."""
 
 

@@ -37,6 +37,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
+from stages.shared.errors import RtpipeError
 from stages.shared.schemas import MODEL_FEATURES
 from training.dataset import Dataset
 from training.evaluate import known_compromised_mask
@@ -69,7 +70,7 @@ SEARCH_PATIENCE = 50
 VALIDATION_METRIC = "average_precision"
 
 
-class ValidationSplitError(ValueError):
+class ValidationSplitError(RtpipeError, ValueError):
     """The history cannot be split into fit and validation rows."""
 
     def __init__(self, detail: str) -> None:

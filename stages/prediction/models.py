@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import lightgbm as lgb
 import numpy as np
 
+from stages.shared.errors import RtpipeError
 from stages.shared.metrics import Metrics
 from stages.shared.settings import Settings
 from training import registry
@@ -32,11 +33,11 @@ from training import registry
 logger = logging.getLogger(__name__)
 
 
-class NoModelError(RuntimeError):
+class NoModelError(RtpipeError, RuntimeError):
     """No verified model version could be loaded at start-up."""
 
 
-class UnservableModelError(ValueError):
+class UnservableModelError(RtpipeError, ValueError):
     """A model version the stage cannot serve: its feature service is unknown to the online
     layout, or does not serve every feature the model takes, or (a canary) it differs from
     the promoted model's."""

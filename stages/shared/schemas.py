@@ -11,6 +11,8 @@ from typing import Any, Final, Literal
 
 import orjson
 
+from stages.shared.errors import RtpipeError
+
 # --- Feast names -----------------------------------------------------------------------------
 CUSTOMER_VIEW: Final = "customer_spending"
 TERMINAL_VIEW: Final = "terminal_risk"
@@ -68,7 +70,7 @@ CUSTOMER_VIEWS: Final[dict[str, tuple[str, ...]]] = {
 }
 
 
-class UnknownFeatureServiceError(ValueError):
+class UnknownFeatureServiceError(RtpipeError, ValueError):
     """A feature service name that no model input order is defined for."""
 
     def __init__(self, service: str) -> None:
@@ -91,7 +93,7 @@ def service_features(service: str) -> tuple[str, ...]:
 Decision = Literal["action", "review", "approved"]
 
 
-class InvalidMessage(ValueError):
+class InvalidMessage(RtpipeError, ValueError):
     """A message that cannot be processed; ``reason`` is a machine-readable code."""
 
     def __init__(self, reason: str, detail: str) -> None:
