@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 import redis
 from confluent_kafka import IsolationLevel, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
@@ -34,6 +33,7 @@ from stages.prediction.logic import (
     prediction_records,
     request_features,
     stable_fraction,
+    unscored_records,
 )
 from stages.prediction.models import (
     ModelCheck,
@@ -395,35 +395,21 @@ class PredictionStage:
 
     def _unavailable(self, batch: EnrichedBatch, detail: str) -> list[Output]:
         """Redis is down and the policy is to review: predictions without a score."""
-        now_ms = int(time.time() * 1000)
-        out = []
-        for i in range(len(batch)):
-            rec = {
-                "transaction_id": int(batch.transaction_id[i]),
-                "customer_id": int(batch.customer_id[i]),
-                "terminal_id": int(batch.terminal_id[i]),
-                "amount": float(batch.amount[i]),
-                "event_ms": int(batch.event_ms[i]),
-                "score": None,
-                "error": "features_unavailable",
-                "error_detail": detail[:200],
-                "model": self.models.current.name,
-                "model_version": self.models.current.version,
-                "ts": {
-                    "ingest_ms": int(batch.ingest_ms[i]),
-                    "enriched_ms": int(batch.enriched_ms[i]),
-                    "predicted_ms": now_ms,
-                },
-            }
-            out.append(
-                Output(
-                    self._out_topic,
-                    str(int(batch.transaction_id[i])).encode(),
-                    orjson.dumps(rec),
-                    timestamp_ms=int(batch.event_ms[i]),
-                )
+        model = self.models.current
+        records = unscored_records(
+            batch,
+            "features_unavailable",
+            detail,
+            model.name,
+            model.version,
+            int(time.time() * 1000),
+        )
+        return [
+            Output(self._out_topic, str(t).encode(), rec, timestamp_ms=int(ts))
+            for t, rec, ts in zip(
+                batch.transaction_id.tolist(), records, batch.event_ms.tolist(), strict=True
             )
-        return out
+        ]
 
 
 def build_stage(settings: Settings, metrics: Metrics | None = None) -> PredictionStage:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import orjson
@@ -318,6 +319,63 @@ def assemble_matrix(
         src, i = columns[name]
         out[:, j] = request[:, i] if src == "r" else online_values[:, i]
     return out
+
+
+def _event_columns(batch: EnrichedBatch) -> list[list[Any]]:
+    """The event's own fields as plain Python columns (numpy scalar indexing per field is the
+    slow part): transaction, customer, terminal, amount, event time, ingest and enriched
+    times."""
+    return [
+        batch.transaction_id.tolist(),
+        batch.customer_id.tolist(),
+        batch.terminal_id.tolist(),
+        batch.amount.tolist(),
+        batch.event_ms.tolist(),
+        batch.ingest_ms.tolist(),
+        batch.enriched_ms.tolist(),
+    ]
+
+
+def _record(cols: list[list[Any]], i: int, predicted_ms: int, **fields: Any) -> dict[str, Any]:
+    """One prediction record: the event's fields, then ``fields``, then the stage times."""
+    tid, cid, term, amount, event_ms, ingest, enriched = (c[i] for c in cols)
+    return {
+        "transaction_id": tid,
+        "customer_id": cid,
+        "terminal_id": term,
+        "amount": amount,
+        "event_ms": event_ms,
+        **fields,
+        "ts": {"ingest_ms": ingest, "enriched_ms": enriched, "predicted_ms": predicted_ms},
+    }
+
+
+def unscored_records(
+    batch: EnrichedBatch,
+    error: str,
+    detail: str,
+    model: str,
+    model_version: str,
+    predicted_ms: int,
+) -> list[bytes]:
+    """Records without a score (``error`` says why: routing sends them to review), in the
+    same shape as :func:`prediction_records`'."""
+    cols = _event_columns(batch)
+    return [
+        orjson.dumps(
+            _record(
+                cols,
+                i,
+                predicted_ms,
+                score=None,
+                error=error,
+                error_detail=detail[:200],
+                model=model,
+                model_version=model_version,
+            )
+        )
+        for i in range(len(batch))
+    ]
 
 
 def prediction_records(

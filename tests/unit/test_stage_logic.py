@@ -300,3 +300,60 @@ def test_the_enriched_record_is_what_the_prediction_stage_decodes() -> None:
     assert batch.transaction_id.tolist() == [7] and batch.terminal_id.tolist() == [11]
     assert batch.enriched_ms.tolist() == [1_800_000_000_005]
     assert batch.carried == [{CUSTOMER_VIEW: feats}]
+
+
+def test_scored_and_unscored_records_share_their_shape() -> None:
+    import orjson
+
+    from stages.prediction.logic import prediction_records, unscored_records
+
+    n = 3
+    batch = EnrichedBatch(
+        index=np.arange(n),
+        transaction_id=np.array([5, 6, 7]),
+        customer_id=np.array([1, 2, 3]),
+        terminal_id=np.array([9, 9, 8]),
+        amount=np.array([10.0, 20.5, 0.0]),
+        event_ms=np.array([T0, T0 + 1, T0 + 2]),
+        enriched_ms=np.array([T0 + 10] * n),
+        ingest_ms=np.array([T0 + 5] * n),
+        carried=[{}] * n,
+    )
+    ts = {"customer_spending": batch.event_ms.copy()}
+    found = {"customer_spending": np.ones(n, dtype=bool)}
+    scored = [
+        orjson.loads(r)
+        for r in prediction_records(
+            batch,
+            np.array([0.1, 0.2, 0.3]),
+            np.zeros((n, 1)),
+            ["amount"],
+            ts,
+            found,
+            model="fraud",
+            model_version="v0001",
+            feature_service="fraud_model_v1",
+            predicted_ms=T0 + 20,
+        )
+    ]
+    unscored = [
+        orjson.loads(r)
+        for r in unscored_records(
+            batch, "features_unavailable", "x" * 300, "fraud", "v0001", T0 + 20
+        )
+    ]
+    event = ("transaction_id", "customer_id", "terminal_id", "amount", "event_ms", "ts")
+    for s, u in zip(scored, unscored, strict=True):
+        assert {k: s[k] for k in event} == {k: u[k] for k in event}
+        assert (u["score"], u["error"], u["model"], u["model_version"]) == (
+            None,
+            "features_unavailable",
+            "fraud",
+            "v0001",
+        )
+        assert len(u["error_detail"]) == 200
+    assert unscored[1]["ts"] == {
+        "ingest_ms": T0 + 5,
+        "enriched_ms": T0 + 10,
+        "predicted_ms": T0 + 20,
+    }
