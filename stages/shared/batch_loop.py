@@ -498,6 +498,7 @@ class TransactionalBatchLoop:
                 # A retriable commit goes on in the background; any other call conflicts
                 # with it until it is resumed and done.
                 logger.warning("%s commit not done yet (%s); resuming it", self._stage, err)
+                time.sleep(0.1)  # an error returned at once must not spin
         self.stats.batches += 1
         self.stats.messages += len(msgs)
         self.stats.outputs += self._txn_outputs
