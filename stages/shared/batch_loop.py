@@ -483,22 +483,7 @@ class TransactionalBatchLoop:
         self._producer.send_offsets_to_transaction(
             self._next_offsets(msgs), self._consumer.consumer_group_metadata(), 30
         )
-        started = time.monotonic()
-        while True:
-            try:
-                self._producer.commit_transaction(10)
-                break
-            except KafkaException as exc:
-                err = exc.args[0]
-                action = txn_failure_action(
-                    err, "commit", time.monotonic() - started, self._stopping()
-                )
-                if action != "resume":
-                    raise
-                # A retriable commit goes on in the background; any other call conflicts
-                # with it until it is resumed and done.
-                logger.warning("%s commit not done yet (%s); resuming it", self._stage, err)
-                time.sleep(0.1)  # an error returned at once must not spin
+        self._complete("commit")
         self.stats.batches += 1
         self.stats.messages += len(msgs)
         self.stats.outputs += self._txn_outputs
@@ -555,22 +540,38 @@ class TransactionalBatchLoop:
         # resume it, which is what keeps the stage alive through a broker restart. An abort
         # that cannot complete (a commit still current: _CONFLICT; the broker gone for
         # longer than TXN_RECOVERY_S; a stop request) replaces the clients instead.
+        self._complete("abort")
+        self._rewind(msgs)
+
+    def _complete(self, call: Literal["commit", "abort"]) -> None:
+        """``commit_transaction`` or ``abort_transaction`` until it is done, resumed while
+        :func:`txn_failure_action` says so (a retriable commit goes on in the background,
+        and any other call conflicts with it until it is resumed and done). Otherwise a
+        commit's error is raised as it is (the caller aborts) and an abort's as a
+        replacement error (the loop replaces its clients)."""
+        assert self._producer is not None
+        op = (
+            self._producer.commit_transaction
+            if call == "commit"
+            else self._producer.abort_transaction
+        )
         started = time.monotonic()
         while True:
             try:
-                self._producer.abort_transaction(10)
-                break
-            except KafkaException as abort_exc:
-                abort_err = abort_exc.args[0]
-                action = txn_failure_action(
-                    abort_err, "abort", time.monotonic() - started, self._stopping()
-                )
-                if action == "replace":
-                    logger.error("%s abort failed: %s", self._stage, abort_err)
-                    raise replacement_error("abort failed", abort_err) from abort_exc
-                logger.warning("%s abort not done yet (%s); retrying", self._stage, abort_err)
-                time.sleep(0.5)
-        self._rewind(msgs)
+                op(10)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                action = txn_failure_action(err, call, time.monotonic() - started, self._stopping())
+                if action == "resume":
+                    logger.warning("%s %s not done yet (%s); resuming it", self._stage, call, err)
+                    # An error returned at once must not spin.
+                    time.sleep(0.1 if call == "commit" else 0.5)
+                    continue
+                if call == "commit":
+                    raise
+                logger.error("%s abort failed: %s", self._stage, err)
+                raise replacement_error("abort failed", err) from exc
 
     def _stopping(self) -> bool:
         return self._stop is not None and self._stop.is_set()
