@@ -167,6 +167,10 @@ def run_stage(
     if stage not in STAGE_TABLE:
         raise typer.BadParameter(f"unknown stage {stage!r}; choose from {STAGES}")
     metrics = build_metrics()
+    # This process is the stage's own: a batch loop that stops turning restarts it.
+    from stages.shared.watchdog import watch_loops_in_this_process
+
+    watch_loops_in_this_process(settings.stage_watchdog_s)
     if part is not None:
         if (stage, part) != ("enrichment", "labels"):
             raise typer.BadParameter("--part labels is for the enrichment stage only")

@@ -58,7 +58,7 @@ from stages.enrichment.intake import (
     route,
 )
 from stages.enrichment.logic import CustomerState, customer_features
-from stages.enrichment.watch import LoopWatchdog, PartitionWatch
+from stages.enrichment.watch import PartitionWatch
 from stages.shared.kafka import (
     DLQ_DETAIL,
     DLQ_REASON,
@@ -80,6 +80,7 @@ from stages.shared.schemas import (
     parse_transaction,
 )
 from stages.shared.settings import Settings
+from stages.shared.watchdog import LoopWatchdog
 
 logger = logging.getLogger(__name__)
 

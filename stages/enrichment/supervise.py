@@ -9,7 +9,6 @@ started (:func:`run_stage`).
 from __future__ import annotations
 
 import ctypes
-import faulthandler
 import logging
 import os
 import signal
@@ -19,9 +18,9 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from stages.enrichment.watch import LoopWatchdog
 from stages.shared.errors import RtpipeError
 from stages.shared.settings import Settings, settings_to_env
+from stages.shared.watchdog import LoopWatchdog, restart_process, restart_stuck
 
 if TYPE_CHECKING:
     from stages.shared.kafka import StopFlag
@@ -54,7 +53,7 @@ def run_stage(settings: Settings, stop: StopFlag, metrics: Metrics | None = None
     """The enrichment stage's entry point (stages/shared/topology.py) until ``stop``: the
     labels process first, so it starts while this one imports the customer app
     (quixstreams), then the customer app in this process, watched by a
-    :class:`~stages.enrichment.watch.LoopWatchdog`. A customer app that cannot go on in this
+    :class:`~stages.shared.watchdog.LoopWatchdog`. A customer app that cannot go on in this
     process (its loop stuck, or its state locked by a failed predecessor) starts the stage
     again as a new process."""
     from stages.shared.kafka import ensure_topics
@@ -64,22 +63,10 @@ def run_stage(settings: Settings, stop: StopFlag, metrics: Metrics | None = None
     labels.start()
     ensure_topics(settings.kafka, settings.topics)
 
-    def stuck(idle_s: float) -> None:
-        if stop.is_set():
-            # Stopping: whoever asked will kill it if it does not finish.
-            logger.error("enrichment customer app stuck for %.0fs while stopping", idle_s)
-            faulthandler.dump_traceback(all_threads=True)
-            return
-        logger.error(
-            "enrichment customer app has not turned its loop for %.0fs (stacks follow); "
-            "the stage starts again as a new process",
-            idle_s,
-        )
-        faulthandler.dump_traceback(all_threads=True)
-        labels.stop()
-        restart_process()
-
-    watchdog = LoopWatchdog(settings.enrichment.loop_watchdog_s, stuck)
+    watchdog = LoopWatchdog(
+        settings.enrichment.loop_watchdog_s,
+        restart_stuck("enrichment customer app", stop, before=labels.stop),
+    )
     watchdog.start()
     try:
         run_customer_app(settings, metrics or build_metrics(), stop, watchdog)
@@ -154,15 +141,6 @@ def run_customer_app(
         while not stop.is_set() and time.monotonic() < deadline:
             time.sleep(0.1)
         backoff_s = min(backoff_s * 2, 30.0)
-
-
-def restart_process() -> None:
-    """Replace this process by a fresh run of the same command (``exec``): whatever the
-    failed run held (file locks, librdkafka handles) is released by the kernel."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def run_labels_part(settings: Settings, stop: StopFlag, metrics: Metrics) -> None:

@@ -1,15 +1,13 @@
 """What the enrichment stage watches while its customer app runs: the app's input
-partitions (lag, position, stalls: :class:`PartitionWatch`) and its loop
-(:class:`LoopWatchdog`). Kept out of ``app.py`` (the topology and the Feast sink) and free
-of quixstreams imports."""
+partitions (lag, position, stalls: :class:`PartitionWatch`); its loop is watched by a
+:class:`~stages.shared.watchdog.LoopWatchdog`. Kept out of ``app.py`` (the topology and the
+Feast sink) and free of quixstreams imports."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaException
@@ -21,47 +19,6 @@ from stages.shared.stall import StallWatch
 logger = logging.getLogger(__name__)
 
 STAGE = "enrichment"
-
-
-class LoopWatchdog:
-    """Calls ``on_stuck`` (once, from its own thread) when :meth:`beat` has not been called
-    for ``timeout_s`` while not :meth:`paused`: the loop it watches is blocked somewhere
-    that no timeout of its own ends."""
-
-    def __init__(self, timeout_s: float, on_stuck: Callable[[float], None]) -> None:
-        self._timeout_s = timeout_s
-        self._on_stuck = on_stuck
-        self._beat = time.monotonic()
-        self._paused = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
-
-    def beat(self) -> None:
-        self._beat = time.monotonic()
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        self._paused += 1
-        try:
-            yield
-        finally:
-            self._paused -= 1
-            self.beat()
-
-    def start(self) -> None:
-        self.beat()
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _watch(self) -> None:
-        step = min(1.0, self._timeout_s / 4)
-        while not self._stop.wait(step):
-            idle = time.monotonic() - self._beat
-            if not self._paused and idle >= self._timeout_s:
-                self._on_stuck(idle)
-                return
 
 
 class PartitionStalledError(RtpipeError, RuntimeError):

@@ -361,6 +361,14 @@ class _Run:
         self.log(
             f"audit: lost {r.lost}, duplicated {r.duplicated}; features {r.features_mismatched}"
         )
+        # Which ones (the first few): where to look in the topics and the stage logs.
+        if report.lost:
+            self.log(f"lost transaction ids: {sorted(report.lost)[:10]}")
+        if report.duplicated:
+            self.log(f"duplicated transaction ids: {sorted(report.duplicated)[:10]}")
+        for view, ids in fc.mismatched.items():
+            if ids:
+                self.log(f"{view} rows that differ, entity ids: {sorted(ids)[:10]}")
         if r.lost or r.duplicated or not all(r.checks.values()):
             # What the stages said, in the report itself: a failure in CI is diagnosable
             # from its output alone (the logs stay in the run dir).

@@ -40,6 +40,7 @@ from stages.shared.metrics import Assignment, Metrics
 from stages.shared.settings import Settings, StageName
 from stages.shared.stall import StallWatch
 from stages.shared.topology import single_group
+from stages.shared.watchdog import LoopWatchdog, watch_loop
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ class TransactionalBatchLoop:
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._stop: StopFlag | None = None
+        self._watchdog: LoopWatchdog | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _open(self) -> None:
@@ -307,11 +309,13 @@ class TransactionalBatchLoop:
         unfinished batch is processed again; its transaction was never committed).
         """
         self._stop = stop
+        self._watchdog = watch_loop(self._stage, stop)
         self._open()
         idle_since = time.monotonic()
         backoff_s = 1.0
         try:
             while not stop.is_set():
+                self._beat()
                 try:
                     self._report_lag()
                     msgs = [m for m in self._next_batch() if self._usable(m)]
@@ -339,12 +343,21 @@ class TransactionalBatchLoop:
                     backoff_s = self._reopen(stop, backoff_s)
         finally:
             self.close()
+            if self._watchdog is not None:
+                self._watchdog.stop()
         return self.stats
+
+    def _beat(self) -> None:
+        """The loop turns (or a call that may block returned): its watchdog, if this
+        process has one, stays quiet (stages/shared/watchdog.py)."""
+        if self._watchdog is not None:
+            self._watchdog.beat()
 
     def _reopen(self, stop: StopFlag, backoff_s: float) -> float:
         """New clients after ``backoff_s``, retrying (with growing backoff) while the broker
         cannot give the producer its transactional id yet. Returns the next backoff."""
         while not stop.wait(backoff_s):
+            self._beat()
             backoff_s = min(backoff_s * 2, 30.0)
             try:
                 self._open()
@@ -480,6 +493,7 @@ class TransactionalBatchLoop:
         """Commit the open transaction with the offsets after its batches."""
         assert self._consumer is not None and self._producer is not None
         msgs = self._txn_msgs
+        self._beat()
         self._producer.send_offsets_to_transaction(
             self._next_offsets(msgs), self._consumer.consumer_group_metadata(), 30
         )
@@ -557,6 +571,7 @@ class TransactionalBatchLoop:
         )
         started = time.monotonic()
         while True:
+            self._beat()
             try:
                 op(10)
                 return

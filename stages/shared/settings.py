@@ -389,6 +389,11 @@ class Settings(BaseSettings):
     # An assigned partition with lag that has not moved for this long, while the stage's
     # dependencies were up, is stalled: counted, logged and re-read (stages/shared/stall.py).
     stall_timeout_s: float = Field(default=60.0, gt=0)
+    # A stage process (``rtpipe run``) whose batch loop has not turned for this long starts
+    # again as a new process (stages/shared/watchdog.py); 0 never. Longer than the longest
+    # turn the loop's own timeouts allow (a send_offsets or init_transactions of 30 s, a 10 s
+    # commit attempt, a bounded 20 s consumer close: each beats the watchdog when it returns).
+    stage_watchdog_s: float = Field(default=60.0, ge=0)
 
     def instance_name(self, group_id: str) -> str | None:
         """The static member / transactional id of this process in ``group_id``."""

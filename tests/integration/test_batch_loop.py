@@ -1,9 +1,11 @@
 """The transactional batch loop against the real broker: a fatal producer error (what a
 broker restart that timed our transaction out leaves behind) replaces both clients, and the
-batch is processed again with every input yielding its output exactly once."""
+batch is processed again with every input yielding its output exactly once; a stalled
+partition is re-read; a loop that stops turning is reported by its process watchdog."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,6 +16,7 @@ from stages.ops.audit import read_topic
 from stages.shared.batch_loop import TransactionalBatchLoop
 from stages.shared.kafka import Output, StopFlag, ensure_topics, producer_config
 from stages.shared.settings import Settings
+from stages.shared.watchdog import watch_loop, watch_loops_in_this_process
 
 pytestmark = pytest.mark.integration
 
@@ -137,4 +140,45 @@ def test_a_stalled_partition_is_detected_counted_and_re_read(unique_topics: Sett
 
     assert stats.restarts == 0
     assert [(t, p) for t, p, _ in stalls] == [(src, paused[0])]
+    assert _outputs(settings, dst) == list(range(n))
+
+
+def test_a_loop_that_stops_turning_is_reported_by_its_process_watchdog(
+    unique_topics: Settings,
+) -> None:
+    # In a stage process the report restarts the process (stages/shared/watchdog.py); here
+    # it is recorded. A loop that turns (batches, idle polls) never trips it; one blocked
+    # for longer than the timeout (here in its handler; in the chaos runs inside librdkafka)
+    # trips it once, naming the loop.
+    settings = unique_topics
+    n = 200
+    src, dst = _input(settings, n)
+    reports: list[tuple[str, float, float]] = []
+    blocked_at: list[float] = []
+
+    def on_stuck(what: str, stop: StopFlag) -> Callable[[float], None]:
+        return lambda idle_s: reports.append((what, idle_s, time.monotonic()))
+
+    def handler(msgs: list[Message]) -> list[Output]:
+        if len(handled) == 3:
+            blocked_at.append(time.monotonic())
+            time.sleep(4.0)
+        handled.append(len(msgs))
+        return _marked(dst, msgs)
+
+    handled: list[int] = []
+    watch_loops_in_this_process(1.0, on_stuck)
+    try:
+        loop = _loop(TransactionalBatchLoop, settings, src, handler, max_batch=20, max_wait_ms=0)
+        stats = loop.run(StopFlag(), max_idle_s=4.0)
+    finally:
+        watch_loops_in_this_process(None)
+
+    assert stats.restarts == 0
+    assert len(reports) == 1, reports
+    what, idle_s, at = reports[0]
+    assert what == "test" and idle_s >= 1.0
+    assert blocked_at and blocked_at[0] < at < blocked_at[0] + 4.0
+    # Off again: a new loop has no watchdog.
+    assert watch_loop("test", StopFlag()) is None
     assert _outputs(settings, dst) == list(range(n))

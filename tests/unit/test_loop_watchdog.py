@@ -1,4 +1,4 @@
-"""The enrichment stage's loop watchdog (stages/enrichment/watch.py): quiet while the loop
+"""The enrichment stage's loop watchdog (stages/shared/watchdog.py): quiet while the loop
 turns or recovers its state, called once when it stops turning."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from stages.enrichment.watch import LoopWatchdog
+from stages.shared.watchdog import LoopWatchdog
 
 
 def _watchdog(timeout_s: float) -> tuple[LoopWatchdog, list[float], threading.Event]:
