@@ -383,19 +383,26 @@ class _Run:
 
 
 _DIGEST = re.compile(
-    r"(ERROR|WARNING|CRITICAL) stages\.|^Traceback|^Thread 0x|^Current thread|^  File |Error: "
+    r"(ERROR|WARNING|CRITICAL) (stages|quixstreams)\.|^Traceback|^Thread 0x|^Current thread"
+    r"|^  File |Error: "
 )
+# librdkafka's connection chatter, forwarded by quixstreams' client loggers.
+_CHATTER = re.compile(r"rdkafka#|brokers are down|Kafka (producer|consumer) error: ")
 
 
 def log_digest(path: Path, max_lines: int = 30) -> list[str]:
     """The last ``max_lines`` lines of a stage log that say something went wrong: the
-    stages' warnings and errors, tracebacks and faulthandler stacks (librdkafka's own
-    connection chatter left out)."""
+    stages' and quixstreams' warnings and errors, tracebacks and faulthandler stacks
+    (librdkafka's own connection chatter left out)."""
     try:
         text = path.read_text(errors="replace")
     except OSError as exc:
         return [f"unreadable: {exc}"]
-    picked = [line[:300] for line in text.splitlines() if _DIGEST.search(line)]
+    picked = [
+        line[:300]
+        for line in text.splitlines()
+        if _DIGEST.search(line) and not _CHATTER.search(line)
+    ]
     return picked[-max_lines:]
 
 

@@ -1,0 +1,40 @@
+"""The digest of a stage log that a failed chaos fault carries in its report: what the stages
+and quixstreams warned about, tracebacks and stacks; not librdkafka's connection chatter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.ops.chaos import log_digest
+
+LOG = """\
+2026-12-01 15:22:03,048 INFO stages.shared.metrics: metrics on http://127.0.0.1:28001/metrics
+2026-12-01 15:22:08,232 WARNING quixstreams.kafka.producer: METADATAUPDATE [rdkafka#producer-16] [thrd:main]: Partition x[1]: new leader-1 not found in cache
+2026-12-01 15:22:08,293 WARNING quixstreams.kafka.producer: 1/1 brokers are down
+2026-12-01 15:22:08,302 ERROR quixstreams.kafka.producer: Kafka producer error: TxnCoordinator: connection refused code="-195"
+2026-12-01 15:22:18,307 WARNING stages.shared.batch_loop: enrichment-labels transaction aborted (timed out); rewinding 4 messages
+2026-12-01 15:22:19,001 WARNING quixstreams.state.recovery: Data partition "t[2]" was consumed by the recovery loop; it is now paused and rewound to offset 17
+2026-12-01 15:22:37,967 ERROR stages.enrichment.supervise: enrichment customer app failed; restarting in 1s
+Traceback (most recent call last):
+  File "/x/quixstreams/app.py", line 975, in run
+quixstreams.kafka.exceptions.KafkaProducerDeliveryError: <KafkaProducerDeliveryError code="-192">
+%3|1796138528.651|FAIL|rdkafka#consumer-60| [thrd:127.0.0.1:28092/1]: Connect failed
+"""
+
+
+def test_digest_keeps_what_went_wrong_and_drops_librdkafka_chatter(tmp_path: Path) -> None:
+    log = tmp_path / "stage.log"
+    log.write_text(LOG)
+    digest = log_digest(log)
+    assert [
+        line.split(" ")[3] if line[:4] == "2026" else line.split(" ")[0] for line in digest
+    ] == [
+        "stages.shared.batch_loop:",
+        "quixstreams.state.recovery:",
+        "stages.enrichment.supervise:",
+        "Traceback",
+        "",
+        "quixstreams.kafka.exceptions.KafkaProducerDeliveryError:",
+    ]
+    assert log_digest(log, max_lines=2) == digest[-2:]
+    assert log_digest(tmp_path / "missing.log")[0].startswith("unreadable: ")
