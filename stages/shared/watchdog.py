@@ -7,11 +7,11 @@ chaos runs), and quixstreams' checkpoint commit blocked in the same call for goo
 enrichment customer app, after a broker of three was killed). librdkafka never checks the
 timeout of its coordinator requests (confluentinc/librdkafka#5456, open, reproduced against
 2.14.2; we run 2.12.1): while the group coordinator it has cached is down, the call waits
-for a broker state change that may come much later, or never (#5511). A blocked loop holds its partitions (static
-membership keeps them assigned) and decides nothing; in a new process (``exec``: same pid,
-same command) the stage rejoins under its instance id, its new producer takes the
-transactional id over (aborting what the blocked one left open) and its consumer resumes
-from the committed offsets, so nothing is lost or decided twice.
+for a broker state change that may come much later, or never (#5511). A blocked loop
+holds its partitions (static membership keeps them assigned) and decides nothing; in a new
+process (``exec``: same pid, same command) the stage rejoins under its instance id, its new
+producer takes the transactional id over (aborting what the blocked one left open) and its
+consumer resumes from the committed offsets, so nothing is lost or decided twice.
 
 Only stage processes watch their loops (``rtpipe run``, through
 :func:`watch_loops_in_this_process`): a loop run in-process by a test or a tool has no

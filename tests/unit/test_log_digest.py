@@ -1,6 +1,7 @@
 """The digest of a stage log that a failed chaos fault carries in its report: what the stages
 and quixstreams warned about, tracebacks and stacks; not librdkafka's connection chatter."""
 
+# ruff: noqa: E501 (log lines as they are)
 from __future__ import annotations
 
 from pathlib import Path
