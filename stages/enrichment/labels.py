@@ -26,13 +26,14 @@ from confluent_kafka import Message
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from stages.shared.batch_loop import LoopStats, RetryBatch, instrumented_loop
+from stages.shared.batch_loop import LoopStats, RetryBatch
 from stages.shared.kafka import Output, StopFlag, dead_letter, where
 from stages.shared.labels import LabelIndex, PartitionProgress
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.records import Label, parse_label
 from stages.shared.schemas import InvalidMessage
 from stages.shared.settings import Settings
+from stages.shared.stage_loop import instrumented_loop
 
 logger = logging.getLogger(__name__)
 

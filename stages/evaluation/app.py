@@ -58,12 +58,13 @@ from stages.evaluation.quality import (
     online_metrics,
     shadow_comparisons,
 )
-from stages.shared.batch_loop import LoopStats, RetryBatch, stage_loop
+from stages.shared.batch_loop import LoopStats, RetryBatch
 from stages.shared.kafka import Output, StopFlag, ensure_topics
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.records import parse_label
 from stages.shared.schemas import MODEL_FEATURES, InvalidMessage
 from stages.shared.settings import EvaluationSettings, Settings, StageName
+from stages.shared.stage_loop import stage_loop
 from stages.shared.topology import retrain_requests_topic
 from training import registry
 from training.reference import Reference, reference_from_metadata

@@ -41,7 +41,7 @@ from stages.prediction.models import (
     ServingModel,
     UnservableModelError,
 )
-from stages.shared.batch_loop import LoopStats, RetryBatch, stage_loop
+from stages.shared.batch_loop import LoopStats, RetryBatch
 from stages.shared.claims import TransactionClaims
 from stages.shared.kafka import Output, StopFlag, dead_letter, ensure_topics, where
 from stages.shared.labels import LabelIndex, exact_mask
@@ -52,6 +52,7 @@ from stages.shared.online.transport import RedisClient
 from stages.shared.records import CONFLICT_REASON, content_fingerprint
 from stages.shared.schemas import REQUEST_FEATURES, TERMINAL_FEATURES, TERMINAL_VIEW
 from stages.shared.settings import Settings, StageName
+from stages.shared.stage_loop import stage_loop
 
 logger = logging.getLogger(__name__)
 

@@ -13,12 +13,13 @@ import orjson
 from confluent_kafka import Message
 
 from stages.routing.logic import decide
-from stages.shared.batch_loop import LoopStats, stage_loop
+from stages.shared.batch_loop import LoopStats
 from stages.shared.kafka import Output, StopFlag, dead_letter, ensure_topics, where
 from stages.shared.metrics import Metrics, build_metrics
 from stages.shared.records import parse_prediction
 from stages.shared.schemas import InvalidMessage
 from stages.shared.settings import Settings, StageName
+from stages.shared.stage_loop import stage_loop
 
 logger = logging.getLogger(__name__)
 

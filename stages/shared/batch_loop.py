@@ -9,12 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -36,10 +35,16 @@ from stages.shared.kafka import (
     producer_config,
     static_member_config,
 )
-from stages.shared.metrics import Assignment, Metrics
-from stages.shared.settings import Settings, StageName
+from stages.shared.metrics import Assignment
+from stages.shared.settings import Settings
 from stages.shared.stall import StallWatch
-from stages.shared.topology import single_group
+from stages.shared.txn import (
+    CONSUMER_CLOSE_TIMEOUT_S,
+    close_consumer,
+    is_fatal,
+    replacement_error,
+    txn_failure_action,
+)
 from stages.shared.watchdog import LoopWatchdog, watch_loop
 
 logger = logging.getLogger(__name__)
@@ -51,67 +56,6 @@ logger = logging.getLogger(__name__)
 BATCH_TRANSACTION_TIMEOUT_MS = 10_000
 # How long the batch loop waits for a first message before it checks its stop flag again.
 IDLE_POLL_S = 0.1
-# How long the loop keeps resuming a commit or retrying an abort that fails with a retriable
-# error (the broker restarting) before it replaces both clients instead. Replacing them is
-# always safe: the new producer takes the transactional id over (the broker completes or
-# aborts what the old one left) and the new consumer re-reads from the committed offsets.
-TXN_RECOVERY_S = 60.0
-# A consumer whose close() has not returned by then is abandoned (logged): a hung close
-# must not stop the stage from replacing its clients or from exiting on SIGTERM.
-CONSUMER_CLOSE_TIMEOUT_S = 20.0
-
-TxnAction = Literal["resume", "abort", "replace"]
-
-
-def txn_failure_action(
-    err: object, call: Literal["commit", "abort"], elapsed_s: float, stopping: bool
-) -> TxnAction:
-    """What the batch loop does after a transactional call raised ``err``.
-
-    ``resume``: call the same API again (librdkafka keeps a retriable commit or abort going
-    in the background, and until it is resumed every other transactional call fails with
-    ``_CONFLICT``); ``abort``: abort the transaction and re-read its batches; ``replace``:
-    new clients (fatal errors, a conflict with a call that is still current, or recovery
-    that has taken ``TXN_RECOVERY_S`` or outlived a stop request).
-    """
-    if not isinstance(err, KafkaError) or err.fatal() or err.code() == KafkaError._FATAL:
-        return "replace"
-    if stopping or elapsed_s >= TXN_RECOVERY_S:
-        return "replace"
-    if call == "abort":
-        if err.code() == KafkaError._CONFLICT or not err.retriable():
-            return "replace"
-        return "resume"
-    if err.txn_requires_abort() or not err.retriable():
-        return "abort"
-    return "resume"
-
-
-def replacement_error(reason: str, cause: object) -> KafkaException:
-    """A fatal error that makes the batch loop replace its clients (see ``run``)."""
-    return KafkaException(KafkaError(KafkaError._FATAL, f"{reason}: {cause}", fatal=True))
-
-
-def close_consumer(consumer: Consumer, stage: str, timeout_s: float) -> bool:
-    """``consumer.close()`` with a bound: in a daemon thread, abandoned (and logged) if it
-    has not returned within ``timeout_s``. Returns whether it returned."""
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            consumer.close()
-        except (KafkaException, RuntimeError) as exc:
-            errors.append(exc)
-
-    closer = threading.Thread(target=work, name=f"{stage}-consumer-close", daemon=True)
-    closer.start()
-    closer.join(timeout_s)
-    if closer.is_alive():
-        logger.error("%s consumer close did not return within %.0fs: abandoned", stage, timeout_s)
-        return False
-    for exc in errors:
-        logger.warning("%s consumer close: %s", stage, exc)
-    return True
 
 
 class RetryBatch(RtpipeError):
@@ -125,15 +69,6 @@ class RetryBatch(RtpipeError):
 
 
 BatchHandler = Callable[[list[Message]], list[Output]]
-
-
-def _fatal(exc: KafkaException) -> bool:
-    err = exc.args[0] if exc.args else None
-    if isinstance(err, KafkaError) and err.code() == KafkaError._FATAL:
-        # What a consumer's message says once its client hit a fatal error (e.g. a static
-        # member fenced by another with its group.instance.id): fatal() is False on it.
-        return True
-    return bool(getattr(err, "fatal", lambda: False)())
 
 
 @dataclass
@@ -330,7 +265,7 @@ class TransactionalBatchLoop:
                     self._process(msgs)
                     backoff_s = 1.0
                 except KafkaException as exc:
-                    if not _fatal(exc):
+                    if not is_fatal(exc):
                         raise
                     self.stats.restarts += 1
                     logger.error(
@@ -544,7 +479,7 @@ class TransactionalBatchLoop:
         err = exc.args[0]
         self.stats.aborted += 1
         self.stats.errors.append(str(err))
-        if _fatal(exc):
+        if is_fatal(exc):
             # The loop replaces both clients (see run()).
             raise exc
         logger.warning(
@@ -605,78 +540,3 @@ class TransactionalBatchLoop:
                 # The partition was revoked meanwhile: its new owner starts from the
                 # committed offset, which is at or before this batch.
                 logger.info("%s seek %s[%d] skipped: %s", self._stage, topic, partition, exc)
-
-
-def _export_lag(
-    metrics: Metrics, stage: str, topic: str, partition: int, lag: int, position: int
-) -> None:
-    metrics.consumer_lag.labels(stage, topic, str(partition)).set(lag)
-    metrics.consumer_position.labels(stage, topic, str(partition)).set(position)
-
-
-def instrumented_loop(
-    settings: Settings,
-    metrics: Metrics,
-    *,
-    stage: str,
-    group_id: str,
-    input_topics: Sequence[str],
-    handler: BatchHandler,
-    max_batch: int,
-    max_wait_ms: int,
-    on_idle: Callable[[], None] | None = None,
-    commit_interval_ms: int = 0,
-) -> TransactionalBatchLoop:
-    """A :class:`TransactionalBatchLoop` whose rebalances, batch times and consumer lag are
-    exported under ``stage``'s labels."""
-    return TransactionalBatchLoop(
-        settings,
-        group_id=group_id,
-        input_topics=input_topics,
-        handler=handler,
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
-        stage=stage,
-        on_batch_done=lambda n, seconds: metrics.batch_seconds.labels(stage).observe(seconds),
-        on_rebalance=lambda kind, parts: metrics.rebalances.labels(stage, kind).inc(),
-        on_lag=lambda topic, part, lag, position: _export_lag(
-            metrics, stage, topic, part, lag, position
-        ),
-        on_idle=on_idle,
-        commit_interval_ms=commit_interval_ms,
-        on_stall=lambda topic, part, offset: metrics.partition_stalled.labels(
-            stage, topic, str(part)
-        ).inc(),
-        assignment=Assignment(metrics, stage, group_id, input_topics),
-    )
-
-
-class Batching(Protocol):
-    """A stage's micro-batch settings (PredictionSettings, RoutingSettings, ...)."""
-
-    max_batch: int
-    max_wait_ms: int
-
-
-def stage_loop(
-    settings: Settings,
-    metrics: Metrics,
-    stage: StageName,
-    handler: BatchHandler,
-    batching: Batching,
-    on_idle: Callable[[], None] | None = None,
-) -> TransactionalBatchLoop:
-    """The instrumented loop of a stage with one consumer group, whose group and input
-    topics are the topology's (stages/shared/topology.py)."""
-    group_id, inputs = single_group(settings, stage)
-    return instrumented_loop(
-        settings,
-        metrics,
-        stage=stage,
-        group_id=group_id,
-        input_topics=list(inputs),
-        handler=handler,
-        max_batch=batching.max_batch,
-        max_wait_ms=batching.max_wait_ms,
-        on_idle=on_idle,
-    )

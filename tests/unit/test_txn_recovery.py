@@ -1,4 +1,4 @@
-"""The batch loop's decision after a failed transactional call (stages/shared/batch_loop.py),
+"""The batch loop's decision after a failed transactional call (stages/shared/txn.py),
 with librdkafka's own error objects. CI once hung here for four minutes: a commit that
 timed out while the broker restarted stays current in librdkafka, every abort after it
 fails with a retriable _CONFLICT, and the loop retried that abort forever."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import KafkaError
 
-from stages.shared.batch_loop import TXN_RECOVERY_S, _fatal, replacement_error, txn_failure_action
+from stages.shared.txn import TXN_RECOVERY_S, is_fatal, replacement_error, txn_failure_action
 
 
 def _err(code: int, **flags: bool) -> KafkaError:
@@ -56,5 +56,5 @@ def test_fatal_errors_replace_the_clients(call: str) -> None:
 
 def test_replacement_error_is_fatal_for_the_loop() -> None:
     exc = replacement_error("abort failed", _err(KafkaError._CONFLICT, retriable=True))
-    assert _fatal(exc)
+    assert is_fatal(exc)
     assert "abort failed" in str(exc.args[0])
