@@ -1,5 +1,5 @@
 """Session fixtures of the cluster tier: a three-node KRaft quorum and a Redis Cluster (three
-masters, one replica each), started once per session by ``infra/stack.py`` on ports of their
+masters, one replica each), started once per session by ``infra/stack/`` on ports of their
 own (Kafka 30192/30193, 30292/30293, 30392/30393; Redis 30701-30706; stage metrics
 30101-30105, +100 per replica) under ``.rtpipe/cluster-30100``, and stopped at the end if
 this session started them. The settings and ports are in ``tests.support``.

@@ -197,15 +197,14 @@ def wait_failover(stack_settings: Settings, dead: int, timeout_s: float = 60) ->
     ``cluster_state:ok``; returns the wait. (Right after the kill the state is still ok:
     the nodes mark a master failed only after ``cluster-node-timeout``, 5 s.)"""
     from infra import stack
+    from infra.stack.health import cluster_info
 
     others = [n.port for n in stack.redis_nodes(stack_settings) if n.port != dead]
     masters = stack_settings.stack.redis_cluster_masters
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         now = redis_masters(stack_settings, exclude=(dead,))
-        ok = all(
-            stack._cluster_info(stack_settings, p).get("cluster_state") == "ok" for p in others
-        )
+        ok = all(cluster_info(stack_settings, p).get("cluster_state") == "ok" for p in others)
         if ok and dead not in now and len(now) == masters:
             return time.monotonic() - started
         time.sleep(0.1)

@@ -11,6 +11,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from infra import stack
+from infra.stack.procs import stop_process
 from stages.shared.kafka import ensure_topics
 from stages.shared.settings import Settings, TopicSettings
 from tests.support import CLUSTER_BASE
@@ -91,7 +92,7 @@ def test_a_stopped_broker_loses_no_committed_write(kafka_cluster: Settings) -> N
     ensure_topics(settings.kafka, topics, [name])
     node = stack.kafka_nodes(settings)[2]
     pid = int((settings.run_dir / f"{node.name}.pid").read_text())
-    stack._stop(settings, "kafka", pid)
+    stop_process(settings, "kafka", pid)
     try:
         producer = Producer({**settings.kafka.client_config(), "acks": "all"})
         for i in range(100):

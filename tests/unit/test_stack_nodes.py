@@ -1,4 +1,4 @@
-"""The Redis Cluster stack's node bus ports (infra/stack.py): next to the node for a new one,
+"""The Redis Cluster stack's node bus ports (infra/stack/nodes.py): next to the node for a new one,
 out of Linux's ephemeral range; what ``nodes.conf`` records for one that has run before."""
 
 from __future__ import annotations
