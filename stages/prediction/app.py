@@ -27,6 +27,7 @@ from redis.retry import Retry
 
 from stages.prediction.logic import (
     EnrichedBatch,
+    ScoredBatch,
     assemble_matrix,
     decode_enriched,
     point_in_time,
@@ -278,8 +279,7 @@ class PredictionStage:
             for v, n in zip(*np.unique(versions, return_counts=True), strict=True):
                 self.metrics.predictions.labels(model.name, str(v)).inc(int(n))
         views = [v for v in self._views(model.feature_service) if v in online.event_ts_ms]
-        records = prediction_records(
-            batch,
+        scored = ScoredBatch(
             scores,
             matrix,
             model.features,
@@ -288,10 +288,10 @@ class PredictionStage:
             model=model.name,
             model_version=model.version,
             feature_service=model.feature_service,
-            predicted_ms=now_ms,
             shadow=shadow,
             versions=versions,
         )
+        records = prediction_records(batch, scored, now_ms)
         keys = [str(t).encode() for t in batch.transaction_id.tolist()]
         self.metrics.messages_out.labels(STAGE, self._out_topic).inc(len(records))
         return [

@@ -378,24 +378,35 @@ def unscored_records(
     ]
 
 
-def prediction_records(
-    batch: EnrichedBatch,
-    scores: np.ndarray,
-    matrix: np.ndarray,
-    feature_names: Sequence[str],
-    feature_ts_ms: dict[str, np.ndarray],
-    found: dict[str, np.ndarray],
-    model: str,
-    model_version: str,
-    feature_service: str,
-    predicted_ms: int,
-    shadow: tuple[str, np.ndarray] | None = None,
-    versions: Sequence[str] | None = None,
-) -> list[bytes]:
+@dataclass(frozen=True, slots=True)
+class ScoredBatch:
+    """What the model made of an :class:`EnrichedBatch`: one score per row, the matrix it
+    scored, the online features' event times and presence per view, and who scored it
+    (model, version, feature service; ``versions`` per row where a canary scored some,
+    ``shadow`` the shadow model's version and scores)."""
+
+    scores: np.ndarray
+    matrix: np.ndarray
+    feature_names: Sequence[str]
+    feature_ts_ms: dict[str, np.ndarray]
+    found: dict[str, np.ndarray]
+    model: str
+    model_version: str
+    feature_service: str
+    shadow: tuple[str, np.ndarray] | None = None
+    versions: Sequence[str] | None = None
+
+
+def prediction_records(batch: EnrichedBatch, scored: ScoredBatch, predicted_ms: int) -> list[bytes]:
     """Serialise one prediction record per row (DESIGN.md: model and version, score, the
-    feature values used, feature age and per-stage timestamps). ``versions`` gives a per-row
-    model version where a canary scored some rows."""
-    names = list(feature_names)
+    feature values used, feature age and per-stage timestamps)."""
+    names = list(scored.feature_names)
+    feature_ts_ms, found, shadow = scored.feature_ts_ms, scored.found, scored.shadow
+    model, model_version, feature_service = (
+        scored.model,
+        scored.model_version,
+        scored.feature_service,
+    )
     views = list(feature_ts_ms)
     n = len(batch)
     # Plain Python columns once (numpy scalar indexing per field is the slow part).
@@ -406,14 +417,14 @@ def prediction_records(
     )
     amount, event_ms = batch.amount.tolist(), batch.event_ms.tolist()
     ingest, enriched = batch.ingest_ms.tolist(), batch.enriched_ms.tolist()
-    score = scores.tolist()
-    ver = list(versions) if versions is not None else [model_version] * n
+    score = scored.scores.tolist()
+    ver = list(scored.versions) if scored.versions is not None else [model_version] * n
     found_l = {v: found[v].tolist() for v in views}
     ts_l = {v: feature_ts_ms[v].astype(np.int64).tolist() for v in views}
     age_l = {v: ((batch.event_ms - feature_ts_ms[v]) / 1000.0).tolist() for v in views}
     shadow_l = shadow[1].tolist() if shadow is not None else None
-    has_nan = bool(np.isnan(matrix).any())
-    matrix_list = matrix.tolist()
+    has_nan = bool(np.isnan(scored.matrix).any())
+    matrix_list = scored.matrix.tolist()
     out: list[bytes] = []
     for i in range(n):
         row = matrix_list[i]

@@ -305,7 +305,7 @@ def test_the_enriched_record_is_what_the_prediction_stage_decodes() -> None:
 def test_scored_and_unscored_records_share_their_shape() -> None:
     import orjson
 
-    from stages.prediction.logic import prediction_records, unscored_records
+    from stages.prediction.logic import ScoredBatch, prediction_records, unscored_records
 
     n = 3
     batch = EnrichedBatch(
@@ -325,15 +325,17 @@ def test_scored_and_unscored_records_share_their_shape() -> None:
         orjson.loads(r)
         for r in prediction_records(
             batch,
-            np.array([0.1, 0.2, 0.3]),
-            np.zeros((n, 1)),
-            ["amount"],
-            ts,
-            found,
-            model="fraud",
-            model_version="v0001",
-            feature_service="fraud_model_v1",
-            predicted_ms=T0 + 20,
+            ScoredBatch(
+                np.array([0.1, 0.2, 0.3]),
+                np.zeros((n, 1)),
+                ["amount"],
+                ts,
+                found,
+                model="fraud",
+                model_version="v0001",
+                feature_service="fraud_model_v1",
+            ),
+            T0 + 20,
         )
     ]
     unscored = [
