@@ -2,8 +2,8 @@
 input topics, output topics and whether it is on the decision path.
 
 The CLI (``rtpipe run``), the ops harness (demo, chaos, bench: which stages to start, when
-they are ready), the lag probes (stages/ops/run_charts.py), Prometheus' scrape config and the
-stages themselves read their topology here, so a new stage or topic is named once.
+they are ready), the lag probes (stages/ops/run_charts/sampling.py), Prometheus' scrape config
+and the stages themselves read their topology here, so a new stage or topic is named once.
 """
 
 from __future__ import annotations

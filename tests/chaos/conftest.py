@@ -1,4 +1,4 @@
-"""Chaos tests: fault scenarios against the real local stack (see stages/ops/chaos.py).
+"""Chaos tests: fault scenarios against the real local stack (see stages/ops/chaos/).
 
 By default every fault runs once at a small size (one kill -9 per stage, 15 s Redis outages
 in both modes, a broker restart, bad models), in a few minutes. The full set, as ``rtpipe
