@@ -21,7 +21,12 @@ from functools import partial
 from pathlib import Path
 
 from infra.stack.components import START_TIMEOUT_S, Component, ComponentStatus
-from infra.stack.config import kafka_java, random_cluster_id, write_kafka_config
+from infra.stack.config import (
+    REDIS_SERVER_FLAGS,
+    kafka_java,
+    random_cluster_id,
+    write_kafka_config,
+)
 from infra.stack.errors import StackError
 from infra.stack.health import cluster_info, kafka_cluster_healthy, port_open, redis_cluster_healthy
 from infra.stack.install import ensure_kafka
@@ -107,12 +112,7 @@ def _start_redis_node(settings: Settings, node: RedisNode) -> int:
         str(node.bus_port),
         "--cluster-node-timeout",
         "5000",
-        "--appendonly",
-        "yes",
-        "--daemonize",
-        "no",
-        "--logfile",
-        "",
+        *REDIS_SERVER_FLAGS,
     ]
     return spawn(settings, node.name, cmd, node.dir, node.log)
 

@@ -19,6 +19,9 @@ from stages.shared.topology import STAGES
 logger = logging.getLogger(__name__)
 
 # Rule files Prometheus loads; shipped in the infra package (infra/prometheus/).
+# Every redis-server the stack starts: append-only, in the foreground, logging to stdout
+# (the spawned process's log file).
+REDIS_SERVER_FLAGS = ("--appendonly", "yes", "--daemonize", "no", "--logfile", "")
 ALERTS_FILE = Path(__file__).resolve().parents[1] / "prometheus" / "alerts.yml"
 
 

@@ -8,6 +8,7 @@ import time
 
 from infra.stack.components import START_TIMEOUT_S, Component
 from infra.stack.config import (
+    REDIS_SERVER_FLAGS,
     format_kafka_storage,
     kafka_java,
     write_kafka_config,
@@ -51,12 +52,7 @@ def start_component(settings: Settings, comp: Component) -> int:
             "127.0.0.1",
             "--dir",
             str(rdir),
-            "--appendonly",
-            "yes",
-            "--daemonize",
-            "no",
-            "--logfile",
-            "",
+            *REDIS_SERVER_FLAGS,
         ]
         return spawn(settings, comp, cmd, rdir, log_file(settings, comp))
     conf = write_prometheus_config(settings)
