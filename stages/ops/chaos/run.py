@@ -14,7 +14,13 @@ from typing import Any
 
 import pandas as pd
 
-from stages.ops.audit import AuditReport, FeatureCheck, audit, check_online_features
+from stages.ops.audit import (
+    AuditReport,
+    FeatureCheck,
+    audit,
+    check_online_features,
+    input_transaction_ids,
+)
 from stages.ops.chaos.report import ChaosConfig, FaultResult
 from stages.ops.harness.outcomes import drain
 from stages.ops.harness.processes import StageProcess, exited, start_stages, stop_stages
@@ -56,6 +62,9 @@ class FaultRun:
         begin = pd.Timestamp(cfg.replay_start, tz="UTC")
         self.plan = ReplayPlan(begin, begin + pd.Timedelta(days=cfg.replay_days))
         self.expected = self.plan.transaction_ids(tx)
+        # What the pipeline was given: the expected ids found in its input topic once the
+        # replay is done (see :meth:`drain`).
+        self.delivered: list[int] = self.expected
         self.procs: dict[str, list[StageProcess]] = {}
         self.started = time.monotonic()
         # Wall-clock ms when the first stage was started (the start-up measure's origin).
@@ -147,11 +156,21 @@ class FaultRun:
         self.log("replay done")
 
     def drain(self) -> AuditReport:
-        """Poll the audit until every transaction has an outcome (or the timeout, or a
-        stage died)."""
+        """Poll the audit until every transaction the input topic holds has an outcome (or
+        the timeout, or a stage died). Replayed transactions missing from the input topic
+        are logged as lost by the broker and left out of the pipeline's audit."""
+        present = input_transaction_ids(self.settings, self.expected)
+        self.delivered = [i for i in self.expected if i in present]
+        missing = sorted(set(self.expected) - present)
+        self.result.input_lost = len(missing)
+        if missing:
+            self.log(
+                f"input lost by the broker: {len(missing)} acknowledged transactions are not in "
+                f"{self.settings.topics.name('transactions')} (ids {missing[:10]})"
+            )
         return drain(
             self.settings,
-            self.expected,
+            self.delivered,
             self.running_expected(),
             self.cfg.drain_timeout_s,
             every_s=3.0,
@@ -170,7 +189,7 @@ class FaultRun:
         codes = stop_stages(self.running())
         self.result.checks["graceful_shutdown"] = all(c == 0 for c in codes.values())
         self.log(f"stopped stages: {codes}")
-        report = audit(self.settings, self.expected)
+        report = audit(self.settings, self.delivered)
         r = self.result
         r.transactions = report.expected
         r.lost = len(report.lost)
@@ -186,8 +205,10 @@ class FaultRun:
         if len(times) and self.stages_started_ms is not None:
             r.first_decision_s = (int(times[0]) - self.stages_started_ms) / 1000.0
             r.longest_gap_s = report.longest_gap_s()
+        # The batch definitions over what the pipeline was given.
+        given = self.tx[~self.tx["transaction_id"].isin(set(self.expected) - set(self.delivered))]
         fc: FeatureCheck = check_online_features(
-            self.settings, self.tx, self.plan.start, self.plan.end
+            self.settings, given, self.plan.start, self.plan.end
         )
         r.features_checked = fc.entities
         r.features_missing = {v: len(ids) for v, ids in fc.missing.items()}
