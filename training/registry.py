@@ -29,7 +29,7 @@ from typing import Any
 
 import lightgbm as lgb
 
-from stages.shared.errors import RtpipeError
+from training.errors import ModelIntegrityError, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +38,6 @@ METADATA_FILE = "metadata.json"
 CURRENT_FILE = "CURRENT"
 HISTORY_FILE = "HISTORY"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
-
-
-class RegistryError(RtpipeError, RuntimeError):
-    """The registry is missing something that was asked for."""
-
-
-class ModelIntegrityError(RegistryError):
-    """``model.txt`` does not match the sha256 recorded at registration."""
-
-    def __init__(self, version: str, expected: str, actual: str) -> None:
-        super().__init__(f"model {version}: sha256 {actual} does not match recorded {expected}")
-        self.version = version
-        self.expected = expected
-        self.actual = actual
 
 
 @dataclass(frozen=True, slots=True)
