@@ -386,12 +386,12 @@ def model_list() -> None:
     last_step = {e["version"]: e for e in events if e.get("version")}
     table = Table("version", "created", "metrics", "current", "last step")
     for v in registry.list_versions(settings.registry_dir, name):
-        found = v.metadata.get("metrics") or {}
+        found = v.card.metrics or {}
         metrics = ", ".join(f"{k}={val:.4f}" for k, val in found.items() if isinstance(val, float))
         ev = last_step.get(v.version)
         table.add_row(
             v.version,
-            str(v.metadata.get("created_at", "")),
+            v.card.created_at.isoformat(),
             metrics,
             "*" if v.version == current else ("shadow" if v.version == shadow else ""),
             f"{ev['step']} {ev.get('detail', '')}".strip() if ev else "",

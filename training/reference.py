@@ -11,21 +11,25 @@ value ``x`` falls in bin ``i`` = number of edges ``<= x`` (``numpy.searchsorted(
 side="right")``) and ``fractions`` has ``len(edges) + 1`` entries summing to 1. Non-finite
 values are left out of the histogram and counted in ``null_fraction``.
 
-Registry metadata keys read by :func:`reference_from_metadata`, first found wins:
+Registry metadata keys read by :func:`reference_from_card` (the model card's fields) and
+:func:`reference_from_metadata` (the raw dict), first found wins:
 
 * ``metadata["reference"] = {"score": {...}, "features": {name: {...}}}`` (this module's
-  :func:`build_reference`, for models registered outside ``train.py``);
-* ``metadata["training_distribution"]``, same shape (``train.py``).
+  :func:`build_reference`, written by ``train.py`` and by models registered outside it);
+* ``metadata["training_distribution"]``, same shape (early versions of ``train.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from training.card import ModelCard
 
 QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 HISTOGRAM_BINS = 10
@@ -106,15 +110,27 @@ def _histogram(summary: Any) -> Histogram | None:
     return Histogram(edges, fractions)
 
 
+def _reference(ref: Mapping[str, Any]) -> Reference:
+    feats = ref.get("features") if isinstance(ref.get("features"), Mapping) else {}
+    assert isinstance(feats, Mapping)
+    hists = {str(n): h for n, s in feats.items() if (h := _histogram(s)) is not None}
+    return Reference(score=_histogram(ref.get("score")), features=hists)
+
+
 def reference_from_metadata(metadata: Mapping[str, Any]) -> Reference | None:
-    """The reference stored with a registry version, or None if it has none."""
+    """The reference stored in a registry version's raw metadata, or None if it has none."""
     for key in METADATA_KEYS:
         ref = metadata.get(key)
         if isinstance(ref, Mapping):
-            feats = ref.get("features") if isinstance(ref.get("features"), Mapping) else {}
-            assert isinstance(feats, Mapping)
-            hists = {str(n): h for n, s in feats.items() if (h := _histogram(s)) is not None}
-            return Reference(score=_histogram(ref.get("score")), features=hists)
+            return _reference(ref)
+    return None
+
+
+def reference_from_card(card: ModelCard) -> Reference | None:
+    """The reference stored with a registry version, or None if it has none."""
+    for ref in (card.reference, card.training_distribution):
+        if ref is not None:
+            return _reference(ref)
     return None
 
 

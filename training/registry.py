@@ -3,7 +3,8 @@
 Layout under ``settings.registry_dir / <model_name>/``::
 
     v0001/model.txt        LightGBM text format (never pickle)
-    v0001/metadata.json    version, features, training window, metrics, sha256 of model.txt, ...
+    v0001/metadata.json    the model card (training.card): version, features, training window,
+                           metrics, sha256 of model.txt, ...
     v0001/report.md        written by training (optional)
     CURRENT                the promoted version, e.g. "v0003\\n" (replaced atomically by rename)
     HISTORY                one line per promotion: "<iso time> <version>" (append-only)
@@ -22,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +31,8 @@ from typing import Any
 
 import lightgbm as lgb
 
-from stages.shared.errors import RtpipeError
+from training.card import ModelCard
+from training.errors import ModelIntegrityError, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -40,32 +43,24 @@ HISTORY_FILE = "HISTORY"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 
-class RegistryError(RtpipeError, RuntimeError):
-    """The registry is missing something that was asked for."""
-
-
-class ModelIntegrityError(RegistryError):
-    """``model.txt`` does not match the sha256 recorded at registration."""
-
-    def __init__(self, version: str, expected: str, actual: str) -> None:
-        super().__init__(f"model {version}: sha256 {actual} does not match recorded {expected}")
-        self.version = version
-        self.expected = expected
-        self.actual = actual
-
-
 @dataclass(frozen=True, slots=True)
 class ModelVersion:
-    """One registered version: where it lives and its metadata."""
+    """One registered version: where it lives and its model card."""
 
     name: str
     version: str
     path: Path
-    metadata: dict[str, Any]
+    card: ModelCard
 
     @property
     def model_path(self) -> Path:
         return self.path / MODEL_FILE
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The card as ``metadata.json`` holds it, a fresh dict: to register a copy of a
+        whole version (the chaos run's tampered versions)."""
+        return self.card.to_dict()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +71,7 @@ class LoadedModel:
     version: str
     booster: lgb.Booster
     features: tuple[str, ...]
-    metadata: dict[str, Any]
+    card: ModelCard
 
 
 def version_number(version: str) -> int:
@@ -120,16 +115,27 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _read_version(name: str, path: Path) -> ModelVersion:
+    data = json.loads((path / METADATA_FILE).read_text())
+    if not isinstance(data, dict):
+        raise RegistryError(f"{path / METADATA_FILE}: not a JSON object")
+    return ModelVersion(name, path.name, path, ModelCard.from_dict(data, path.name))
+
+
 def list_versions(registry_dir: Path, name: str) -> list[ModelVersion]:
-    """Every registered version of a model, oldest first."""
+    """Every registered version of a model, oldest first.
+
+    Raises:
+        ModelCardError: if a version's metadata is incomplete or ill-typed.
+    """
     root = _model_dir(registry_dir, name)
     if not root.is_dir():
         return []
-    out = []
-    for p in root.iterdir():
-        if p.is_dir() and _VERSION_RE.match(p.name) and (p / METADATA_FILE).is_file():
-            meta = json.loads((p / METADATA_FILE).read_text())
-            out.append(ModelVersion(name=name, version=p.name, path=p, metadata=meta))
+    out = [
+        _read_version(name, p)
+        for p in root.iterdir()
+        if p.is_dir() and _VERSION_RE.match(p.name) and (p / METADATA_FILE).is_file()
+    ]
     return sorted(out, key=lambda v: version_number(v.version))
 
 
@@ -138,20 +144,20 @@ def get_version(registry_dir: Path, name: str, version: str) -> ModelVersion:
 
     Raises:
         RegistryError: if it does not exist.
+        ModelCardError: if its metadata is incomplete or ill-typed.
     """
     version_number(version)
     path = _model_dir(registry_dir, name) / version
-    meta_path = path / METADATA_FILE
-    if not meta_path.is_file():
+    if not (path / METADATA_FILE).is_file():
         raise RegistryError(f"model {name} has no version {version} under {path.parent}")
-    return ModelVersion(name, version, path, json.loads(meta_path.read_text()))
+    return _read_version(name, path)
 
 
 def register(
     registry_dir: Path,
     name: str,
     model_text: str,
-    metadata: dict[str, Any],
+    metadata: Mapping[str, Any],
     extra_files: dict[str, str] | None = None,
 ) -> ModelVersion:
     """Store a new version (next integer) of a model; does not promote it.
@@ -160,17 +166,22 @@ def register(
         registry_dir: root of the registry (``settings.registry_dir``).
         name: model name (``settings.prediction.model_name``).
         model_text: the LightGBM model in text format (``Booster.model_to_string()``).
-        metadata: free-form metadata (features, feature_service, training window, metrics,
-            data fingerprint, training distributions...); ``version``, ``created_at``, ``name``
-            and ``model_sha256`` are set here.
+        metadata: the model card's keys as JSON values (features, feature_service, training
+            window, metrics, data fingerprint, reference...; see :class:`ModelCard`, unknown
+            keys are kept); ``version``, ``created_at``, ``name`` and ``model_sha256`` are
+            set here.
         extra_files: more text files for the version folder, e.g. ``{"report.md": ...}``.
 
     Returns:
         The registered version.
+
+    Raises:
+        ModelCardError: if a key of ``metadata`` has the wrong type (nothing is registered).
     """
     root = _model_dir(registry_dir, name)
     root.mkdir(parents=True, exist_ok=True)
     data = model_text.encode()
+    digest = sha256_bytes(data)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
     try:
         (staging / MODEL_FILE).write_bytes(data)
@@ -182,14 +193,18 @@ def register(
         while True:
             existing = [version_number(p.name) for p in root.iterdir() if _VERSION_RE.match(p.name)]
             version = format_version(max(existing, default=0) + 1)
-            meta = {
-                **metadata,
-                "name": name,
-                "version": version,
-                "created_at": datetime.now(UTC).isoformat(),
-                "model_sha256": sha256_bytes(data),
-            }
-            (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            card = ModelCard.from_dict(
+                {
+                    **metadata,
+                    "name": name,
+                    "version": version,
+                    "created_at": datetime.now(UTC).isoformat(),
+                    "model_sha256": digest,
+                },
+                version,
+            )
+            card_json = json.dumps(card.to_dict(), indent=2, sort_keys=True)
+            (staging / METADATA_FILE).write_text(card_json)
             try:
                 staging.rename(root / version)
                 break
@@ -199,8 +214,8 @@ def register(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("registered %s %s (sha256 %s)", name, version, meta["model_sha256"][:12])
-    return ModelVersion(name, version, root / version, meta)
+    logger.info("registered %s %s (sha256 %s)", name, version, digest[:12])
+    return ModelVersion(name, version, root / version, card)
 
 
 def current_version(registry_dir: Path, name: str) -> str | None:
@@ -288,7 +303,7 @@ def verify(mv: ModelVersion) -> bytes:
         ModelIntegrityError: on mismatch or a missing checksum.
     """
     data = mv.model_path.read_bytes()
-    expected = str(mv.metadata.get("model_sha256", ""))
+    expected = mv.card.model_sha256 or ""
     actual = sha256_bytes(data)
     if actual != expected:
         raise ModelIntegrityError(mv.version, expected, actual)
@@ -311,13 +326,13 @@ def load_version(registry_dir: Path, name: str, version: str) -> LoadedModel:
         path = Path(tmp) / MODEL_FILE
         path.write_bytes(data)
         booster = lgb.Booster(model_file=str(path))
-    features = tuple(mv.metadata.get("features") or booster.feature_name())
+    features = tuple(mv.card.features or booster.feature_name())
     if list(booster.feature_name()) != list(features):
         raise RegistryError(
             f"model {name} {version}: booster features {booster.feature_name()} != metadata"
         )
     logger.info("loaded %s %s", name, version)
-    return LoadedModel(name, version, booster, features, mv.metadata)
+    return LoadedModel(name, version, booster, features, mv.card)
 
 
 def load_current(registry_dir: Path, name: str) -> LoadedModel:

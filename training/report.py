@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from rich.table import Table
 
+from training.card import ModelCard
 from training.evaluate import Metrics
 
 logger = logging.getLogger(__name__)
@@ -231,11 +232,15 @@ def write_plots(
     return paths
 
 
+def _known(value: object) -> str:
+    return "unknown" if value is None else str(value)
+
+
 def _param(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def tuning_section(meta: Mapping[str, Any], tuning: Mapping[str, Any]) -> list[str]:
+def tuning_section(tuning: Mapping[str, Any]) -> list[str]:
     """The report's tuning lines: folds, every trial, the choice and why (Markdown)."""
     trials = tuning.get("trials", [])
     best = tuning.get("best", {})
@@ -298,7 +303,7 @@ def tuning_section(meta: Mapping[str, Any], tuning: Mapping[str, Any]) -> list[s
 
 
 def render_report(
-    meta: Mapping[str, Any],
+    card: ModelCard,
     metrics: Mapping[str, Metrics],
     importance: pd.Series,
     timings: Mapping[str, float],
@@ -308,27 +313,29 @@ def render_report(
     """The Markdown report of one training run.
 
     Args:
-        meta: the registered metadata (name, version, windows, counts, tuning...).
+        card: the registered version's card (name, version, windows, counts, tuning...);
+            a key it lacks is reported as unknown.
         metrics: test metrics per model, the primary (registered) model included.
         importance: the primary model's gain share per feature, largest first.
         timings: wall seconds per step.
         plots: plot paths by :data:`PLOT_FILES` key (linked relatively).
     """
     m = metrics[primary]
-    tuning = meta.get("tuning") or {}
+    tuning = card.tuning or {}
+    monotone = ", ".join(card.monotone_increasing or ()) or "nothing"
     lines = [
-        f"# {meta['name']} {meta['version']}",
+        f"# {card.name} {card.version}",
         "",
-        f"- feature service: `{meta['feature_service']}` ({len(meta['features'])} features)",
-        f"- training window: {meta['training_window']['start']} .. "
-        f"{meta['training_window']['end_inclusive']} ({meta['n_train']} transactions, "
-        f"{meta['n_train_frauds']} frauds)",
-        f"- test window: {meta['test_window']['start']} .. {meta['test_window']['end_inclusive']}"
+        f"- feature service: `{_known(card.feature_service)}` "
+        f"({len(card.features or ())} features)",
+        f"- training window: {_known(card.training_window)} ({_known(card.n_train)} "
+        f"transactions, {_known(card.n_train_frauds)} frauds)",
+        f"- test window: {_known(card.test_window)}"
         f" ({m.n_transactions} transactions and {m.n_frauds} frauds after removing "
         f"{m.n_removed_known_compromised} rows of known compromised cards)",
-        f"- registered model: LightGBM, {meta['best_iteration']} boosting rounds, "
-        f"monotone increasing in {', '.join(meta.get('monotone_increasing', [])) or 'nothing'}",
-        f"- data fingerprint: `{meta['data_fingerprint'][:16]}`",
+        f"- registered model: LightGBM, {_known(card.best_iteration)} boosting rounds, "
+        f"monotone increasing in {monotone}",
+        f"- data fingerprint: `{_known(card.data_fingerprint)[:16]}`",
         "",
         "## Test metrics, side by side",
         "",
@@ -348,7 +355,7 @@ def render_report(
             "",
         ]
     if tuning:
-        lines += tuning_section(meta, tuning)
+        lines += tuning_section(tuning)
     lines += [
         "## LightGBM feature importance (gain)",
         "",

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from stages.shared.schemas import service_features
 from training import registry, tune
 from training.baselines import BASELINES, BaselineName, fit_baselines
+from training.card import ModelCard, Window
 from training.dataset import Dataset, build_datasets, concat_datasets, utc_day
 from training.evaluate import Metrics, evaluate, known_compromised_mask
 from training.reference import build_reference
@@ -130,14 +131,14 @@ class TrainResult:
     test_window: tuple[str, str]
     report_path: Path
     predictions_path: Path | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
+    card: ModelCard | None = None
     model_metrics: dict[str, Metrics] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     plots: dict[str, Path] = field(default_factory=dict)
 
     def _headline(self) -> str:
         return (
-            f"{self.metadata.get('name', 'model')} {self.version}: trained on "
+            f"{self.card.name if self.card else 'model'} {self.version}: trained on "
             f"{self.train_window[0]}..{self.train_window[1]}, tested on "
             f"{self.test_window[0]}..{self.test_window[1]}; report {self.report_path}"
         )
@@ -327,18 +328,14 @@ def train(
     gain = pd.Series(booster.feature_importance("gain"), index=list(features))
     importance = (gain / gain.sum() if gain.sum() > 0 else gain).sort_values(ascending=False)
     day = pd.Timedelta(days=1)
+    train_window = Window(start.date(), (train_ds.end - day).date())
+    test_window = Window(test_start.date(), (test_ds.end - day).date())
     meta: dict[str, Any] = {
         "model_format": "lightgbm-text",
         "feature_service": service,
         "features": list(features),
-        "training_window": {
-            "start": start.date().isoformat(),
-            "end_inclusive": (train_ds.end - day).date().isoformat(),
-        },
-        "test_window": {
-            "start": test_start.date().isoformat(),
-            "end_inclusive": (test_ds.end - day).date().isoformat(),
-        },
+        "training_window": train_window.to_dict(),
+        "test_window": test_window.to_dict(),
         "delay_days": delay_days,
         "best_iteration": best,
         "params": final_params,
@@ -369,7 +366,7 @@ def train(
         report_path = mv.path / REPORT_FILE
         # Timings up to here; the report step's own time is in the result and the log.
         report_path.write_text(
-            render_report(mv.metadata, model_metrics, importance, dict(timer.seconds), plot_paths)
+            render_report(mv.card, model_metrics, importance, dict(timer.seconds), plot_paths)
         )
     if promote:
         registry.promote(settings.registry_dir, settings.prediction.model_name, mv.version)
@@ -389,11 +386,11 @@ def train(
         model_dir=mv.path,
         metrics=metrics,
         best_iteration=best,
-        train_window=(meta["training_window"]["start"], meta["training_window"]["end_inclusive"]),
-        test_window=(meta["test_window"]["start"], meta["test_window"]["end_inclusive"]),
+        train_window=(train_window.start.isoformat(), train_window.end_inclusive.isoformat()),
+        test_window=(test_window.start.isoformat(), test_window.end_inclusive.isoformat()),
         report_path=report_path,
         predictions_path=predictions_path,
-        metadata=mv.metadata,
+        card=mv.card,
         model_metrics=model_metrics,
         timings=dict(timer.seconds),
         plots=plot_paths,

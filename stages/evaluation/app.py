@@ -67,7 +67,7 @@ from stages.shared.settings import EvaluationSettings, Settings, StageName
 from stages.shared.stage_loop import stage_loop
 from stages.shared.topology import retrain_requests_topic
 from training import registry
-from training.reference import Reference, reference_from_metadata
+from training.reference import Reference, reference_from_card
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class EvaluationStage:
                 mv = registry.get_version(
                     self.settings.registry_dir, self.settings.prediction.model_name, version
                 )
-                ref = reference_from_metadata(mv.metadata)
+                ref = reference_from_card(mv.card)
             except (registry.RegistryError, ValueError, OSError) as exc:
                 logger.warning("model version %s: no registry metadata (%s)", version, exc)
             if ref is None:

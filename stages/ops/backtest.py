@@ -33,10 +33,11 @@ from stages.shared.schemas import (
 )
 from stages.shared.settings import Settings
 from training import registry
+from training.card import Window
 from training.dataset import utc_day
 from training.evaluate import DEFAULT_TOP_K, Metrics, evaluate
 from training.features import compute_features, event_ms
-from training.reference import psi_against, reference_from_metadata
+from training.reference import psi_against, reference_from_card
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +86,12 @@ class BacktestReport:
 
 
 def _training_window(
-    metadata: dict[str, Any], start: pd.Timestamp
+    window: Window | None, start: pd.Timestamp
 ) -> tuple[pd.Timestamp, pd.Timestamp]:
-    """The model's training window (for known-compromised-card removal); without one in the
-    metadata, the reference protocol's shape: 7 days ending one label delay before ``start``."""
-    window = metadata.get("training_window")
-    if isinstance(window, dict) and window.get("start") and window.get("end_inclusive"):
-        return utc_day(window["start"]), utc_day(window["end_inclusive"]) + pd.Timedelta(days=1)
+    """The model's training window (for known-compromised-card removal); without one in its
+    card, the reference protocol's shape: 7 days ending one label delay before ``start``."""
+    if window is not None:
+        return pd.Timestamp(window.start, tz="UTC"), pd.Timestamp(window.end, tz="UTC")
     end = start - pd.Timedelta(days=LABEL_DELAY_DAYS)
     return end - pd.Timedelta(days=7), end
 
@@ -136,12 +136,10 @@ def backtest(
         name=name,
         version=loaded.version,
         features=loaded.features,
-        feature_service=str(
-            loaded.metadata.get("feature_service", settings.prediction.feature_service)
-        ),
+        feature_service=loaded.card.feature_service or settings.prediction.feature_service,
         booster=loaded.booster,
     )
-    train_start, train_end = _training_window(loaded.metadata, begin)
+    train_start, train_end = _training_window(loaded.card.training_window, begin)
 
     # Only the look-back the features need, so a backtest of a week does not featurise months.
     history_start = min(begin - pd.Timedelta(days=LOOKBACK_DAYS), train_start)
@@ -179,7 +177,7 @@ def backtest(
     ]
     metrics = evaluate(scored, history, train_start, train_end, k=k)
     online = online_metrics(scored["is_fraud"].to_numpy(), scores, settings.routing)
-    ref = reference_from_metadata(loaded.metadata)
+    ref = reference_from_card(loaded.card)
     score_psi = psi_against(ref.score, scores) if ref is not None and ref.score else None
     report = BacktestReport(
         start=begin,

@@ -223,9 +223,7 @@ def run_demo(
     if (
         fresh
         or current is None
-        or registry.get_version(settings.registry_dir, name, current).metadata.get(
-            "feature_service"
-        )
+        or registry.get_version(settings.registry_dir, name, current).card.feature_service
         != feature_service
     ):
         # The demo trains the tuned LightGBM on the reference split; the side-by-side with the

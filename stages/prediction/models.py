@@ -74,9 +74,7 @@ def _load(settings: Settings, version: str, check: ModelCheck | None = None) -> 
         name=settings.prediction.model_name,
         version=loaded.version,
         features=tuple(loaded.features),
-        feature_service=str(
-            loaded.metadata.get("feature_service", settings.prediction.feature_service)
-        ),
+        feature_service=loaded.card.feature_service or settings.prediction.feature_service,
         booster=loaded.booster,
     )
     if check is not None:

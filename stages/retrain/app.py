@@ -143,12 +143,12 @@ class RetrainJob:
             return None
         # Only the rows the folds, the training and the test window read: labels known.
         tx = tx.loc[tx["tx_datetime"] < window.test_end]
-        champion_meta = (
-            registry.get_version(self.settings.registry_dir, self._name, champion).metadata
+        champion_card = (
+            registry.get_version(self.settings.registry_dir, self._name, champion).card
             if champion is not None
             else None
         )
-        service = candidate_service(champion_meta, self.settings.prediction.feature_service)
+        service = candidate_service(champion_card, self.settings.prediction.feature_service)
         logger.info("training a candidate on %s with %s", window.to_dict(), service)
         result = train(
             self.settings,

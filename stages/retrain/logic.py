@@ -22,9 +22,8 @@ promote if the candidate's average precision is at least the champion's minus ``
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import orjson
 import pandas as pd
@@ -34,6 +33,7 @@ from stages.shared.errors import RtpipeError
 from stages.shared.schemas import InvalidMessage, json_object
 from stages.shared.settings import RetrainSettings
 from training import tune
+from training.card import ModelCard
 
 GateOutcome = Literal["wait", "promote", "reject", "timeout"]
 DAY = pd.Timedelta(days=1)
@@ -173,12 +173,10 @@ def gate(
     return GateDecision("reject", text)
 
 
-def candidate_service(champion: Mapping[str, Any] | None, default: str) -> str:
+def candidate_service(champion: ModelCard | None, default: str) -> str:
     """The feature service a candidate is trained on: its champion's (the gate compares the
     two on the same events, and a v2 champion must not be replaced by a v1 candidate),
     ``default`` when there is no champion or it records none."""
-    if champion is not None:
-        service = champion.get("feature_service")
-        if isinstance(service, str) and service:
-            return service
+    if champion is not None and champion.feature_service:
+        return champion.feature_service
     return default

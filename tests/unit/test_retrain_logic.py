@@ -178,10 +178,15 @@ def test_model_holder_follows_the_registry_shadow_marker(tmp_path: Path) -> None
 
 def test_candidate_is_trained_on_its_champions_feature_service() -> None:
     from stages.retrain.logic import candidate_service
+    from training.card import ModelCard
 
-    assert candidate_service({"feature_service": "fraud_model_v2"}, "fraud_model_v1") == (
+    def champion(**keys: object) -> ModelCard:
+        registered = {"name": "fraud", "version": "v0001", "created_at": "2026-01-01T00:00:00"}
+        return ModelCard.from_dict({**registered, **keys})
+
+    assert candidate_service(champion(feature_service="fraud_model_v2"), "fraud_model_v1") == (
         "fraud_model_v2"
     )
-    assert candidate_service({"features": []}, "fraud_model_v1") == "fraud_model_v1"
-    assert candidate_service({"feature_service": ""}, "fraud_model_v1") == "fraud_model_v1"
+    assert candidate_service(champion(features=[]), "fraud_model_v1") == "fraud_model_v1"
+    assert candidate_service(champion(feature_service=""), "fraud_model_v1") == "fraud_model_v1"
     assert candidate_service(None, "fraud_model_v1") == "fraud_model_v1"

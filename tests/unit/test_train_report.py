@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from rich.console import Console
 
 from stages.shared.schemas import MODEL_FEATURES
 from training.baselines import BASELINES, fit_baselines, make_baseline
+from training.card import ModelCard
 from training.dataset import Dataset, concat_datasets
 from training.evaluate import Metrics
 from training.report import (
@@ -308,6 +310,7 @@ def test_write_plots_and_report(tmp_path: Path) -> None:
     meta = {
         "name": "fraud",
         "version": "v0007",
+        "created_at": "2026-11-26T01:36:37+00:00",
         "feature_service": "fraud_model_v1",
         "features": list(MODEL_FEATURES),
         "training_window": {"start": "2018-07-25", "end_inclusive": "2018-07-31"},
@@ -351,7 +354,7 @@ def test_write_plots_and_report(tmp_path: Path) -> None:
             "monotone_cost": 0.1,
         },
     }
-    text = render_report(meta, MODELS, importance, {"join": 1.0}, plots)
+    text = render_report(ModelCard.from_dict(meta), MODELS, importance, {"join": 1.0}, plots)
     assert text.startswith("# fraud v0007")
     assert markdown_table(MODELS) in text
     for path in plots.values():
@@ -383,7 +386,7 @@ def test_train_result_prints_the_side_by_side_table_and_times(tmp_path: Path) ->
         train_window=("2018-07-25", "2018-07-31"),
         test_window=("2018-08-08", "2018-08-14"),
         report_path=tmp_path / "report.md",
-        metadata={"name": "fraud"},
+        card=ModelCard("fraud", "v0003", datetime(2026, 11, 26, tzinfo=UTC)),
         model_metrics=MODELS,
         timings={"point-in-time join": 30.0, "fit lightgbm": 1.5},
     )
