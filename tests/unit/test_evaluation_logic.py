@@ -337,3 +337,52 @@ def test_stage_emits_one_request_per_cooldown(tmp_path: Path) -> None:
     reg = stage.metrics.registry
     assert reg.get_sample_value("rtpipe_retrain_requests_total", {"reason": "score_psi"}) == 2
     assert reg.get_sample_value("rtpipe_score_psi") == pytest.approx(stage.last_drift.score_psi)
+
+
+def test_idle_stage_computes_what_arrived_since_once_due(tmp_path: Path) -> None:
+    # The last batch of a burst lands before the next computation is due: while no more
+    # input comes, on_idle computes it once due (the retrain gate reads those metrics), once,
+    # and never emits a request (that needs a batch's transaction).
+    settings = Settings(
+        home=tmp_path,
+        evaluation=EvaluationSettings(
+            metrics_interval_s=10, min_predictions=10, min_labelled=1000, retrain_cooldown_s=60
+        ),
+    )
+    meta = {"reference": {"score": {"histogram": {"edges": [0.5], "fractions": [0.9, 0.1]}}}}
+    mv = registry.register(settings.registry_dir, "fraud", "not used here", meta)
+    clock = Clock()
+    stage = EvaluationStage(
+        settings, MemoryJoinStore(settings.evaluation, clock=clock), build_metrics(), clock=clock
+    )
+    topic = settings.topics.name("predictions")
+
+    def batch(start: int, score: float) -> list[FakeMessage]:
+        scores = [score] * 9 + [max(score, 0.9)]  # like the reference when score is low
+        return [
+            FakeMessage(
+                topic, orjson.dumps({"transaction_id": i, "score": s, "model_version": mv.version})
+            )
+            for i, s in zip(range(start, start + 10), scores, strict=True)
+        ]
+
+    stage.on_idle()  # nothing offered yet: nothing to compute
+    assert stage.last_drift is None
+    assert stage.handle(batch(0, 0.1)) == []  # computed at once (due)
+    first = stage.last_drift
+    assert first is not None
+    clock.t = 5
+    assert stage.handle(batch(10, 0.9)) == []  # offered, not computed: not due
+    stage.on_idle()
+    assert stage.last_drift is first
+    clock.t = 10
+    stage.on_idle()  # due: computed over both batches
+    assert stage.last_drift is not first and stage.last_drift is not None
+    assert stage.last_drift.score_psi > first.score_psi
+    second = stage.last_drift
+    clock.t = 30
+    stage.on_idle()  # nothing new since: not recomputed
+    assert stage.last_drift is second
+    reg = stage.metrics.registry
+    assert reg.get_sample_value("rtpipe_score_psi") == pytest.approx(second.score_psi)
+    assert not reg.get_sample_value("rtpipe_retrain_requests_total", {"reason": "score_psi"})
