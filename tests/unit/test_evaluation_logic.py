@@ -4,6 +4,7 @@ expectations computed by hand."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -299,11 +300,20 @@ class FakeMessage:
         return self._value
 
 
-def test_stage_emits_one_request_per_cooldown(tmp_path: Path) -> None:
+def _stage_on_memory_store(
+    tmp_path: Path, metrics_interval_s: float
+) -> tuple[EvaluationStage, Clock, Callable[[int, float], list[FakeMessage]]]:
+    """An evaluation stage on the in-memory store with a fake clock, whose model's reference
+    has one score in ten above 0.5, and ``batch(start, score)``: ten predictions from id
+    ``start``, nine at ``score`` and one at ``max(score, 0.9)`` (like the reference when
+    ``score`` is low)."""
     settings = Settings(
         home=tmp_path,
         evaluation=EvaluationSettings(
-            metrics_interval_s=0, min_predictions=10, min_labelled=1000, retrain_cooldown_s=60
+            metrics_interval_s=metrics_interval_s,
+            min_predictions=10,
+            min_labelled=1000,
+            retrain_cooldown_s=60,
         ),
     )
     meta = {"reference": {"score": {"histogram": {"edges": [0.5], "fractions": [0.9, 0.1]}}}}
@@ -315,7 +325,6 @@ def test_stage_emits_one_request_per_cooldown(tmp_path: Path) -> None:
     topic = settings.topics.name("predictions")
 
     def batch(start: int, score: float) -> list[FakeMessage]:
-        # one row in ten above 0.5 when score is low, like the reference
         scores = [score] * 9 + [max(score, 0.9)]
         return [
             FakeMessage(
@@ -325,6 +334,11 @@ def test_stage_emits_one_request_per_cooldown(tmp_path: Path) -> None:
             for i, s in zip(range(start, start + 10), scores, strict=True)
         ]
 
+    return stage, clock, batch
+
+
+def test_stage_emits_one_request_per_cooldown(tmp_path: Path) -> None:
+    stage, clock, batch = _stage_on_memory_store(tmp_path, metrics_interval_s=0)
     assert stage.handle(batch(0, 0.1)) == []  # matches the reference
     assert stage.last_drift is not None and stage.last_drift.score_psi < 0.2
     out = stage.handle(batch(10, 0.9)) + stage.handle(batch(20, 0.9))  # drifted
@@ -343,29 +357,7 @@ def test_idle_stage_computes_what_arrived_since_once_due(tmp_path: Path) -> None
     # The last batch of a burst lands before the next computation is due: while no more
     # input comes, on_idle computes it once due (the retrain gate reads those metrics), once,
     # and never emits a request (that needs a batch's transaction).
-    settings = Settings(
-        home=tmp_path,
-        evaluation=EvaluationSettings(
-            metrics_interval_s=10, min_predictions=10, min_labelled=1000, retrain_cooldown_s=60
-        ),
-    )
-    meta = {"reference": {"score": {"histogram": {"edges": [0.5], "fractions": [0.9, 0.1]}}}}
-    mv = registry.register(settings.registry_dir, "fraud", "not used here", meta)
-    clock = Clock()
-    stage = EvaluationStage(
-        settings, MemoryJoinStore(settings.evaluation, clock=clock), build_metrics(), clock=clock
-    )
-    topic = settings.topics.name("predictions")
-
-    def batch(start: int, score: float) -> list[FakeMessage]:
-        scores = [score] * 9 + [max(score, 0.9)]  # like the reference when score is low
-        return [
-            FakeMessage(
-                topic, orjson.dumps({"transaction_id": i, "score": s, "model_version": mv.version})
-            )
-            for i, s in zip(range(start, start + 10), scores, strict=True)
-        ]
-
+    stage, clock, batch = _stage_on_memory_store(tmp_path, metrics_interval_s=10)
     stage.on_idle()  # nothing offered yet: nothing to compute
     assert stage.last_drift is None
     assert stage.handle(batch(0, 0.1)) == []  # computed at once (due)
