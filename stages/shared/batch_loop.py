@@ -245,10 +245,11 @@ class TransactionalBatchLoop:
         """
         self._stop = stop
         self._watchdog = watch_loop(self._stage, stop)
-        self._open()
         idle_since = time.monotonic()
         backoff_s = 1.0
         try:
+            # Inside the try: clients that fail to open are closed, and the watchdog stopped.
+            self._open()
             while not stop.is_set():
                 self._beat()
                 try:
