@@ -132,13 +132,7 @@ def backtest(
     if version is None:
         raise registry.RegistryError(f"model {name} has no promoted version: train one first")
     loaded = registry.load_version(settings.registry_dir, name, version)
-    model = ServingModel(
-        name=name,
-        version=loaded.version,
-        features=loaded.features,
-        feature_service=loaded.card.feature_service or settings.prediction.feature_service,
-        booster=loaded.booster,
-    )
+    model = ServingModel.from_loaded(loaded, settings.prediction.feature_service)
     train_start, train_end = _training_window(loaded.card.training_window, begin)
 
     # Only the look-back the features need, so a backtest of a week does not featurise months.

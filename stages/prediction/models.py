@@ -59,6 +59,18 @@ class ServingModel:
     feature_service: str
     booster: lgb.Booster
 
+    @classmethod
+    def from_loaded(cls, loaded: registry.LoadedModel, default_service: str) -> ServingModel:
+        """A verified registry version as served: with the feature service its card
+        records, ``default_service`` when it records none."""
+        return cls(
+            name=loaded.name,
+            version=loaded.version,
+            features=tuple(loaded.features),
+            feature_service=loaded.card.feature_service or default_service,
+            booster=loaded.booster,
+        )
+
     def predict(self, matrix: np.ndarray) -> np.ndarray:
         """Fraud probability for each row (one LightGBM call for the whole batch)."""
         return np.asarray(self.booster.predict(matrix, num_threads=1), dtype=np.float64)
@@ -70,13 +82,7 @@ ModelCheck = Callable[[ServingModel], None]
 
 def _load(settings: Settings, version: str, check: ModelCheck | None = None) -> ServingModel:
     loaded = registry.load_version(settings.registry_dir, settings.prediction.model_name, version)
-    model = ServingModel(
-        name=settings.prediction.model_name,
-        version=loaded.version,
-        features=tuple(loaded.features),
-        feature_service=loaded.card.feature_service or settings.prediction.feature_service,
-        booster=loaded.booster,
-    )
+    model = ServingModel.from_loaded(loaded, settings.prediction.feature_service)
     if check is not None:
         check(model)
     return model
