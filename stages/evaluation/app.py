@@ -253,12 +253,19 @@ class EvaluationStage:
             em.labels_joined.inc(joined)
         self.drift.add(preds)
         self._stale = self._stale or bool(items)
-        now = self.clock()
-        if now < self._next_eval:
+        if not self._due():
             return []
-        self._next_eval = now + self.settings.evaluation.metrics_interval_s
         self._stale = False
         return self.evaluate(emit=True)
+
+    def _due(self) -> bool:
+        """Whether the metrics are due (at most every ``metrics_interval_s``); if so, the
+        next computation is due one interval from now."""
+        now = self.clock()
+        if now < self._next_eval:
+            return False
+        self._next_eval = now + self.settings.evaluation.metrics_interval_s
+        return True
 
     def on_idle(self) -> None:
         """While no input arrives: once due, the metrics (and the champion-versus-shadow
@@ -267,12 +274,8 @@ class EvaluationStage:
         ``metrics_interval_s`` of the previous computation waited for the next input (the
         retrain loop test timed out on it under load). No retraining request from here: it
         is emitted inside a batch's transaction, by the next batch."""
-        if not self._stale:
+        if not self._stale or not self._due():
             return
-        now = self.clock()
-        if now < self._next_eval:
-            return
-        self._next_eval = now + self.settings.evaluation.metrics_interval_s
         try:
             self.compute()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
