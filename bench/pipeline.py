@@ -6,7 +6,7 @@ rates, with where the time goes (per-stage timestamps on every decision).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -91,6 +91,10 @@ class PipelineResults:
     max_eps: float
     passthrough_eps: float
     phases: list[Phase]
+    # The same fixed-rate phases with every commit's round trips after the work in front of
+    # them (KafkaSettings.overlap_commit off) and overlapped, run back to back on fresh
+    # topics: {overlap: phases}.
+    commit_overlap: dict[bool, list[Phase]] = field(default_factory=dict)
 
 
 def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) -> PipelineResults:
@@ -133,14 +137,58 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
         if half > 0:
             (half_plan,) = plans(tx, last_end, [int(half * latency_s)])
             phases.append(run_phase("50% of max", half_plan, half))
+            last_end = half_plan.end
     finally:
         codes = stop_stages(procs)
         collector.close()
         logger.info("stages stopped: %s", codes)
+    overlap: dict[bool, list[Phase]] = {}
+    for on in (False, True):
+        overlap[on], last_end = fixed_rate_set(settings, tx, last_end, quick, overlap=on)
     trials = []
     for t in range(1 if quick else 3):
         prefix = f"{settings.topics.prefix}pass{t}."
         topics = settings.topics.model_copy(update={"prefix": prefix})
         trials.append(passthrough(settings.model_copy(update={"topics": topics}), n_max))
     pass_eps = float(np.median(trials))
-    return PipelineResults(top.stats.get("eps", float("nan")), pass_eps, phases)
+    return PipelineResults(top.stats.get("eps", float("nan")), pass_eps, phases, overlap)
+
+
+def fixed_rate_set(
+    settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool, *, overlap: bool
+) -> tuple[list[Phase], pd.Timestamp]:
+    """Three fresh stage processes on topics of their own, with ``overlap_commit`` as given:
+    a warm-up, then 1,000 and ``LOW_RATE`` events/s. Returns the phases and where in the
+    data the next set may start."""
+    kafka = settings.kafka.model_copy(update={"overlap_commit": overlap})
+    name = "overlapped" if overlap else "serial"
+    topics = settings.topics.model_copy(update={"prefix": f"{settings.topics.prefix}{name}."})
+    s = settings.model_copy(update={"kafka": kafka, "topics": topics})
+    ensure_topics(s.kafka, s.topics)
+    latency_s = 4.0 if quick else 10.0
+    warm, fast, low = plans(tx, start, [300, int(1_000 * latency_s), int(LOW_RATE * latency_s)])
+    collector = DecisionCollector(s)
+    procs = start_stages(s)
+    producer = replay_producer(s)
+    phases: list[Phase] = []
+    try:
+        for label, plan, rate in (
+            ("warm-up", warm, None),
+            ("1,000 events/s", fast, 1_000.0),
+            (f"{LOW_RATE:,.0f} events/s", low, LOW_RATE),
+        ):
+            ids = plan.transaction_ids(tx)
+            result = replay(s, tx, plan, rate=rate, producer=producer)
+            collector.wait_for(ids, timeout_s=180)
+            dead = exited(procs)
+            if dead:
+                raise RuntimeError(f"stage(s) died during the bench: {dead}; see {procs[0].log}")
+            stats = collector.stats_of(ids)
+            stats["replay_eps"] = result.transactions / result.seconds if result.seconds else 0
+            logger.info("pipeline (%s commits) phase %s: %s", name, label, stats)
+            if rate is not None:
+                phases.append(Phase(f"{label}, {name} commits", rate, stats))
+    finally:
+        stop_stages(procs)
+        collector.close()
+    return phases, low.end

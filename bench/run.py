@@ -73,7 +73,7 @@ def latency_section(res: pipeline.PipelineResults) -> str:
         + " |",
         "|---|---:|---:|---:|" + "---:|" * len(pipeline.HOPS),
     ]
-    for ph in res.phases:
+    for ph in [*res.phases, *(p for on in (False, True) for p in res.commit_overlap.get(on, []))]:
         st = ph.stats
         cells = [
             f"{fmt_number(st.get(f'{h} p50'))} / {fmt_number(st.get(f'{h} p99'))}"
@@ -194,6 +194,20 @@ def main(
                             f" ms, achieved {fmt_number(ph.stats.get('eps'))} ev/s",
                         )
                     )
+                for serial, overlapped in zip(
+                    pi.commit_overlap.get(False, []), pi.commit_overlap.get(True, []), strict=True
+                ):
+                    for q in ("p50", "p99"):
+                        results.rows.append(
+                            Row(
+                                f"event-to-decision {q} at {overlapped.name.rsplit(', ', 1)[0]}: "
+                                "commit round trips overlapped vs after the work",
+                                overlapped.stats.get(f"{pipeline.TOTAL} {q}", float("nan")),
+                                serial.stats.get(f"{pipeline.TOTAL} {q}", float("nan")),
+                                "ms",
+                                better="lower",
+                            )
+                        )
                 results.sections["Where the latency goes"] = latency_section(pi)
     results.seconds = time.perf_counter() - began
     out.write_text(results.markdown())

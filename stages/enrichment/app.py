@@ -116,9 +116,14 @@ class FeastOnlineSink(RetryingBatchingSink):
     """
 
     def __init__(
-        self, writer: OnlineFeatureWriter, views: dict[str, tuple[str, ...]], entity: str
+        self,
+        writer: OnlineFeatureWriter,
+        views: dict[str, tuple[str, ...]],
+        entity: str,
+        *,
+        overlap: bool = False,
     ) -> None:
-        super().__init__(retry_budget_s=SINK_RETRY_BUDGET_S)
+        super().__init__(retry_budget_s=SINK_RETRY_BUDGET_S, overlap=overlap)
         self._writer = writer
         self._views = views
         self._entity = entity
@@ -197,6 +202,24 @@ class NaturalBatchingApplication(Application):
             commit(force=force, revoking=revoking)
 
         ctx.commit_checkpoint = commit_checkpoint  # type: ignore[method-assign]
+
+    def overlap_sink_flushes(self) -> None:
+        """Let every ``RetryingBatchingSink`` built with ``overlap`` write while the
+        checkpoint goes on: the checkpoint's Kafka commit (exactly-once) first waits for
+        their writes, so the online store still has a checkpoint's rows before readers of
+        the output can see its events, and a failed write still fails the checkpoint
+        uncommitted."""
+        producer = self._producer
+        commit = producer.commit_transaction
+        sinks = self._sink_manager
+
+        def commit_transaction(*args: Any, **kwargs: Any) -> None:
+            for sink in sinks.sinks:
+                if isinstance(sink, RetryingBatchingSink):
+                    sink.wait_flushed()
+            commit(*args, **kwargs)
+
+        producer.commit_transaction = commit_transaction  # type: ignore[method-assign]
 
     def watch_partitions(self, watch: PartitionWatch, assignment: Assignment) -> None:
         """Check the input partitions for stalls (and export their lag) as it runs, and
@@ -467,7 +490,12 @@ def build_customer_app(
     def key_of(value: dict[str, Any]) -> Any:
         return str(value["transaction_id"]) if value["kind"] == "ok" else value["key"]
 
-    sink = FeastOnlineSink(writer, pushed_views(settings), "customer_id")
+    # Overlapped with the checkpoint's producer flush when the commit is a transaction,
+    # which waits for it (at-least-once commits the consumer's offsets instead: not hooked).
+    overlap = settings.kafka.overlap_commit and cfg.processing_guarantee == "exactly-once"
+    sink = FeastOnlineSink(writer, pushed_views(settings), "customer_id", overlap=overlap)
+    if overlap:
+        app.overlap_sink_flushes()
     (
         app.dataframe(tx_topic)
         .apply(step, stateful=True, metadata=True)

@@ -57,6 +57,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from quixstreams.sinks.base import BatchingSink, SinkBackpressureError, SinkBatch
 
@@ -89,6 +90,11 @@ class RetryingBatchingSink(BatchingSink):
     :param first_delay_s: the delay before the first retry, doubled on each retry ...
     :param max_delay_s: ... up to this. ``SinkBackpressureError.retry_after`` is not used:
         it is quixstreams' pause length, usually far longer than a useful retry interval.
+    :param overlap: ``flush()`` hands the checkpoint's batches to a worker thread and
+        returns; :meth:`wait_flushed` waits for them (and raises what the write raised).
+        The application must call it before the checkpoint's Kafka commit
+        (``NaturalBatchingApplication.overlap_sink_flushes``): the write then runs while the
+        checkpoint produces its changelogs and flushes the producer.
     """
 
     def __init__(
@@ -99,6 +105,7 @@ class RetryingBatchingSink(BatchingSink):
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        overlap: bool = False,
     ) -> None:
         super().__init__()
         if retry_budget_s <= 0 or first_delay_s <= 0 or max_delay_s < first_delay_s:
@@ -113,15 +120,40 @@ class RetryingBatchingSink(BatchingSink):
         self.retries = 0
         self.total_retries = 0
         self._outage_since: float | None = None
+        self._overlap = overlap
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
 
     def flush(self) -> None:
-        deadline = self._clock() + self._retry_budget_s
+        if self._overlap:
+            # A write still running from a checkpoint that never reached its commit goes
+            # first (one writer at a time, in checkpoint order).
+            self.wait_flushed()
+            batches = list(self._batches.values())
+            self._batches.clear()
+            if batches:
+                if self._worker is None:
+                    self._worker = ThreadPoolExecutor(1, f"{self}-flush")
+                self._pending = self._worker.submit(self._write_all, batches)
+            return
         try:
-            for batch in self._batches.values():
-                self._write_retrying(batch, deadline)
+            self._write_all(list(self._batches.values()))
         finally:
             # As BatchingSink.flush: a failed checkpoint re-reads and re-adds its records.
             self._batches.clear()
+
+    def wait_flushed(self) -> None:
+        """Wait for the batches an overlapped ``flush()`` handed over; raise what their
+        write raised (:class:`SinkUnavailableError` past the retry budget). Immediate when
+        nothing is pending."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write_all(self, batches: list[SinkBatch]) -> None:
+        deadline = self._clock() + self._retry_budget_s
+        for batch in batches:
+            self._write_retrying(batch, deadline)
 
     def _write_retrying(self, batch: SinkBatch, deadline: float) -> None:
         delay = self._first_delay_s

@@ -12,6 +12,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -140,6 +141,11 @@ class TransactionalBatchLoop:
         # fewer transactions cost the broker less and put no commit in front of the next
         # batch.
         self._commit_interval_s = commit_interval_ms / 1000.0
+        # One transaction per batch: its offsets are known as soon as the batch is read, so
+        # they go to the coordinators on this worker while the handler runs (KafkaSettings.
+        # overlap_commit); the commit then waits only for EndTxn.
+        self._overlap = settings.kafka.overlap_commit and commit_interval_ms == 0
+        self._offsets_worker: ThreadPoolExecutor | None = None
         self._txn_msgs: list[Message] = []
         self._txn_outputs = 0
         self._txn_started = 0.0
@@ -233,6 +239,9 @@ class TransactionalBatchLoop:
         if self._producer is not None:
             self._producer.flush(10)
             self._producer = None
+        if self._offsets_worker is not None:
+            self._offsets_worker.shutdown(wait=False)
+            self._offsets_worker = None
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, stop: StopFlag, max_idle_s: float | None = None) -> LoopStats:
@@ -390,22 +399,15 @@ class TransactionalBatchLoop:
         return False
 
     def _process(self, msgs: list[Message]) -> None:
+        if self._overlap:
+            self._process_overlapped(msgs)
+            return
         assert self._consumer is not None and self._producer is not None
         started = time.perf_counter()
         try:
             outputs = self._handler(msgs)
         except RetryBatch as exc:
-            logger.warning(
-                "%s backpressure (%s): pausing %.1fs and retrying %d messages",
-                self._stage,
-                exc.reason,
-                exc.retry_after_s,
-                len(msgs),
-            )
-            self.stats.errors.append(exc.reason)
-            self._stalls.dependency_down()
-            self._rewind(msgs)
-            time.sleep(exc.retry_after_s)
+            self._back_off(exc, msgs)
             return
         producer = self._producer
         try:
@@ -425,6 +427,102 @@ class TransactionalBatchLoop:
         if self._on_batch_done:
             self._on_batch_done(len(msgs), time.perf_counter() - started)
 
+    def _process_overlapped(self, msgs: list[Message]) -> None:
+        """One batch in one transaction, its offsets sent while the handler runs.
+
+        The transaction is begun and the offsets are handed to the worker before the
+        handler is called; the outputs are produced into the same transaction, and the
+        commit waits for the offsets first. Every path that ends the transaction early (the
+        handler's backpressure, a failed call) waits for the worker before it aborts: two
+        transactional calls at once conflict.
+        """
+        assert self._consumer is not None and self._producer is not None
+        started = time.perf_counter()
+        producer = self._producer
+        try:
+            producer.begin_transaction()
+        except KafkaException as exc:
+            self._recover(exc, msgs)
+            return
+        self._txn_started = time.monotonic()
+        self._txn_msgs, self._txn_outputs = list(msgs), 0
+        sent = self._send_offsets_async(msgs)
+        try:
+            outputs = self._handler(msgs)
+        except RetryBatch as exc:
+            self._txn_msgs = []
+            self._end_early(sent, msgs)
+            self._back_off(exc, msgs, rewound=True)
+            return
+        except BaseException:
+            # A defect: the stage stops; the worker must not outlive the producer's owner.
+            self._await(sent)
+            raise
+        try:
+            self._txn_outputs = len(outputs)
+            for out in outputs:
+                self._produce(out)
+            self._beat()
+            sent.result()
+            self._beat()
+            self._complete("commit")
+            self._count_committed()
+        except KafkaException as exc:
+            self._await(sent)
+            pending, self._txn_msgs, self._txn_outputs = self._txn_msgs, [], 0
+            self._recover(exc, pending)
+            return
+        if self._on_batch_done:
+            self._on_batch_done(len(msgs), time.perf_counter() - started)
+
+    def _send_offsets_async(self, msgs: list[Message]) -> Future[None]:
+        """``send_offsets_to_transaction`` for ``msgs`` on the worker thread (librdkafka
+        releases the GIL while it waits for the coordinators)."""
+        assert self._consumer is not None and self._producer is not None
+        if self._offsets_worker is None:
+            self._offsets_worker = ThreadPoolExecutor(1, f"{self._stage}-offsets")
+        return self._offsets_worker.submit(
+            self._producer.send_offsets_to_transaction,
+            self._next_offsets(msgs),
+            self._consumer.consumer_group_metadata(),
+            30,
+        )
+
+    def _await(self, sent: Future[None]) -> KafkaException | None:
+        """Wait for the worker's call; its Kafka error, if any (the caller is already
+        ending the transaction because of another failure)."""
+        try:
+            sent.result()
+        except KafkaException as exc:
+            return exc
+        finally:
+            self._beat()
+        return None
+
+    def _end_early(self, sent: Future[None], msgs: list[Message]) -> None:
+        """Abort the batch's transaction once the worker is done, and rewind the batch."""
+        exc = self._await(sent)
+        if exc is not None and is_fatal(exc):
+            raise exc
+        # Not counted in stats.aborted (failed transactions): nothing failed.
+        self._complete("abort")
+        self._rewind(msgs)
+
+    def _back_off(self, exc: RetryBatch, msgs: list[Message], *, rewound: bool = False) -> None:
+        """The handler's dependency is down: rewind the batch and pause before retrying."""
+        logger.warning(
+            "%s backpressure (%s): pausing %.1fs and retrying %d messages",
+            self._stage,
+            exc.reason,
+            exc.retry_after_s,
+            len(msgs),
+        )
+        self.stats.errors.append(exc.reason)
+        self._stalls.dependency_down()
+        if not rewound:
+            self._rewind(msgs)
+        time.sleep(exc.retry_after_s)
+
     def _commit_txn(self) -> None:
         """Commit the open transaction with the offsets after its batches."""
         assert self._consumer is not None and self._producer is not None
@@ -434,6 +532,11 @@ class TransactionalBatchLoop:
             self._next_offsets(msgs), self._consumer.consumer_group_metadata(), 30
         )
         self._complete("commit")
+        self._count_committed()
+
+    def _count_committed(self) -> None:
+        """The open transaction committed: count it and forget its batches."""
+        msgs = self._txn_msgs
         self.stats.batches += 1
         self.stats.messages += len(msgs)
         self.stats.outputs += self._txn_outputs

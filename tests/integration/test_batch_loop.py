@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from stages.ops.audit import read_topic
-from stages.shared.batch_loop import TransactionalBatchLoop
+from stages.shared.batch_loop import RetryBatch, TransactionalBatchLoop
 from stages.shared.kafka import Output, StopFlag, ensure_topics, producer_config
 from stages.shared.settings import Settings
 from stages.shared.watchdog import watch_loop, watch_loops_in_this_process
@@ -105,6 +105,68 @@ def test_fatal_producer_error_gets_new_clients_and_loses_nothing(unique_topics: 
     assert loop.failed == [True]
     assert stats.restarts == 1
     # Each exactly once, the failed batch's included.
+    assert _outputs(settings, dst) == list(range(n))
+
+
+class _OffsetsFailOnce:
+    """A producer whose first ``send_offsets_to_transaction`` fails with an abortable
+    (non-fatal) error: the batch's transaction must be aborted and the batch read again."""
+
+    def __init__(self, real: Producer, failed: list[bool]) -> None:
+        self._real = real
+        self._failed = failed
+
+    def send_offsets_to_transaction(self, *args: Any) -> None:
+        if not self._failed:
+            self._failed.append(True)
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "injected: offsets timed out"))
+        self._real.send_offsets_to_transaction(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class _OffsetsLoop(TransactionalBatchLoop):
+    failed: list[bool]
+
+    def _open(self) -> None:
+        super()._open()
+        self._producer = _OffsetsFailOnce(self._producer, self.failed)  # type: ignore[arg-type,assignment]
+
+
+def _overlap(settings: Settings, on: bool) -> Settings:
+    return settings.model_copy(
+        update={"kafka": settings.kafka.model_copy(update={"overlap_commit": on})}
+    )
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])
+def test_backpressure_and_failed_offsets_rewind_the_batch_exactly_once(
+    unique_topics: Settings, overlap: bool
+) -> None:
+    """The handler's RetryBatch (a dependency down) and a failed offsets call, with the
+    transaction's offsets sent while the handler runs or after it: each batch is read
+    again and every input yields its output exactly once."""
+    settings = _overlap(unique_topics, overlap)
+    n = 400
+    src, dst = _input(settings, n)
+    calls = {"n": 0}
+
+    def handler(msgs: list[Message]) -> list[Output]:
+        calls["n"] += 1
+        if calls["n"] in (2, 3, 7):
+            raise RetryBatch("injected: dependency down", retry_after_s=0.05)
+        return _marked(dst, msgs)
+
+    loop = _loop(_OffsetsLoop, settings, src, handler, max_batch=40, max_wait_ms=5)
+    loop.failed = []
+    stats = loop.run(StopFlag(), max_idle_s=5.0)
+
+    assert loop.failed == [True]
+    assert stats.errors.count("injected: dependency down") == 3
+    assert stats.aborted == 1  # the failed offsets call; backpressure is no failure
+    assert stats.restarts == 0
+    assert stats.messages == n
     assert _outputs(settings, dst) == list(range(n))
 
 
