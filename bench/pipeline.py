@@ -6,6 +6,7 @@ rates, with where the time goes (per-stage timestamps on every decision).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,6 +96,9 @@ class PipelineResults:
     # them (KafkaSettings.overlap_commit off) and overlapped, run back to back on fresh
     # topics: {overlap: phases}.
     commit_overlap: dict[bool, list[Phase]] = field(default_factory=dict)
+    # Seconds from starting the three stage processes (events already waiting) to the first
+    # decision a read_committed reader sees, once per set of fresh processes.
+    cold_starts_s: list[float] = field(default_factory=list)
 
 
 def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) -> PipelineResults:
@@ -105,10 +109,12 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
     counts = [300, n_max]
     windows = plans(tx, start, [*counts, int(1_000 * latency_s)])
     collector = DecisionCollector(settings)
+    started_ms = time.time() * 1000
     procs = start_stages(settings)
     # One producer for every phase: ready (metadata, producer id) after the warm-up.
     producer = replay_producer(settings)
     phases: list[Phase] = []
+    cold_starts: list[float] = []
     try:
 
         def run_phase(name: str, plan: ReplayPlan, rate: float | None) -> Phase:
@@ -124,6 +130,8 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
             return Phase(name, rate, stats)
 
         run_phase("warm-up", windows[0], None)
+        first = collector.first_visible_ms(windows[0].transaction_ids(tx))
+        cold_starts.append((first - started_ms) / 1000.0)
         top = run_phase("max speed", windows[1], None)
         phases.append(top)
         phases.append(run_phase("1,000 events/s", windows[2], 1_000.0))
@@ -144,22 +152,25 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
         logger.info("stages stopped: %s", codes)
     overlap: dict[bool, list[Phase]] = {}
     for on in (False, True):
-        overlap[on], last_end = fixed_rate_set(settings, tx, last_end, quick, overlap=on)
+        overlap[on], last_end, cold = fixed_rate_set(settings, tx, last_end, quick, overlap=on)
+        cold_starts.append(cold)
     trials = []
     for t in range(1 if quick else 3):
         prefix = f"{settings.topics.prefix}pass{t}."
         topics = settings.topics.model_copy(update={"prefix": prefix})
         trials.append(passthrough(settings.model_copy(update={"topics": topics}), n_max))
     pass_eps = float(np.median(trials))
-    return PipelineResults(top.stats.get("eps", float("nan")), pass_eps, phases, overlap)
+    return PipelineResults(
+        top.stats.get("eps", float("nan")), pass_eps, phases, overlap, cold_starts
+    )
 
 
 def fixed_rate_set(
     settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool, *, overlap: bool
-) -> tuple[list[Phase], pd.Timestamp]:
+) -> tuple[list[Phase], pd.Timestamp, float]:
     """Three fresh stage processes on topics of their own, with ``overlap_commit`` as given:
-    a warm-up, then 1,000 and ``LOW_RATE`` events/s. Returns the phases and where in the
-    data the next set may start."""
+    a warm-up, then 1,000 and ``LOW_RATE`` events/s. Returns the phases, where in the data
+    the next set may start, and the seconds from the start to the first decision."""
     kafka = settings.kafka.model_copy(update={"overlap_commit": overlap})
     name = "overlapped" if overlap else "serial"
     topics = settings.topics.model_copy(update={"prefix": f"{settings.topics.prefix}{name}."})
@@ -168,9 +179,11 @@ def fixed_rate_set(
     latency_s = 4.0 if quick else 10.0
     warm, fast, low = plans(tx, start, [300, int(1_000 * latency_s), int(LOW_RATE * latency_s)])
     collector = DecisionCollector(s)
+    started_ms = time.time() * 1000
     procs = start_stages(s)
     producer = replay_producer(s)
     phases: list[Phase] = []
+    cold = float("nan")
     try:
         for label, plan, rate in (
             ("warm-up", warm, None),
@@ -186,9 +199,11 @@ def fixed_rate_set(
             stats = collector.stats_of(ids)
             stats["replay_eps"] = result.transactions / result.seconds if result.seconds else 0
             logger.info("pipeline (%s commits) phase %s: %s", name, label, stats)
-            if rate is not None:
+            if rate is None:
+                cold = (collector.first_visible_ms(ids) - started_ms) / 1000.0
+            else:
                 phases.append(Phase(f"{label}, {name} commits", rate, stats))
     finally:
         stop_stages(procs)
         collector.close()
-    return phases, low.end
+    return phases, low.end, cold

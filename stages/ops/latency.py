@@ -118,6 +118,12 @@ class DecisionCollector:
         with self._lock:
             return decision_stats(self.decisions.of(ids))
 
+    def first_visible_ms(self, ids: Iterable[int]) -> float:
+        """When the first of ``ids`` became visible here (epoch ms); NaN if none did."""
+        with self._lock:
+            ts = self.decisions.of(ids)
+        return float(ts[:, _COLS["visible_ms"]].min()) if len(ts) else float("nan")
+
     def wait_for(self, ids: list[int], timeout_s: float) -> bool:
         """Wait until every id is decided; False on timeout."""
         deadline = time.monotonic() + timeout_s
