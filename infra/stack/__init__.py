@@ -48,6 +48,7 @@ from infra.stack.nodes import (
 )
 from infra.stack.paths import component_port, log_file, pid_file
 from infra.stack.procs import owned_pid, stop_process
+from infra.stack.secure import ensure_material, secure_client_settings, secure_env_file
 from infra.stack.single import start_component, wait_healthy
 from stages.shared.settings import Settings
 
@@ -66,6 +67,8 @@ __all__ = [
     "preflight",
     "redis_clustered",
     "redis_nodes",
+    "secure_client_settings",
+    "secure_env_file",
     "status",
     "up",
 ]
@@ -97,6 +100,9 @@ def up(
     if not todo:
         return []
     preflight(todo, settings)
+    if settings.stack.secure:
+        # Certificates and passwords first: every server's config refers to them.
+        ensure_material(settings)
     started: list[Component] = []
     waiting: list[tuple[Component, int | None]] = []
     try:
