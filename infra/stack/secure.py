@@ -241,7 +241,8 @@ def kafka_probe_config(settings: Settings) -> dict[str, str]:
     try:
         m = load_material(settings)
     except StackError:
-        return {"security.protocol": "SASL_SSL"}  # no material yet: the probe fails, as it should
+        # No material yet: a probe that fails, as it should, rather than one that is refused.
+        return {"security.protocol": "SASL_SSL", "sasl.mechanism": SCRAM_MECHANISM}
     return {
         "security.protocol": "SASL_SSL",
         "sasl.mechanism": SCRAM_MECHANISM,
