@@ -104,7 +104,6 @@ def check_redis(redis_settings: RedisSettings, timeout_s: float = 5.0) -> None:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    opts = redis_settings.connection_options()
     for host, port in redis_settings.nodes():
         where = f"Redis at {host}:{port}"
         client = redis.Redis(
@@ -114,7 +113,7 @@ def check_redis(redis_settings: RedisSettings, timeout_s: float = 5.0) -> None:
             socket_connect_timeout=timeout_s,
             # One attempt: redis-py's default retries make a refused handshake take seconds.
             retry=Retry(NoBackoff(), 0),
-            **opts,
+            **redis_settings.connection_options(),
         )
         try:
             client.ping()

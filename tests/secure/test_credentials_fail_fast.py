@@ -20,6 +20,7 @@ from redis.retry import Retry
 from stages.ops.harness.processes import child_env
 from stages.shared.connectivity import CredentialsError, check_kafka, check_redis
 from stages.shared.settings import Settings
+from tests.support import make_secure_settings
 
 pytestmark = pytest.mark.integration
 
@@ -169,3 +170,16 @@ def test_the_secure_stack_refuses_plaintext_and_anonymous_clients(secure_stack: 
         admin = AdminClient({**conf, "log_level": 0})
         with pytest.raises(Exception, match=r"transport failure|timed out"):
             admin.list_topics(timeout=3)
+
+
+def test_no_password_on_a_command_line(secure_stack: Settings) -> None:
+    from infra import stack
+    from infra.stack.secure import load_material
+
+    m = load_material(make_secure_settings())
+    secrets = (m.kafka_password, m.kafka_broker_password, m.redis_password, m.redis_admin_password)
+    pids = [st.pid for st in stack.status(make_secure_settings()).values() if st.pid]
+    assert len(pids) == 2  # the broker and redis-server
+    for pid in pids:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        assert not any(s in cmdline for s in secrets), pid
