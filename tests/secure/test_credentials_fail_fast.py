@@ -169,7 +169,7 @@ def test_the_secure_stack_refuses_plaintext_and_anonymous_clients(secure_stack: 
     ):
         admin = AdminClient({**conf, "log_level": 0})
         with pytest.raises(Exception, match=r"transport failure|timed out"):
-            admin.list_topics(timeout=3)
+            admin.list_topics(timeout=2)
 
 
 def test_no_password_on_a_command_line(secure_stack: Settings) -> None:
