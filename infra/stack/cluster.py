@@ -31,7 +31,7 @@ from infra.stack.errors import StackError
 from infra.stack.health import cluster_info, kafka_cluster_healthy, port_open, redis_cluster_healthy
 from infra.stack.install import ensure_kafka
 from infra.stack.nodes import KafkaNode, RedisNode, kafka_nodes, redis_nodes
-from infra.stack.paths import pid_file, run_dir
+from infra.stack.paths import pid_file, run_dir, write_private
 from infra.stack.procs import (
     alive,
     kafka_node_owns,
@@ -72,16 +72,14 @@ def _start_redis_node(settings: Settings, node: RedisNode) -> int:
     if settings.stack.secure:
         # TLS on the client port, the bus and replication; ACL users. Kept off argv.
         conf = node.dir / "secure.conf"
-        _private(conf, redis_config(settings, node.port, cluster=True))
+        write_private(conf, redis_config(settings, node.port, cluster=True))
         cmd.append(str(conf))
         port_flag = "--tls-port"
     elif settings.redis.password:
         # Clients and the replicas (masterauth) both need the password; kept off argv.
         conf = node.dir / "auth.conf"
-        conf.touch(mode=0o600)
-        conf.chmod(0o600)
         secret = settings.redis.password.get_secret_value()
-        conf.write_text(f'requirepass "{secret}"\nmasterauth "{secret}"\n')
+        write_private(conf, f'requirepass "{secret}"\nmasterauth "{secret}"\n')
         cmd.append(str(conf))
     cmd += [
         port_flag,
@@ -104,12 +102,6 @@ def _start_redis_node(settings: Settings, node: RedisNode) -> int:
         *REDIS_SERVER_FLAGS,
     ]
     return spawn(settings, node.name, cmd, node.dir, node.log)
-
-
-def _private(path: Path, text: str) -> None:
-    path.touch(mode=0o600)
-    path.chmod(0o600)
-    path.write_text(text)
 
 
 def _create_redis_cluster(settings: Settings) -> None:

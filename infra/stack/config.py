@@ -12,7 +12,13 @@ from pathlib import Path
 
 from infra.stack.errors import StackError
 from infra.stack.nodes import KafkaNode, kafka_nodes
-from infra.stack.paths import kafka_properties_file, log_file, prometheus_config_file, run_dir
+from infra.stack.paths import (
+    kafka_properties_file,
+    log_file,
+    prometheus_config_file,
+    run_dir,
+    write_private,
+)
 from infra.stack.secure import kafka_server_properties, scram_format_args
 from stages.shared.settings import Settings
 from stages.shared.topology import STAGES
@@ -78,9 +84,8 @@ def write_kafka_config(settings: Settings, node: KafkaNode | None = None) -> Pat
         ]
     props = conf_dir / "server.properties"
     # Private: in secure mode it holds the broker user's password.
-    props.touch(mode=0o600)
-    props.chmod(0o600)
-    props.write_text(
+    write_private(
+        props,
         "\n".join(
             [
                 "# Written by infra/stack/config.py on every start; edit the code, not this file.",
@@ -95,7 +100,7 @@ def write_kafka_config(settings: Settings, node: KafkaNode | None = None) -> Pat
                 "group.initial.rebalance.delay.ms=0",
                 "",
             ]
-        )
+        ),
     )
     (conf_dir / "log4j2.properties").write_text(
         "\n".join(
@@ -185,7 +190,7 @@ def format_storage(
         # reach /proc/*/cmdline.
         main_at = cmd.index("kafka.tools.StorageTool")
         rest = [*cmd[main_at:], *scram_format_args(settings)]
-        _private_text(argfile, "".join(f'"{a}"\n' for a in rest))
+        write_private(argfile, "".join(f'"{a}"\n' for a in rest))
         cmd = [*cmd[:main_at], f"@{argfile}"]
     try:
         fmt = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -197,12 +202,6 @@ def format_storage(
     if secure:
         (data / _SECURE_MARKER).write_text("formatted with the secure stack's SCRAM users\n")
     logger.info("formatted Kafka storage %s (cluster %s)", data, cluster_id)
-
-
-def _private_text(path: Path, text: str) -> None:
-    path.touch(mode=0o600)
-    path.chmod(0o600)
-    path.write_text(text)
 
 
 def format_kafka_storage(settings: Settings, libs: Path, props: Path) -> None:

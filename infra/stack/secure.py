@@ -38,7 +38,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from infra.stack.errors import StackError
-from infra.stack.paths import run_dir
+from infra.stack.paths import run_dir, write_private
 from stages.shared.settings import Settings
 
 KAFKA_USER = "rtpipe"
@@ -93,13 +93,6 @@ def secure_env_file(settings: Settings) -> Path:
     return secure_dir(settings) / "client.env"
 
 
-def _private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by its owner only (created 0600, never wider)."""
-    path.touch(mode=0o600)
-    path.chmod(0o600)
-    path.write_text(text)
-
-
 def _openssl(*args: str, cwd: Path) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -144,7 +137,7 @@ def _make_certificates(dir: Path) -> None:
     for name in ("ca.key", "server.key"):
         (dir / name).chmod(0o600)
     key = (dir / "server.key").read_text()
-    _private(dir / "server-bundle.pem", key + (dir / "server.pem").read_text())
+    write_private(dir / "server-bundle.pem", key + (dir / "server.pem").read_text())
     (dir / "server.csr").unlink()
 
 
@@ -165,9 +158,11 @@ def ensure_material(settings: Settings) -> SecureMaterial:
         # URL-safe tokens: no comma (Feast's connection string), quote or space (configs).
         names = ("kafka", "kafka_broker", "redis", "redis_admin")
         fresh = {k: secrets.token_urlsafe(24) for k in names}
-        _private(pw_file, json.dumps(fresh, indent=2) + "\n")
+        write_private(pw_file, json.dumps(fresh, indent=2) + "\n")
     material = load_material(settings)
-    _private(material.client_env, "".join(f"{k}={v}\n" for k, v in client_env(material).items()))
+    write_private(
+        material.client_env, "".join(f"{k}={v}\n" for k, v in client_env(material).items())
+    )
     return material
 
 

@@ -17,7 +17,7 @@ from infra.stack.config import (
 from infra.stack.errors import StackError
 from infra.stack.health import HEALTH
 from infra.stack.install import ensure_kafka
-from infra.stack.paths import component_port, log_file, redis_dir, run_dir
+from infra.stack.paths import component_port, log_file, redis_dir, run_dir, write_private
 from infra.stack.procs import alive, log_tail, spawn
 from infra.stack.secure import redis_config
 from stages.shared.settings import Settings
@@ -43,17 +43,13 @@ def start_component(settings: Settings, comp: Component) -> int:
         if settings.stack.secure:
             # TLS only, ACL users (infra/stack/secure.py); in a private file, off argv.
             conf = rdir / "secure.conf"
-            conf.touch(mode=0o600)
-            conf.chmod(0o600)
-            conf.write_text(redis_config(settings, settings.stack.redis_port, cluster=False))
+            write_private(conf, redis_config(settings, settings.stack.redis_port, cluster=False))
             cmd.append(str(conf))
             port_flag = "--tls-port"
         elif settings.redis.password:
             # The password goes in a private config file, not on the visible command line.
             conf = rdir / "auth.conf"
-            conf.touch(mode=0o600)
-            conf.chmod(0o600)
-            conf.write_text(f'requirepass "{settings.redis.password.get_secret_value()}"\n')
+            write_private(conf, f'requirepass "{settings.redis.password.get_secret_value()}"\n')
             cmd.append(str(conf))
         cmd += [
             port_flag,
