@@ -6,7 +6,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-PACKAGES=(redis-server prometheus kcat docker-compose)
+# openssl: the secure stack's CA and certificates (rtpipe stack up --secure).
+PACKAGES=(redis-server prometheus kcat docker-compose openssl)
 VENV=.venv
 STAMP="$VENV/.rtpipe-deps.sha256"
 

@@ -57,8 +57,20 @@ RedisClusterOption = Annotated[
     ),
 ]
 
+SecureOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--secure/--no-secure",
+        help="Kafka on SASL_SSL (SCRAM-SHA-512) and Redis on TLS with ACL users; the CA, "
+        "certificates, passwords and the clients' RTPIPE_* variables are made under "
+        "run/secure/ (RTPIPE_STACK__SECURE).",
+    ),
+]
 
-def _settings(brokers: int | None = None, redis_cluster: bool | None = None) -> Settings:
+
+def _settings(
+    brokers: int | None = None, redis_cluster: bool | None = None, secure: bool | None = None
+) -> Settings:
     """Settings from the environment, with the cluster options of the command line on top."""
     settings = Settings()
     update: dict[str, object] = {}
@@ -66,6 +78,8 @@ def _settings(brokers: int | None = None, redis_cluster: bool | None = None) -> 
         update["kafka_brokers"] = brokers
     if redis_cluster is not None:
         update["redis_cluster"] = redis_cluster
+    if secure is not None:
+        update["secure"] = secure
     if not update:
         return settings
     return settings.model_copy(update={"stack": settings.stack.model_copy(update=update)})
@@ -87,14 +101,18 @@ def up(
     only: OnlyOption = None,
     brokers: BrokersOption = None,
     redis_cluster: RedisClusterOption = None,
+    secure: SecureOption = None,
 ) -> None:
     """Start the components that are not already healthy and wait until they are."""
-    settings = _settings(brokers, redis_cluster)
+    settings = _settings(brokers, redis_cluster, secure)
     _act(
         lambda: stack.up(settings, components=_components(only)),
         "started",
         "already running: nothing started",
     )
+    if settings.stack.secure:
+        env = stack.secure_env_file(settings)
+        typer.echo(f"secure stack: the clients' settings are in {env} (set -a; . {env}; set +a)")
 
 
 @stack_app.command()
@@ -106,9 +124,13 @@ def down(only: OnlyOption = None) -> None:
 
 
 @stack_app.command()
-def status(brokers: BrokersOption = None, redis_cluster: RedisClusterOption = None) -> None:
+def status(
+    brokers: BrokersOption = None,
+    redis_cluster: RedisClusterOption = None,
+    secure: SecureOption = None,
+) -> None:
     """Show each component's process, port and health (each node of a cluster stack)."""
-    settings = _settings(brokers, redis_cluster)
+    settings = _settings(brokers, redis_cluster, secure)
     table = Table(title=f"rtpipe stack ({settings.run_dir})")
     for column in ("component", "running", "pid", "port", "healthy", "log"):
         table.add_column(column)

@@ -50,6 +50,21 @@ def _settings() -> Settings:
     return settings
 
 
+def _check_credentials(settings: Settings, kafka: bool = True, redis: bool = True) -> None:
+    """Fail at once, in one line (exit 2), when Kafka or Redis refuse the configured
+    credentials or certificates, instead of retrying for ever."""
+    from stages.shared.connectivity import CredentialsError, check_kafka, check_redis
+
+    try:
+        if kafka:
+            check_kafka(settings.kafka)
+        if redis:
+            check_redis(settings.redis)
+    except CredentialsError as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 def _day(value: str) -> date:
     return datetime.strptime(value, "%Y-%m-%d").date()
 
@@ -166,6 +181,7 @@ def run_stage(
     settings = _settings()
     if stage not in STAGE_TABLE:
         raise typer.BadParameter(f"unknown stage {stage!r}; choose from {STAGES}")
+    _check_credentials(settings)
     metrics = build_metrics()
     # This process is the stage's own: a batch loop that stops turning restarts it.
     from stages.shared.watchdog import watch_loops_in_this_process
@@ -201,6 +217,7 @@ def retrain(
     stop = StopFlag()
     stop.install_signal_handlers()
     settings = _settings()
+    _check_credentials(settings, redis=not request)
     if request:
         import time as _time
 
@@ -249,6 +266,7 @@ def replay(
     from training.simulate import read_dataset
 
     settings = _settings()
+    _check_credentials(settings, redis=False)
     ensure_topics(settings.kafka, settings.topics)
     begin = pd.Timestamp(start, tz="UTC")
     plan = ReplayPlan(begin, begin + pd.Timedelta(days=days), history_days=history_days)
@@ -271,6 +289,7 @@ def audit(
     from training.simulate import read_dataset
 
     settings = _settings()
+    _check_credentials(settings)
     tx = read_dataset(settings.data_dir)
     begin = pd.Timestamp(start, tz="UTC")
     sel = (tx["tx_datetime"] >= begin) & (tx["tx_datetime"] < begin + pd.Timedelta(days=days))

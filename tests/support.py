@@ -27,6 +27,12 @@ CLUSTER_HOME = REPO / ".rtpipe" / f"cluster-{CLUSTER_BASE}"
 # The long variants (a broker stopped under load, a Redis failover) run only when asked.
 CLUSTER_FULL = os.environ.get("RTPIPE_CLUSTER_FULL") == "1"
 
+# The secure tier (tests/secure/): a secure single-node stack on ports of the cluster base's
+# +400 block (Kafka +492/+493, Redis +779, stage metrics +401..+405), and with
+# RTPIPE_CLUSTER_FULL=1 a secure cluster stack (Kafka +842/+942/+1042 and their controllers
+# +1, Redis Cluster +1001..+1006 with buses +1101..+1106): none of the cluster stack's ports.
+SECURE_BASE = CLUSTER_BASE + 400
+
 
 def make_test_settings(**overrides: object) -> Settings:
     """Settings pointing at the test stack; ``overrides`` replace top-level fields."""
@@ -46,6 +52,31 @@ def make_cluster_settings() -> Settings:
     return settings.model_copy(
         update={"stack": settings.stack.model_copy(update={"kafka_heap": "512m"})}
     )
+
+
+def make_secure_settings() -> Settings:
+    """Settings for the secure single-node stack (``stack.secure``); the clients' credentials
+    come from the stack's run dir once it is up (``infra.stack.secure_client_settings``)."""
+    base = Settings(
+        home=REPO / ".rtpipe" / f"secure-{CLUSTER_BASE}", feature_repo=REPO / "feature_repo"
+    )
+    settings = on_port_base(base, SECURE_BASE)
+    stack = settings.stack.model_copy(update={"secure": True, "kafka_heap": "512m"})
+    return settings.model_copy(update={"stack": stack})
+
+
+def make_secure_cluster_settings() -> Settings:
+    """Settings for the secure cluster stack: three brokers, a Redis Cluster, all secure."""
+    base = Settings(
+        home=REPO / ".rtpipe" / f"secure-cluster-{CLUSTER_BASE}", feature_repo=REPO / "feature_repo"
+    )
+    settings = on_cluster(
+        on_port_base(base, SECURE_BASE),
+        kafka_port=CLUSTER_BASE + 842,
+        redis_port=CLUSTER_BASE + 1001,
+    )
+    stack = settings.stack.model_copy(update={"secure": True, "kafka_heap": "512m"})
+    return settings.model_copy(update={"stack": stack})
 
 
 def wait_until(

@@ -14,6 +14,10 @@ Redis Cluster (three masters, one replica each) instead, one process per node::
     run/kafka-N.pid  run/kafka-N.log  run/kafka-N/  run/kafka-N-data/  run/kafka-cluster.id
     run/redis-PORT.pid  run/redis-PORT.log  run/redis-PORT/
 
+Secure mode (``stack.secure``, ``rtpipe stack up --secure``) starts the same processes with
+TLS and authentication only, from certificates and passwords it makes under ``run/secure/``
+(``secure``).
+
 ``up`` is idempotent: a component that already answers its health check on its port is left
 alone and is not reported as started, so a caller stops only what it started (``down(only=...)``).
 ``down`` kills a process only if its PID file is ours and ``/proc/PID`` still shows the command
@@ -23,7 +27,8 @@ This module is the public API (``up``, ``down``, ``status``); the rest of the pa
 ``install`` (binaries on ``PATH``, Kafka's jars), ``paths`` and ``nodes`` (where each
 component's and each node's files and ports are), ``config`` (the files a start writes),
 ``procs`` (our processes: owned, spawned, stopped), ``health`` (the health checks), ``single``
-and ``cluster`` (starting the single-node stack and the cluster stack).
+and ``cluster`` (starting the single-node stack and the cluster stack), ``secure`` (secure
+mode's material and what the servers and probes are given).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from infra.stack.nodes import (
 )
 from infra.stack.paths import component_port, log_file, pid_file
 from infra.stack.procs import owned_pid, stop_process
+from infra.stack.secure import ensure_material, secure_client_settings, secure_env_file
 from infra.stack.single import start_component, wait_healthy
 from stages.shared.settings import Settings
 
@@ -66,6 +72,8 @@ __all__ = [
     "preflight",
     "redis_clustered",
     "redis_nodes",
+    "secure_client_settings",
+    "secure_env_file",
     "status",
     "up",
 ]
@@ -97,6 +105,9 @@ def up(
     if not todo:
         return []
     preflight(todo, settings)
+    if settings.stack.secure:
+        # Certificates and passwords first: every server's config refers to them.
+        ensure_material(settings)
     started: list[Component] = []
     waiting: list[tuple[Component, int | None]] = []
     try:

@@ -12,7 +12,6 @@ each, one redis-server per port with its own dir (``run/redis-PORT/``: nodes.con
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from infra.stack.components import START_TIMEOUT_S, Component, ComponentStatus
 from infra.stack.config import (
     REDIS_SERVER_FLAGS,
+    format_storage,
     kafka_java,
     random_cluster_id,
     write_kafka_config,
@@ -31,7 +31,7 @@ from infra.stack.errors import StackError
 from infra.stack.health import cluster_info, kafka_cluster_healthy, port_open, redis_cluster_healthy
 from infra.stack.install import ensure_kafka
 from infra.stack.nodes import KafkaNode, RedisNode, kafka_nodes, redis_nodes
-from infra.stack.paths import pid_file, run_dir
+from infra.stack.paths import pid_file, run_dir, write_private
 from infra.stack.procs import (
     alive,
     kafka_node_owns,
@@ -42,6 +42,7 @@ from infra.stack.procs import (
     stop_process,
     terminate,
 )
+from infra.stack.secure import redis_cli_args, redis_config
 from stages.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -49,26 +50,7 @@ logger = logging.getLogger(__name__)
 
 def _start_kafka_node(settings: Settings, libs: Path, node: KafkaNode, cluster_id: str) -> int:
     props = write_kafka_config(settings, node)
-    if not (node.data_dir / "meta.properties").is_file():
-        fmt = subprocess.run(
-            kafka_java(
-                settings,
-                libs,
-                "kafka.tools.StorageTool",
-                "format",
-                "-t",
-                cluster_id,
-                "-c",
-                str(props),
-                conf_dir=node.conf_dir,
-            ),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if fmt.returncode != 0:
-            detail = (fmt.stdout + fmt.stderr).strip()[-300:]
-            raise StackError(f"kafka storage format of {node.name} failed: {detail}")
+    format_storage(settings, libs, props, node.data_dir, cluster_id, node.name)
     cmd = kafka_java(settings, libs, "kafka.Kafka", str(props), conf_dir=node.conf_dir)
     return spawn(settings, node.name, cmd, node.conf_dir, node.console_log)
 
@@ -86,16 +68,21 @@ def _cluster_id(settings: Settings) -> str:
 def _start_redis_node(settings: Settings, node: RedisNode) -> int:
     node.dir.mkdir(parents=True, exist_ok=True)
     cmd = [shutil.which("redis-server") or "redis-server"]
-    if settings.redis.password:
+    port_flag = "--port"
+    if settings.stack.secure:
+        # TLS on the client port, the bus and replication; ACL users. Kept off argv.
+        conf = node.dir / "secure.conf"
+        write_private(conf, redis_config(settings, node.port, cluster=True))
+        cmd.append(str(conf))
+        port_flag = "--tls-port"
+    elif settings.redis.password:
         # Clients and the replicas (masterauth) both need the password; kept off argv.
         conf = node.dir / "auth.conf"
-        conf.touch(mode=0o600)
-        conf.chmod(0o600)
         secret = settings.redis.password.get_secret_value()
-        conf.write_text(f'requirepass "{secret}"\nmasterauth "{secret}"\n')
+        write_private(conf, f'requirepass "{secret}"\nmasterauth "{secret}"\n')
         cmd.append(str(conf))
     cmd += [
-        "--port",
+        port_flag,
         str(node.port),
         "--bind",
         "127.0.0.1",
@@ -117,14 +104,6 @@ def _start_redis_node(settings: Settings, node: RedisNode) -> int:
     return spawn(settings, node.name, cmd, node.dir, node.log)
 
 
-def _redis_cli_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    if settings.redis.password:
-        # redis-cli reads the password from here, off the visible command line.
-        env["REDISCLI_AUTH"] = settings.redis.password.get_secret_value()
-    return env
-
-
 def _create_redis_cluster(settings: Settings) -> None:
     """Assign the slots (``redis-cli --cluster create``) unless the nodes already form the
     cluster (restarted nodes rejoin from their nodes.conf)."""
@@ -141,9 +120,11 @@ def _create_redis_cluster(settings: Settings) -> None:
             "redis-cli not found (needed to create the Redis Cluster): run `make bootstrap` or "
             "`apt-get install redis-tools`"
         )
+    cli_args, cli_env = redis_cli_args(settings)
     proc = subprocess.run(
         [
             cli,
+            *cli_args,
             "--cluster",
             "create",
             *(f"127.0.0.1:{n.port}" for n in nodes),
@@ -153,7 +134,7 @@ def _create_redis_cluster(settings: Settings) -> None:
         ],
         capture_output=True,
         text=True,
-        env=_redis_cli_env(settings),
+        env=cli_env,
         timeout=60,
         check=False,
     )

@@ -12,7 +12,14 @@ from pathlib import Path
 
 from infra.stack.errors import StackError
 from infra.stack.nodes import KafkaNode, kafka_nodes
-from infra.stack.paths import kafka_properties_file, log_file, prometheus_config_file, run_dir
+from infra.stack.paths import (
+    kafka_properties_file,
+    log_file,
+    prometheus_config_file,
+    run_dir,
+    write_private,
+)
+from infra.stack.secure import kafka_server_properties, scram_format_args
 from stages.shared.settings import Settings
 from stages.shared.topology import STAGES
 
@@ -65,19 +72,27 @@ def write_kafka_config(settings: Settings, node: KafkaNode | None = None) -> Pat
         ]
     conf_dir.mkdir(parents=True, exist_ok=True)
     data.mkdir(parents=True, exist_ok=True)
+    if st.secure:
+        listeners = kafka_server_properties(settings, port, controller_port)
+    else:
+        listeners = [
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        ]
     props = conf_dir / "server.properties"
-    props.write_text(
+    # Private: in secure mode it holds the broker user's password.
+    write_private(
+        props,
         "\n".join(
             [
                 "# Written by infra/stack/config.py on every start; edit the code, not this file.",
                 "process.roles=broker,controller",
                 f"node.id={node_id}",
                 f"controller.quorum.voters={voters}",
-                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
-                "controller.listener.names=CONTROLLER",
-                "inter.broker.listener.name=PLAINTEXT",
-                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                *listeners,
                 f"log.dirs={data}",
                 f"num.partitions={settings.topics.partitions}",
                 *replication,
@@ -85,7 +100,7 @@ def write_kafka_config(settings: Settings, node: KafkaNode | None = None) -> Pat
                 "group.initial.rebalance.delay.ms=0",
                 "",
             ]
-        )
+        ),
     )
     (conf_dir / "log4j2.properties").write_text(
         "\n".join(
@@ -145,23 +160,54 @@ def random_cluster_id() -> str:
             return cid
 
 
+# In a node's data dir: its storage was formatted with the secure stack's SCRAM users.
+_SECURE_MARKER = "rtpipe-secure"
+
+
+def format_storage(
+    settings: Settings, libs: Path, props: Path, data: Path, cluster_id: str, name: str
+) -> None:
+    """Format a node's storage (``data``) unless it is formatted already; in secure mode with
+    the SCRAM users, whose passwords go through a private argument file, not the command line.
+
+    Raises:
+        StackError: the format fails, or the storage was formatted for the other mode.
+    """
+    secure = settings.stack.secure
+    if (data / "meta.properties").is_file():
+        if secure != (data / _SECURE_MARKER).is_file():
+            mode = "without" if secure else "with"
+            raise StackError(
+                f"{name}'s storage {data} was formatted {mode} --secure: stop the stack and "
+                "remove it, or use another RTPIPE_HOME"
+            )
+        return
+    args = ["format", "-t", cluster_id, "-c", str(props)]
+    cmd = kafka_java(settings, libs, "kafka.tools.StorageTool", *args, conf_dir=props.parent)
+    argfile = props.parent / "format.args"
+    if secure:
+        # java reads the main class and its arguments from @file itself: the passwords never
+        # reach /proc/*/cmdline.
+        main_at = cmd.index("kafka.tools.StorageTool")
+        rest = [*cmd[main_at:], *scram_format_args(settings)]
+        write_private(argfile, "".join(f'"{a}"\n' for a in rest))
+        cmd = [*cmd[:main_at], f"@{argfile}"]
+    try:
+        fmt = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    finally:
+        argfile.unlink(missing_ok=True)
+    if fmt.returncode != 0:
+        detail = (fmt.stdout + fmt.stderr).strip()[-300:]
+        raise StackError(f"kafka storage format of {name} failed: {detail}")
+    if secure:
+        (data / _SECURE_MARKER).write_text("formatted with the secure stack's SCRAM users\n")
+    logger.info("formatted Kafka storage %s (cluster %s)", data, cluster_id)
+
+
 def format_kafka_storage(settings: Settings, libs: Path, props: Path) -> None:
     """Format the single node's storage with a new cluster id, unless it is formatted already."""
     data = run_dir(settings) / "kafka-data"
-    if (data / "meta.properties").is_file():
-        return
-    cluster_id = random_cluster_id()
-    fmt = subprocess.run(
-        kafka_java(
-            settings, libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)
-        ),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if fmt.returncode != 0:
-        raise StackError(f"kafka storage format failed: {(fmt.stdout + fmt.stderr).strip()[-300:]}")
-    logger.info("formatted Kafka storage %s (cluster %s)", data, cluster_id)
+    format_storage(settings, libs, props, data, random_cluster_id(), "kafka")
 
 
 def write_prometheus_config(settings: Settings) -> Path:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from infra.stack.components import Component
 from infra.stack.nodes import kafka_clustered, kafka_nodes, redis_clustered, redis_nodes
+from infra.stack.secure import kafka_probe_config, redis_probe_options
 from stages.shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -34,7 +35,9 @@ def _kafka_healthy(settings: Settings) -> bool:
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0})
+    admin = AdminClient(
+        {"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0, **kafka_probe_config(settings)}
+    )
     try:
         meta = admin.list_topics(timeout=3)
     except KafkaException:
@@ -48,11 +51,10 @@ def _redis_probe(settings: Settings, port: int) -> redis.Redis:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    password = settings.redis.password.get_secret_value() if settings.redis.password else None
     return redis.Redis(
         host="127.0.0.1",
         port=port,
-        password=password,
+        **redis_probe_options(settings),  # type: ignore[arg-type]
         socket_timeout=2,
         socket_connect_timeout=2,
         # A probe answers once: redis-py's default retries turn one timeout into twelve seconds.
@@ -103,7 +105,11 @@ def kafka_cluster_healthy(settings: Settings) -> bool:
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient(
-        {"bootstrap.servers": ",".join(f"127.0.0.1:{p}" for p in open_ports), "log_level": 0}
+        {
+            "bootstrap.servers": ",".join(f"127.0.0.1:{p}" for p in open_ports),
+            "log_level": 0,
+            **kafka_probe_config(settings),
+        }
     )
     try:
         meta = admin.list_topics(timeout=3)

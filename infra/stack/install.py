@@ -25,6 +25,7 @@ _INSTALL_HINT: dict[str, str] = {
     "mvn": "maven",
     "redis-server": "redis-server",
     "prometheus": "prometheus",
+    "openssl": "openssl",
 }
 
 
@@ -49,8 +50,10 @@ def preflight(components: Iterable[str], settings: Settings | None = None) -> No
     """
     comps = validate_components(components)
     need_maven = settings is None or not _kafka_complete(_kafka_home(settings))
+    secure = settings is not None and settings.stack.secure
     for comp in comps:
-        for binary in _binaries(comp, need_maven=need_maven):
+        extra = ["openssl"] if secure and comp != "prometheus" else []
+        for binary in [*_binaries(comp, need_maven=need_maven), *extra]:
             if shutil.which(binary) is None:
                 raise StackError(
                     f"{binary} not found (needed by {comp}): run `make bootstrap` or "

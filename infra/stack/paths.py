@@ -39,3 +39,11 @@ def prometheus_config_file(settings: Settings) -> Path:
 
 def redis_dir(settings: Settings) -> Path:
     return run_dir(settings) / "redis"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (created 0600, never wider, even
+    for a moment): configs and files that hold passwords or keys."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(text)

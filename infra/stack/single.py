@@ -17,8 +17,9 @@ from infra.stack.config import (
 from infra.stack.errors import StackError
 from infra.stack.health import HEALTH
 from infra.stack.install import ensure_kafka
-from infra.stack.paths import component_port, log_file, redis_dir, run_dir
+from infra.stack.paths import component_port, log_file, redis_dir, run_dir, write_private
 from infra.stack.procs import alive, log_tail, spawn
+from infra.stack.secure import redis_config
 from stages.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,15 +39,20 @@ def start_component(settings: Settings, comp: Component) -> int:
         rdir = redis_dir(settings)
         rdir.mkdir(parents=True, exist_ok=True)
         cmd = [shutil.which("redis-server") or "redis-server"]
-        if settings.redis.password:
+        port_flag = "--port"
+        if settings.stack.secure:
+            # TLS only, ACL users (infra/stack/secure.py); in a private file, off argv.
+            conf = rdir / "secure.conf"
+            write_private(conf, redis_config(settings, settings.stack.redis_port, cluster=False))
+            cmd.append(str(conf))
+            port_flag = "--tls-port"
+        elif settings.redis.password:
             # The password goes in a private config file, not on the visible command line.
             conf = rdir / "auth.conf"
-            conf.touch(mode=0o600)
-            conf.chmod(0o600)
-            conf.write_text(f'requirepass "{settings.redis.password.get_secret_value()}"\n')
+            write_private(conf, f'requirepass "{settings.redis.password.get_secret_value()}"\n')
             cmd.append(str(conf))
         cmd += [
-            "--port",
+            port_flag,
             str(settings.stack.redis_port),
             "--bind",
             "127.0.0.1",

@@ -76,8 +76,15 @@ class RedisSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 6379
     db: int = 0
+    # An ACL user (Redis 6+); None authenticates as ``default`` (``requirepass``).
+    username: str | None = None
     password: SecretStr | None = None
     ssl: bool = False
+    # With ``ssl``: the CA the server's certificate must chain to (None: the system's), and
+    # a client certificate and key for servers that require one (``tls-auth-clients yes``).
+    ssl_ca_location: Path | None = None
+    ssl_certificate_location: Path | None = None
+    ssl_key_location: Path | None = None
     # Redis Cluster (Feast's ``redis_cluster`` online store): ``host:port`` is one startup
     # node; ``startup_nodes`` (comma-separated ``host:port``) adds more, so a client still
     # finds the cluster when that one node is down.
@@ -94,6 +101,26 @@ class RedisSettings(BaseModel):
                     out.append((host, int(port)))
         return out
 
+    def connection_options(self) -> dict[str, Any]:
+        """redis-py connection keywords for the credentials and TLS (every client, and
+        Feast's connection string, carry the same)."""
+        opts: dict[str, Any] = {
+            "username": self.username,
+            "password": self.password.get_secret_value() if self.password else None,
+            "ssl": self.ssl,
+        }
+        if self.ssl:
+            # Always verified: the server's certificate must chain to the CA and name the host.
+            opts["ssl_cert_reqs"] = "required"
+            opts["ssl_check_hostname"] = True
+            if self.ssl_ca_location:
+                opts["ssl_ca_certs"] = str(self.ssl_ca_location)
+            if self.ssl_certificate_location:
+                opts["ssl_certfile"] = str(self.ssl_certificate_location)
+            if self.ssl_key_location:
+                opts["ssl_keyfile"] = str(self.ssl_key_location)
+        return opts
+
     def client(self, **options: Any) -> redis.Redis:
         """A redis-py client for this server; ``options`` (timeouts, retry) are passed on.
 
@@ -108,31 +135,35 @@ class RedisSettings(BaseModel):
 
             cluster: Any = RedisCluster(
                 startup_nodes=[ClusterNode(h, p) for h, p in self.nodes()],
-                password=self.password.get_secret_value() if self.password else None,
-                ssl=self.ssl,
+                **self.connection_options(),
                 **options,
             )
             return cast("redis.Redis", cluster)
         return redis_py.Redis(
-            host=self.host,
-            port=self.port,
-            db=self.db,
-            password=self.password.get_secret_value() if self.password else None,
-            ssl=self.ssl,
-            **options,
+            host=self.host, port=self.port, db=self.db, **self.connection_options(), **options
         )
 
     def feast_connection_string(self) -> str:
         """Connection string in the form Feast's Redis online store expects (for a cluster:
-        every startup node, no ``db``: a cluster has only database 0)."""
+        every startup node, no ``db``: a cluster has only database 0).
+
+        Feast splits it on commas and passes each ``key=value`` to redis-py's client as a
+        keyword, so the credentials and TLS options are the same as :meth:`client`'s.
+
+        Raises:
+            ValueError: a value contains a comma (Feast would split it).
+        """
         if self.cluster:
             parts = [f"{h}:{p}" for h, p in self.nodes()]
         else:
             parts = [f"{self.host}:{self.port}", f"db={self.db}"]
-        if self.password:
-            parts.append(f"password={self.password.get_secret_value()}")
-        if self.ssl:
-            parts.append("ssl=true")
+        for key, value in self.connection_options().items():
+            if value is None or value is False:
+                continue
+            text = "true" if value is True else str(value)
+            if "," in text:
+                raise ValueError(f"RTPIPE_REDIS: {key} contains a comma, which Feast cannot parse")
+            parts.append(f"{key}={text}")
         return ",".join(parts)
 
 
@@ -203,6 +234,10 @@ class StackSettings(BaseModel):
     # redis_port .. redis_port + 2 * masters - 1.
     redis_cluster: bool = False
     redis_cluster_masters: int = Field(default=3, ge=3)
+    # Secure mode (``rtpipe stack up --secure``): Kafka's client listener speaks SASL_SSL
+    # (SCRAM-SHA-512) and Redis only TLS with ACL users; the stack makes the CA, the
+    # certificates and the passwords under run/secure/ (infra/stack/secure.py).
+    secure: bool = False
     # Where Maven resolves Kafka's jars; shared across checkouts on purpose.
     cache_dir: Path = Path.home() / ".cache" / "rtpipe"
 

@@ -54,6 +54,45 @@ def test_client_config_carries_sasl_and_ssl(secure: Settings) -> None:
     assert "ssl=true" in secure.redis.feast_connection_string()
 
 
+def test_redis_acl_user_and_ca_reach_redis_py_and_feast(tmp_path: Path) -> None:
+    """The username, the CA and a client certificate reach redis-py's connections and, through
+    the connection string, the keywords Feast's Redis store gives redis-py."""
+    from feast.infra.online_stores.redis import RedisOnlineStore
+
+    ca, cert, key = tmp_path / "ca.pem", tmp_path / "c.pem", tmp_path / "c.key"
+    settings = RedisSettings(
+        port=6390,
+        username="rtpipe",
+        password=SecretStr(REDIS_SECRET),
+        ssl=True,
+        ssl_ca_location=ca,
+        ssl_certificate_location=cert,
+        ssl_key_location=key,
+    )
+    conn = settings.client().connection_pool.connection_kwargs
+    assert conn["username"] == "rtpipe" and conn["password"] == REDIS_SECRET
+    assert conn["ssl_ca_certs"] == str(ca) and conn["ssl_cert_reqs"] == "required"
+    assert conn["ssl_certfile"] == str(cert) and conn["ssl_keyfile"] == str(key)
+    nodes, params = RedisOnlineStore._parse_connection_string(settings.feast_connection_string())
+    assert nodes == [{"host": "127.0.0.1", "port": "6390"}]
+    assert params == {
+        "db": 0,
+        "username": "rtpipe",
+        "password": REDIS_SECRET,
+        "ssl": True,
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": True,
+        "ssl_ca_certs": str(ca),
+        "ssl_certfile": str(cert),
+        "ssl_keyfile": str(key),
+    }
+    # A cluster client's node connections carry the same.
+    cluster = settings.model_copy(update={"cluster": True}).connection_options()
+    assert cluster["username"] == "rtpipe" and cluster["ssl_ca_certs"] == str(ca)
+    with pytest.raises(ValueError, match="password contains a comma"):
+        settings.model_copy(update={"password": SecretStr("a,b")}).feast_connection_string()
+
+
 def test_plaintext_by_default() -> None:
     conf = KafkaSettings().client_config()
     assert conf["security.protocol"] == "PLAINTEXT"
@@ -110,7 +149,8 @@ STAGE_SOURCES = sorted((REPO / "stages").rglob("*.py"))
 def test_every_client_is_built_from_settings(path: Path) -> None:
     """Every Kafka client in stages/ takes its connection from ``KafkaSettings``
     (client_config, or producer_config/consumer_config on top of it) and every redis.Redis
-    its password and TLS flag from ``RedisSettings``: nothing connects around the settings."""
+    its credentials and TLS options from ``RedisSettings`` (``connection_options()``, or the
+    password and TLS flag by name): nothing connects around the settings."""
     tree = ast.parse(path.read_text())
     for call in _calls(tree, {"Producer", "Consumer", "AdminClient"}):
         src = ast.unparse(call)
@@ -123,7 +163,11 @@ def test_every_client_is_built_from_settings(path: Path) -> None:
     source = path.read_text()
     for call in _calls(tree, {"Redis"}):
         kwargs = {k.arg for k in call.keywords}
-        assert {"host", "port", "password", "ssl"} <= kwargs, f"{path}:{call.lineno}"
+        spread = [ast.unparse(k.value) for k in call.keywords if k.arg is None]
+        credentials = {"password", "ssl"} <= kwargs or any(
+            "connection_options()" in s for s in spread
+        )
+        assert {"host", "port"} <= kwargs and credentials, f"{path}:{call.lineno}"
     if "Application(" in source:
         assert "from_librdkafka_dict(kafka.client_config())" in source
 
