@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench import enrichment, online, pipeline, prediction
+from bench import cluster, enrichment, online, pipeline, prediction
 from bench.env import bench_settings, bench_stack, register_model, simulate_data, with_prefix
 from bench.results import Goal, Results, Row, fmt_number, machine
 from stages.ops.harness.sandbox import clear_online_store, feast_project
@@ -88,7 +88,72 @@ def latency_section(res: pipeline.PipelineResults) -> str:
     return "\n".join(lines)
 
 
-PARTS = ("online", "prediction", "enrichment", "pipeline")
+PARTS = ("online", "prediction", "enrichment", "pipeline", "cluster")
+
+
+def scale_rows(runs: list[cluster.ScaleRun]) -> list[Row]:
+    """Issue #12's comparisons: the cluster stack against the single node, and two processes
+    per stage against one, side by side."""
+    single = next(r for r in runs if r.name == "single node")
+    by_n = {r.replicas: r for r in runs if r.name == "cluster"}
+    rows = []
+    for n, r in sorted(by_n.items()):
+        rows.append(
+            Row(
+                f"cluster stack, {n} process(es) per stage vs single node: events/s at max "
+                f"speed ({int(r.max_stats.get('events', 0)):,} events)",
+                r.max_stats.get("eps", float("nan")),
+                single.max_stats.get("eps", float("nan")),
+                "ev/s",
+            )
+        )
+        for q in ("p50", "p99"):
+            rows.append(
+                Row(
+                    f"cluster stack, {n} process(es) per stage vs single node: "
+                    f"event-to-decision {q} at {cluster.RATE:,.0f} events/s",
+                    r.rate_stats.get(f"{pipeline.TOTAL} {q}", float("nan")),
+                    single.rate_stats.get(f"{pipeline.TOTAL} {q}", float("nan")),
+                    "ms",
+                    better="lower",
+                )
+            )
+    if 1 in by_n and 2 in by_n:
+        rows.append(
+            Row(
+                "cluster stack, 2 processes per stage vs 1: events/s at max speed",
+                by_n[2].max_stats.get("eps", float("nan")),
+                by_n[1].max_stats.get("eps", float("nan")),
+                "ev/s",
+            )
+        )
+    return rows
+
+
+def scale_section(runs: list[cluster.ScaleRun]) -> str:
+    lines = [
+        "Three brokers (replication factor 3, `min.insync.replicas` 2) and a Redis Cluster of "
+        "three masters with a replica each, on the same two cores as the stages; the single "
+        "node is the bench's own stack. Per hop p50 / p99 ms at the fixed rate.",
+        "",
+        "| layout | processes per stage | max speed ev/s | fixed rate | "
+        + " | ".join(h for h, _, _ in pipeline.HOPS)
+        + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(pipeline.HOPS),
+    ]
+    for r in runs:
+        st = r.rate_stats
+        cells = [
+            f"{fmt_number(st.get(f'{h} p50'))} / {fmt_number(st.get(f'{h} p99'))}"
+            for h, _, _ in pipeline.HOPS
+        ]
+        lines.append(
+            f"| {r.name} | {r.replicas} | {fmt_number(r.max_stats.get('eps'))} | "
+            f"{cluster.RATE:,.0f} ev/s (achieved {fmt_number(st.get('eps'))}) | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
 
 
 def main(
@@ -223,6 +288,14 @@ def main(
                         )
                     )
                 results.sections["Where the latency goes"] = latency_section(pi)
+
+            if "cluster" in parts:
+                logger.info("bench 7/7: scale-out (cluster stack, 1 and 2 processes per stage)")
+                runs = cluster.run(fs, bs, data.tx, start, quick)
+                results.rows += scale_rows(runs)
+                results.sections["Scale-out: cluster stack and processes per stage"] = (
+                    scale_section(runs)
+                )
     results.seconds = time.perf_counter() - began
     out.write_text(results.markdown())
     logger.info("bench: wrote %s in %.0fs", out, results.seconds)

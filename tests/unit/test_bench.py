@@ -139,3 +139,34 @@ def test_naive_scorer_one_message() -> None:
     out = json.loads(value)
     assert out["transaction_id"] == 42 and out["score"] == 0.25
     assert out["ts"]["ingest_ms"] == 1 and out["ts"]["predicted_ms"] > 2
+
+
+def test_scale_out_rows_compare_the_cluster_with_the_single_node_and_two_processes_with_one() -> (
+    None
+):
+    from bench.cluster import ScaleRun
+    from bench.run import scale_rows, scale_section
+
+    total = "ingest -> visible (total)"
+
+    def run(name: str, n: int, eps: float, p99: float) -> ScaleRun:
+        return ScaleRun(
+            name, n, {"eps": eps, "events": 6_000.0}, {"eps": 499.0, f"{total} p99": p99}
+        )
+
+    rows = scale_rows(
+        [
+            run("single node", 1, 3_000, 80),
+            run("cluster", 1, 1_500, 160),
+            run("cluster", 2, 1_800, 120),
+        ]
+    )
+    by = {r.what: r for r in rows}
+    vs_single = "process(es) per stage vs single node:"
+    one = by[f"cluster stack, 1 {vs_single} events/s at max speed (6,000 events)"]
+    assert one.ratio == 0.5  # the cluster has half the single node's events/s
+    p99 = by[f"cluster stack, 2 {vs_single} event-to-decision p99 at 200 events/s"]
+    assert (p99.ours, p99.baseline) == (120, 80) and p99.ratio == 80 / 120
+    assert by["cluster stack, 2 processes per stage vs 1: events/s at max speed"].ratio == 1.2
+    table = scale_section([run("single node", 1, 3_000, 80), run("cluster", 2, 1_800, 120)])
+    assert "| cluster | 2 | 1,800 |" in table and "| single node | 1 | 3,000 |" in table
