@@ -31,11 +31,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import orjson
 import redis
+from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from quixstreams import Application, State
 from quixstreams.context import message_context
@@ -97,6 +99,9 @@ SINK_RETRY_BUDGET_S = 20.0
 # (the stall a killed instance leaves its readers): the flush is bounded by the socket
 # timeouts below, with no client-side retries (backpressure retries instead).
 CHECKPOINT_TRANSACTION_TIMEOUT_MS = 30_000
+# Attempts of a checkpoint's overlapped send_offsets_to_transaction on retriable errors (as
+# quixstreams' own, internal_producer.py).
+OFFSETS_ATTEMPTS = 3
 
 
 class FeastOnlineSink(RetryingBatchingSink):
@@ -203,23 +208,89 @@ class NaturalBatchingApplication(Application):
 
         ctx.commit_checkpoint = commit_checkpoint  # type: ignore[method-assign]
 
-    def overlap_sink_flushes(self) -> None:
-        """Let every ``RetryingBatchingSink`` built with ``overlap`` write while the
-        checkpoint goes on: the checkpoint's Kafka commit (exactly-once) first waits for
-        their writes, so the online store still has a checkpoint's rows before readers of
-        the output can see its events, and a failed write still fails the checkpoint
-        uncommitted."""
-        producer = self._producer
-        commit = producer.commit_transaction
-        sinks = self._sink_manager
+    def overlap_commits(self) -> None:
+        """Overlap an exactly-once checkpoint's round trips with each other.
 
-        def commit_transaction(*args: Any, **kwargs: Any) -> None:
+        quixstreams commits a checkpoint one step after the other: flush the sinks (a Redis
+        round trip), produce the changelogs and flush the producer (AddPartitionsToTxn and
+        Produce), then ``send_offsets_to_transaction`` (AddOffsetsToTxn, TxnOffsetCommit)
+        and ``commit_transaction`` (EndTxn). Here the offsets, known once the checkpoint is
+        due, are sent on a worker thread as soon as the commit begins, and every
+        ``RetryingBatchingSink`` built with ``overlap`` writes on its own worker, both while
+        the producer flushes; the commit then waits for both and sends only EndTxn. The
+        online store still has a checkpoint's rows before readers of the output can see its
+        events, and a failed write or offsets call still fails the checkpoint uncommitted
+        (the app is restarted from its committed offsets). Transactional calls never run at
+        once: an abort, too, waits for the worker first.
+        """
+        ctx = self._processing_context
+        producer = self._producer
+        # quixstreams' Producer (kafka/producer.py): the transactional calls as they are.
+        client = producer._producer
+        consumer = self._consumer
+        commit, abort = producer.commit_transaction, producer.abort_transaction
+        commit_checkpoint = ctx.commit_checkpoint
+        sinks = self._sink_manager
+        worker = ThreadPoolExecutor(1, "enrichment-offsets")
+        sent: dict[str, Any] = {}
+
+        def send_offsets(positions: list[TopicPartition], metadata: Any) -> None:
+            for attempt in range(1, OFFSETS_ATTEMPTS + 1):
+                try:
+                    client.send_offsets_to_transaction(positions, metadata, 30)
+                    return
+                except KafkaException as exc:
+                    # As quixstreams' own retries: a retriable error (a timeout) again.
+                    if not exc.args[0].retriable() or attempt == OFFSETS_ATTEMPTS:
+                        raise
+
+        def settle() -> list[TopicPartition] | None:
+            """The offsets the worker sent for this checkpoint (its error raised)."""
+            future, positions = sent.pop("future", None), sent.pop("positions", None)
+            if future is not None:
+                future.result()
+            return positions
+
+        def early_commit_checkpoint(force: bool = False, revoking: bool = False) -> None:
+            cp = ctx.checkpoint
+            # The condition under which ProcessingContext.commit_checkpoint commits.
+            if (force or cp.expired()) and not cp.empty() and cp._tp_offsets:
+                positions = [
+                    TopicPartition(topic, partition, offset + 1)
+                    for (topic, partition), offset in cp._tp_offsets.items()
+                ]
+                sent["positions"] = positions
+                sent["future"] = worker.submit(
+                    send_offsets, positions, consumer.consumer_group_metadata()
+                )
+            try:
+                commit_checkpoint(force=force, revoking=revoking)
+            finally:
+                # A checkpoint that ended early or failed: the worker is done before the
+                # next transactional call (its error is the checkpoint's own by then).
+                with contextlib.suppress(KafkaException):
+                    settle()
+
+        def commit_transaction(
+            positions: list[TopicPartition], group_metadata: Any, timeout: float | None = None
+        ) -> None:
             for sink in sinks.sinks:
                 if isinstance(sink, RetryingBatchingSink):
                     sink.wait_flushed()
-            commit(*args, **kwargs)
+            done = settle()
+            key = lambda tps: sorted((tp.topic, tp.partition, tp.offset) for tp in tps)  # noqa: E731
+            if done is not None and key(done) == key(positions):
+                positions = []  # sent already: only EndTxn is left
+            commit(positions, group_metadata, timeout)
 
+        def abort_transaction(timeout: float | None = None) -> None:
+            with contextlib.suppress(KafkaException):
+                settle()
+            abort(timeout)
+
+        ctx.commit_checkpoint = early_commit_checkpoint  # type: ignore[method-assign]
         producer.commit_transaction = commit_transaction  # type: ignore[method-assign]
+        producer.abort_transaction = abort_transaction  # type: ignore[method-assign]
 
     def watch_partitions(self, watch: PartitionWatch, assignment: Assignment) -> None:
         """Check the input partitions for stalls (and export their lag) as it runs, and
@@ -495,7 +566,7 @@ def build_customer_app(
     overlap = settings.kafka.overlap_commit and cfg.processing_guarantee == "exactly-once"
     sink = FeastOnlineSink(writer, pushed_views(settings), "customer_id", overlap=overlap)
     if overlap:
-        app.overlap_sink_flushes()
+        app.overlap_commits()
     (
         app.dataframe(tx_topic)
         .apply(step, stateful=True, metadata=True)
