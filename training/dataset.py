@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +42,7 @@ from stages.shared.schemas import (
     service_features,
 )
 from training.features import event_ms, is_night_ms, is_weekend_ms
+from training.spark_join import check_one_row_per_entity_row, spark_store, uses_spark
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -296,12 +297,28 @@ def point_in_time_features(
     for batch in _tie_free_batches(entity_df):
         calls.extend(_time_chunks(batch, chunk_rows))
     parts = []
-    for call in tqdm(calls, desc="point-in-time join", unit="call", disable=not progress):
-        ts = call["event_timestamp"]
-        with offline_snapshot(store, ts.min(), ts.max()) as snapshot:
-            parts.append(snapshot.get_historical_features(entity_df=call, features=service).to_df())
+    spark = uses_spark(store)
+    with spark_store(store) if spark else nullcontext(store) as base:
+        for call in tqdm(calls, desc="point-in-time join", unit="call", disable=not progress):
+            if spark:
+                # Spark filters each source on the call's time range itself (pushed down to
+                # the Parquet scan): no snapshot needed.
+                job = base.get_historical_features(entity_df=call, features=service)
+                parts.append(job.to_df())
+                continue
+            ts = call["event_timestamp"]
+            with offline_snapshot(base, ts.min(), ts.max()) as snapshot:
+                job = snapshot.get_historical_features(entity_df=call, features=service)
+                parts.append(job.to_df())
     joined = pd.concat(parts, ignore_index=True)
-    logger.info("point-in-time join of %d rows in %.1f s", len(joined), time.perf_counter() - t0)
+    if spark:
+        check_one_row_per_entity_row(joined)
+    logger.info(
+        "point-in-time join of %d rows in %.1f s (%s offline store)",
+        len(joined),
+        time.perf_counter() - t0,
+        "spark" if spark else "file",
+    )
     joined = joined.set_index("transaction_id").reindex(window["transaction_id"].to_numpy())
     out = pd.DataFrame(index=window.index)
     for name in stored_features(feature_service):
