@@ -45,7 +45,7 @@ from training.features import event_ms, is_night_ms, is_weekend_ms
 from training.spark_join import check_one_row_per_entity_row, spark_store, uses_spark
 
 if TYPE_CHECKING:
-    from feast import FeatureStore
+    from feast import FeatureService, FeatureStore
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +262,32 @@ def _time_chunks(batch: pd.DataFrame, chunk_rows: int) -> list[pd.DataFrame]:
     return [ordered.iloc[lo:hi] for lo, hi in itertools.pairwise(bounds)]
 
 
+def _file_store_join(
+    snapshot: FeatureStore, call: pd.DataFrame, service: FeatureService
+) -> pd.DataFrame:
+    """One Feast call on the file store, with the entity rows it loses joined view by view.
+
+    Feast 0.67's file (Dask) store drops an entity row altogether when its key has rows in a
+    view but none within ``[t - ttl, t]``: the TTL filter runs after the merge, and nothing
+    keeps the unmatched row (a key with *no* rows survives with nulls). The documented
+    semantics, which the Spark store follows, are a left join: the row stays, that view's
+    features are null and the other views' features are filled. Lost rows are therefore joined
+    again one view at a time, where a loss means exactly "null for this view".
+    """
+    out = snapshot.get_historical_features(entity_df=call.copy(), features=service).to_df()
+    lost = call.loc[~call["transaction_id"].isin(out["transaction_id"])]
+    if lost.empty:
+        return out
+    logger.info("file store dropped %d rows with only expired feature rows: per view", len(lost))
+    patched = lost.set_index("transaction_id", drop=False)
+    for projection in service.feature_view_projections:
+        refs = [f"{projection.name_to_use()}:{f.name}" for f in projection.features]
+        one = snapshot.get_historical_features(entity_df=lost.copy(), features=refs).to_df()
+        names = [f.name for f in projection.features]
+        patched[names] = one.set_index("transaction_id")[names].reindex(patched.index)
+    return pd.concat([out, patched.reset_index(drop=True)], ignore_index=True)
+
+
 def point_in_time_features(
     store: FeatureStore,
     window: pd.DataFrame,
@@ -308,8 +334,7 @@ def point_in_time_features(
                 continue
             ts = call["event_timestamp"]
             with offline_snapshot(base, ts.min(), ts.max()) as snapshot:
-                job = snapshot.get_historical_features(entity_df=call, features=service)
-                parts.append(job.to_df())
+                parts.append(_file_store_join(snapshot, call, service))
     joined = pd.concat(parts, ignore_index=True)
     if spark:
         check_one_row_per_entity_row(joined)
