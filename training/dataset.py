@@ -6,6 +6,10 @@ each row, the latest feature row of each view at or before that time (within the
 the request features (amount, is_weekend, is_night) come from the transaction itself, exactly as
 the prediction stage computes them online.
 
+**Offline store.** Feast's file store by default; ``RTPIPE_FEAST__OFFLINE_STORE=spark`` runs
+the same joins on Feast's Spark store (:mod:`training.spark_join`), with the same answer (tested
+row for row in tests/integration/test_spark_offline_store.py).
+
 **Speed.** Feast 0.67's file (Dask) offline store merges every entity row with the *whole*
 history of its key before it applies the TTL, so a join over a few days of a six-month store
 pays for six months. Each Feast call therefore runs against a *time-restricted snapshot* of the
@@ -301,7 +305,9 @@ def point_in_time_features(
     Feast's file (Dask) offline store merges every entity row with the history of its key
     before filtering on time, so cost and memory grow with rows x history: the entity frame is
     sent in time-ordered chunks of ``chunk_rows``, each against an :func:`offline_snapshot`
-    holding only the feature rows of its time range.
+    holding only the feature rows of its time range. With the Spark offline store selected
+    (``RTPIPE_FEAST__OFFLINE_STORE=spark``) the same calls go to Feast's Spark store over the
+    same Parquet folders (:mod:`training.spark_join`), which filters on time itself.
 
     With ``allow_missing``, transactions without a stored row get NaN instead of an error
     (the skew check counts them).
