@@ -189,7 +189,7 @@ def test_training_sets_are_identical(
     file_sets = build_datasets(stores["file"], tx, windows, service, progress=False)
     spark_sets = build_datasets(stores["spark"], tx, windows, service, progress=False)
     for a, b in zip(file_sets, spark_sets, strict=True):
-        assert len(a) > 100 and (a.start, a.end) == (b.start, b.end)
+        assert len(a) > 60 and (a.start, a.end) == (b.start, b.end)
         assert list(b.X.columns) == list(a.X.columns)
         pd.testing.assert_frame_equal(b.X, a.X, check_exact=True)
         pd.testing.assert_series_equal(b.y, a.y, check_exact=True)
