@@ -55,7 +55,7 @@ want=$(cat pyproject.toml infra/constraints.txt | sha256sum | cut -d' ' -f1)
 have=$(cat "$STAMP" 2>/dev/null || true)
 if [[ $want != "$have" ]]; then
     say "installing rtpipe and its locked dependencies into $VENV"
-    "$VENV/bin/python" -m pip install --quiet -c infra/constraints.txt -e '.[dev]'
+    "$VENV/bin/python" -m pip install --quiet -c infra/constraints.txt -e '.[dev,spark]'
     printf '%s\n' "$want" >"$STAMP"
 else
     say "$VENV up to date with pyproject.toml and infra/constraints.txt"

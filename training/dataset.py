@@ -6,6 +6,10 @@ each row, the latest feature row of each view at or before that time (within the
 the request features (amount, is_weekend, is_night) come from the transaction itself, exactly as
 the prediction stage computes them online.
 
+**Offline store.** Feast's file store by default; ``RTPIPE_FEAST__OFFLINE_STORE=spark`` runs
+the same joins on Feast's Spark store (:mod:`training.spark_join`), with the same answer (tested
+row for row in tests/integration/test_spark_offline_store.py).
+
 **Speed.** Feast 0.67's file (Dask) offline store merges every entity row with the *whole*
 history of its key before it applies the TTL, so a join over a few days of a six-month store
 pays for six months. Each Feast call therefore runs against a *time-restricted snapshot* of the
@@ -24,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,9 +46,10 @@ from stages.shared.schemas import (
     service_features,
 )
 from training.features import event_ms, is_night_ms, is_weekend_ms
+from training.spark_join import check_one_row_per_entity_row, spark_store, uses_spark
 
 if TYPE_CHECKING:
-    from feast import FeatureStore
+    from feast import FeatureService, FeatureStore
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +266,32 @@ def _time_chunks(batch: pd.DataFrame, chunk_rows: int) -> list[pd.DataFrame]:
     return [ordered.iloc[lo:hi] for lo, hi in itertools.pairwise(bounds)]
 
 
+def _file_store_join(
+    snapshot: FeatureStore, call: pd.DataFrame, service: FeatureService
+) -> pd.DataFrame:
+    """One Feast call on the file store, with the entity rows it loses joined view by view.
+
+    Feast 0.67's file (Dask) store drops an entity row altogether when its key has rows in a
+    view but none within ``[t - ttl, t]``: the TTL filter runs after the merge, and nothing
+    keeps the unmatched row (a key with *no* rows survives with nulls). The documented
+    semantics, which the Spark store follows, are a left join: the row stays, that view's
+    features are null and the other views' features are filled. Lost rows are therefore joined
+    again one view at a time, where a loss means exactly "null for this view".
+    """
+    out = snapshot.get_historical_features(entity_df=call.copy(), features=service).to_df()
+    lost = call.loc[~call["transaction_id"].isin(out["transaction_id"])]
+    if lost.empty:
+        return out
+    logger.info("file store dropped %d rows with only expired feature rows: per view", len(lost))
+    patched = lost.set_index("transaction_id", drop=False)
+    for projection in service.feature_view_projections:
+        refs = [f"{projection.name_to_use()}:{f.name}" for f in projection.features]
+        one = snapshot.get_historical_features(entity_df=lost.copy(), features=refs).to_df()
+        names = [f.name for f in projection.features]
+        patched[names] = one.set_index("transaction_id")[names].reindex(patched.index)
+    return pd.concat([out, patched.reset_index(drop=True)], ignore_index=True)
+
+
 def point_in_time_features(
     store: FeatureStore,
     window: pd.DataFrame,
@@ -274,7 +305,9 @@ def point_in_time_features(
     Feast's file (Dask) offline store merges every entity row with the history of its key
     before filtering on time, so cost and memory grow with rows x history: the entity frame is
     sent in time-ordered chunks of ``chunk_rows``, each against an :func:`offline_snapshot`
-    holding only the feature rows of its time range.
+    holding only the feature rows of its time range. With the Spark offline store selected
+    (``RTPIPE_FEAST__OFFLINE_STORE=spark``) the same calls go to Feast's Spark store over the
+    same Parquet folders (:mod:`training.spark_join`), which filters on time itself.
 
     With ``allow_missing``, transactions without a stored row get NaN instead of an error
     (the skew check counts them).
@@ -296,12 +329,27 @@ def point_in_time_features(
     for batch in _tie_free_batches(entity_df):
         calls.extend(_time_chunks(batch, chunk_rows))
     parts = []
-    for call in tqdm(calls, desc="point-in-time join", unit="call", disable=not progress):
-        ts = call["event_timestamp"]
-        with offline_snapshot(store, ts.min(), ts.max()) as snapshot:
-            parts.append(snapshot.get_historical_features(entity_df=call, features=service).to_df())
+    spark = uses_spark(store)
+    with spark_store(store) if spark else nullcontext(store) as base:
+        for call in tqdm(calls, desc="point-in-time join", unit="call", disable=not progress):
+            if spark:
+                # Spark filters each source on the call's time range itself (pushed down to
+                # the Parquet scan): no snapshot needed.
+                job = base.get_historical_features(entity_df=call, features=service)
+                parts.append(job.to_df())
+                continue
+            ts = call["event_timestamp"]
+            with offline_snapshot(base, ts.min(), ts.max()) as snapshot:
+                parts.append(_file_store_join(snapshot, call, service))
     joined = pd.concat(parts, ignore_index=True)
-    logger.info("point-in-time join of %d rows in %.1f s", len(joined), time.perf_counter() - t0)
+    if spark:
+        check_one_row_per_entity_row(joined)
+    logger.info(
+        "point-in-time join of %d rows in %.1f s (%s offline store)",
+        len(joined),
+        time.perf_counter() - t0,
+        "spark" if spark else "file",
+    )
     joined = joined.set_index("transaction_id").reindex(window["transaction_id"].to_numpy())
     out = pd.DataFrame(index=window.index)
     for name in stored_features(feature_service):

@@ -8,6 +8,7 @@ by building a :class:`feast.RepoConfig` in memory, never by mutating environment
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import sys
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from feast import Entity, FeatureService, FeatureStore, FeatureView, RepoConfig
 from feast.data_source import DataSource
 
 from stages.shared.errors import RtpipeError
-from stages.shared.settings import Settings
+from stages.shared.settings import FeastSettings, OfflineStoreKind, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,16 @@ DEFINITION_MODULES: tuple[str, ...] = (
 )
 
 
+class SparkUnavailableError(RtpipeError, RuntimeError):
+    """The Spark offline store is selected but pyspark is not installed."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "RTPIPE_FEAST__OFFLINE_STORE=spark needs pyspark: run infra/bootstrap.sh or "
+            "pip install -c infra/constraints.txt -e '.[spark]' (and a Java 17 runtime)"
+        )
+
+
 class FeatureRepoError(RtpipeError, RuntimeError):
     """The feature repo folder is missing or its definitions cannot be loaded."""
 
@@ -46,11 +57,42 @@ class FeatureRepoError(RtpipeError, RuntimeError):
         self.detail = detail
 
 
-def repo_config(settings: Settings) -> RepoConfig:
+def spark_offline_config(feast: FeastSettings) -> dict[str, Any]:
+    """The ``offline_store`` section for Feast's Spark store, from the settings' Spark keys.
+
+    Feast starts the Spark session itself on the first join (``SparkSession.builder`` with
+    this conf) and reuses the process's session after that.
+
+    Raises:
+        SparkUnavailableError: pyspark is not installed.
+    """
+    if importlib.util.find_spec("pyspark") is None:
+        raise SparkUnavailableError()
+    conf = {
+        "spark.master": feast.spark_master,
+        "spark.driver.memory": feast.spark_driver_memory,
+        "spark.sql.shuffle.partitions": str(feast.spark_shuffle_partitions),
+        # Feast compares event times with naive UTC literals and casts timestamps to strings
+        # for its row ids: both must be read in UTC, not in the machine's zone.
+        "spark.sql.session.timeZone": "UTC",
+        # Entity frame in and result out through Arrow instead of row-by-row pickling.
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        # No web UI: it would take port 4040 (and the next ones) for every training process.
+        "spark.ui.enabled": "false",
+        # No console progress bars in the logs of training runs and tests.
+        "spark.ui.showConsoleProgress": "false",
+        **feast.spark_conf,
+    }
+    return {"type": "spark", "spark_conf": conf}
+
+
+def repo_config(settings: Settings, offline_store: OfflineStoreKind | None = None) -> RepoConfig:
     """Build the Feast config: the repo's YAML with Redis and project taken from ``settings``.
 
     Args:
-        settings: process settings; ``feature_repo``, ``feast_project`` and ``redis`` are used.
+        settings: process settings; ``feature_repo``, ``feast_project``, ``redis`` and
+            ``feast`` (the offline store) are used.
+        offline_store: the offline store, instead of ``settings.feast.offline_store``.
 
     Returns:
         A :class:`RepoConfig` whose ``repo_path`` is the absolute repo folder, so relative
@@ -58,6 +100,7 @@ def repo_config(settings: Settings) -> RepoConfig:
 
     Raises:
         FeatureRepoError: if ``feature_store.yaml`` is missing or not a mapping.
+        SparkUnavailableError: the Spark store is selected but pyspark is not installed.
     """
     repo = settings.feature_repo.resolve()
     yaml_path = repo / YAML_FILE
@@ -75,21 +118,26 @@ def repo_config(settings: Settings) -> RepoConfig:
     online["redis_type"] = "redis_cluster" if settings.redis.cluster else "redis"
     raw["online_store"] = online
     raw["project"] = settings.feast_project
+    if (offline_store or settings.feast.offline_store) == "spark":
+        raw["offline_store"] = spark_offline_config(settings.feast)
     config = RepoConfig(**raw)
     config.repo_path = repo
     return config
 
 
-def open_feature_store(settings: Settings) -> FeatureStore:
+def open_feature_store(
+    settings: Settings, offline_store: OfflineStoreKind | None = None
+) -> FeatureStore:
     """Open the feature store described by the repo, connected as ``settings`` say.
 
     Args:
         settings: process settings.
+        offline_store: the offline store, instead of ``settings.feast.offline_store``.
 
     Returns:
         A :class:`FeatureStore`; the registry is read lazily on first use.
     """
-    config = repo_config(settings)
+    config = repo_config(settings, offline_store)
     # repo_path matters even with an explicit config: the file registry path
     # (data/registry.db) is resolved against FeatureStore.repo_path, which defaults to the cwd.
     return FeatureStore(repo_path=str(config.repo_path), config=config)
@@ -230,7 +278,9 @@ def materialize(settings: Settings, start: datetime, end: datetime) -> None:
         start: start of the event-time range (timezone-aware; naive means UTC).
         end: end of the event-time range.
     """
-    store = open_feature_store(settings)
+    # The registry's batch sources are FileSources, which only the file store reads; the
+    # Spark store is wired for training joins (training.spark_join), not for materialization.
+    store = open_feature_store(settings, offline_store="file")
     views = _views_with_offline_data(store)
     if views:
         store.materialize(start_date=start, end_date=end, feature_views=views)
@@ -246,7 +296,9 @@ def materialize_incremental(settings: Settings, end: datetime) -> None:
         settings: process settings.
         end: end of the event-time range (timezone-aware; naive means UTC).
     """
-    store = open_feature_store(settings)
+    # The registry's batch sources are FileSources, which only the file store reads; the
+    # Spark store is wired for training joins (training.spark_join), not for materialization.
+    store = open_feature_store(settings, offline_store="file")
     views = _views_with_offline_data(store)
     if views:
         store.materialize_incremental(end_date=end, feature_views=views)

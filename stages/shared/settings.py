@@ -6,6 +6,7 @@ Nested groups use ``__`` as the delimiter, e.g. ``RTPIPE_KAFKA__BOOTSTRAP_SERVER
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -387,6 +388,32 @@ class RetrainSettings(BaseModel):
     gate_poll_s: float = Field(default=5.0, gt=0)
 
 
+OfflineStoreKind = Literal["file", "spark"]
+
+
+class FeastSettings(BaseModel):
+    """Which Feast offline store builds training sets (point-in-time joins), and its Spark
+    session when that is Spark. The registry, the Parquet folders and the online store are the
+    same either way; materialization into the online store always reads through the file store.
+    """
+
+    model_config = _FROZEN
+
+    # file: Feast's Dask store on this machine; spark: Feast's Spark store (pyspark, extra
+    # ``spark``) over the same Parquet folders, in local mode or on the master given below.
+    offline_store: OfflineStoreKind = "file"
+    # local[N] runs Spark inside this process's JVM with N cores (the same SQL as on a
+    # cluster); spark://host:7077, yarn, k8s://... send the join to a cluster.
+    spark_master: str = "local[2]"
+    # Heap of the Spark driver (in local mode: of the whole Spark JVM).
+    spark_driver_memory: str = "2g"
+    # Shuffle partitions of the join; Spark's default 200 is for clusters and costs seconds of
+    # task overhead per query on a small machine.
+    spark_shuffle_partitions: int = Field(default=4, ge=1)
+    # Any further Spark conf keys (JSON object in RTPIPE_FEAST__SPARK_CONF), applied last.
+    spark_conf: dict[str, str] = Field(default_factory=dict)
+
+
 class MetricsSettings(BaseModel):
     model_config = _FROZEN
 
@@ -450,6 +477,7 @@ class Settings(BaseSettings):
     evaluation: EvaluationSettings = EvaluationSettings()
     retrain: RetrainSettings = RetrainSettings()
     metrics: MetricsSettings = MetricsSettings()
+    feast: FeastSettings = FeastSettings()
 
     @property
     def data_dir(self) -> Path:
@@ -488,6 +516,9 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
             value = value.get_secret_value()
         if isinstance(value, bool):
             value = "true" if value else "false"
+        if isinstance(value, dict):
+            # pydantic-settings parses a complex field's variable as JSON.
+            value = json.dumps(value)
         env[prefix] = str(value)
 
     for name in Settings.model_fields:
