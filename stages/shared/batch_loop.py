@@ -455,8 +455,7 @@ class TransactionalBatchLoop:
             self._back_off(exc, msgs, rewound=True)
             return
         except BaseException:
-            # A defect: the stage stops; the worker must not outlive the producer's owner.
-            self._await(sent)
+            self._abandon(sent)
             raise
         try:
             self._txn_outputs = len(outputs)
@@ -472,6 +471,9 @@ class TransactionalBatchLoop:
             pending, self._txn_msgs, self._txn_outputs = self._txn_msgs, [], 0
             self._recover(exc, pending)
             return
+        except BaseException:
+            self._abandon(sent)
+            raise
         if self._on_batch_done:
             self._on_batch_done(len(msgs), time.perf_counter() - started)
 
@@ -498,6 +500,20 @@ class TransactionalBatchLoop:
         finally:
             self._beat()
         return None
+
+    def _abandon(self, sent: Future[None]) -> None:
+        """A defect (or an interrupt) stops the stage mid-transaction. Nothing of the batch
+        may be committed on the way out (``close()`` commits an open transaction: here, the
+        batch's offsets without all of its outputs), so the transaction is aborted."""
+        self._txn_msgs, self._txn_outputs = [], 0
+        self._await(sent)
+        if self._producer is not None:
+            try:
+                self._producer.abort_transaction(10)
+            except KafkaException as exc:
+                # The broker aborts it by its timeout; the next owner starts from the
+                # committed offsets either way.
+                logger.warning("%s abort after a failed batch: %s", self._stage, exc)
 
     def _end_early(self, sent: Future[None], msgs: list[Message]) -> None:
         """Abort the batch's transaction once the worker is done, and rewind the batch."""

@@ -170,6 +170,43 @@ def test_backpressure_and_failed_offsets_rewind_the_batch_exactly_once(
     assert _outputs(settings, dst) == list(range(n))
 
 
+@pytest.mark.parametrize("where", ["handler", "outputs"])
+def test_a_batch_whose_handler_or_outputs_fail_is_not_committed(
+    unique_topics: Settings, where: str
+) -> None:
+    """A defect ends the loop mid-transaction (the batch's offsets already sent): nothing of
+    that batch is committed on the way out, and the next loop outputs every input once."""
+    settings = _overlap(unique_topics, True)
+    n = 200
+    src, dst = _input(settings, n)
+    calls = {"n": 0}
+
+    def broken(msgs: list[Message]) -> list[Output]:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            if where == "handler":
+                raise ValueError("injected defect")
+            # An output the producer refuses (a value that is not bytes) after good ones.
+            return [*_marked(dst, msgs[:-1]), Output(dst, None, 12345)]  # type: ignore[arg-type]
+        return _marked(dst, msgs)
+
+    first = _loop(TransactionalBatchLoop, settings, src, broken, max_batch=20, max_wait_ms=5)
+    with pytest.raises((ValueError, TypeError)):
+        first.run(StopFlag(), max_idle_s=5.0)
+    assert first.stats.messages == 40  # the two batches before the defect
+
+    again = _loop(
+        TransactionalBatchLoop,
+        settings,
+        src,
+        lambda msgs: _marked(dst, msgs),
+        max_batch=20,
+        max_wait_ms=5,
+    )
+    again.run(StopFlag(), max_idle_s=5.0)
+    assert _outputs(settings, dst) == list(range(n))
+
+
 def test_a_stalled_partition_is_detected_counted_and_re_read(unique_topics: Settings) -> None:
     # A partition paused and never resumed (what quixstreams' backpressure left behind in
     # issue #15, here injected): lag and no progress. The loop counts it, re-reads it from
