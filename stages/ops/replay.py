@@ -25,6 +25,10 @@ from stages.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# How long a replay waits for its last events to be acknowledged (twice at most: once more
+# after its producer is replaced).
+FLUSH_TIMEOUT_S = 60.0
+
 INGEST_HEADER = "rtpipe.ingest_ms"
 # Marks a transaction that only warms the customer windows up (stages/enrichment/app.py).
 WARMUP_HEADER = "rtpipe.warmup"
@@ -58,6 +62,8 @@ class ReplayResult:
     first_tx_id: int | None
     last_tx_id: int | None
     history: int = 0
+    # Events sent again from a new producer after the first one stopped delivering.
+    resent: int = 0
 
     @property
     def rate(self) -> float:
@@ -147,9 +153,12 @@ def replay(
     tx_topic = settings.topics.name("transactions")
     labels_topic = settings.topics.name("labels")
     failures: list[str] = []
+    acked = np.zeros(len(events), dtype=bool)
 
-    def on_delivery(err: object, msg: object) -> None:
-        if err is not None:
+    def on_delivery(i: int, err: object, msg: object) -> None:
+        if err is None:
+            acked[i] = True
+        else:
             failures.append(str(err))
 
     kinds = events["kind"].to_numpy()
@@ -162,9 +171,8 @@ def replay(
     tx_ms = events["tx_ms"].to_numpy()
     fraud = events["is_fraud"].to_numpy()
     n_tx = int((kinds == 1).sum())
-    started = time.perf_counter()
-    sent_tx = 0
-    for i in range(len(events)):
+
+    def send(producer: Producer, i: int) -> None:
         if kinds[i] != 0:
             value = b'{"transaction_id":%d,"customer_id":%d,"terminal_id":%d,"amount":%s}' % (
                 tids[i],
@@ -191,11 +199,16 @@ def replay(
                     key=b"%d" % keys[i],
                     timestamp=int(ts[i]),
                     headers=headers,
-                    on_delivery=on_delivery,
+                    on_delivery=lambda err, msg, i=i: on_delivery(i, err, msg),
                 )
-                break
+                return
             except BufferError:
                 producer.poll(0.05)
+
+    started = time.perf_counter()
+    sent_tx = 0
+    for i in range(len(events)):
+        send(producer, i)
         if kinds[i] == 1:
             sent_tx += 1
             if rate:
@@ -208,7 +221,31 @@ def replay(
                 progress(1000)
         if i % 10_000 == 0:
             producer.poll(0)
-    remaining = producer.flush(60)
+    remaining = producer.flush(FLUSH_TIMEOUT_S)
+    resent = 0
+    if remaining and not failures:
+        # Still unacknowledged, none failed: an idempotent producer that never got its
+        # producer id back delivers nothing more (seen once in a chaos run: every one of
+        # 3,188 events stuck 45 s after a broker restart beside a CPU-bound process). A new
+        # producer sends what was not acknowledged again: the pipeline drops a transaction
+        # id it has seen as a duplicate and a label it holds is a no-op, so a copy of one
+        # that did arrive is harmless.
+        producer.purge()
+        producer.flush(5)
+        failures.clear()  # the purge's own reports
+        pending = np.flatnonzero(~acked)
+        logger.warning(
+            "replay: %d of %d events unacknowledged after %.0f s; sending them again from a "
+            "new producer",
+            len(pending),
+            len(events),
+            FLUSH_TIMEOUT_S,
+        )
+        producer = replay_producer(settings)
+        for i in pending.tolist():
+            send(producer, i)
+        resent = len(pending)
+        remaining = producer.flush(FLUSH_TIMEOUT_S)
     if progress:
         progress(sent_tx % 1000)
     elapsed = time.perf_counter() - started
@@ -225,4 +262,5 @@ def replay(
         first_tx_id=int(tx_ids.min()) if len(tx_ids) else None,
         last_tx_id=int(tx_ids.max()) if len(tx_ids) else None,
         history=int((kinds == 2).sum()),
+        resent=resent,
     )
