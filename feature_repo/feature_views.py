@@ -66,10 +66,12 @@ customer_behaviour = FeatureView(
         Field(name="customer_secs_since_prev_tx", dtype=Float64),
         Field(name="customer_nb_terminals_1d", dtype=Int64),
         Field(name="customer_nb_terminals_7d", dtype=Int64),
+        Field(name="customer_amount_median_ratio_30d", dtype=Float64),
+        Field(name="customer_max_amount_median_ratio_7d", dtype=Float64),
     ],
     online=True,
     source=customer_behaviour_push,
     description="Per-customer amount vs 7/30-day means, time since previous transaction, "
-    "distinct terminals over 1 and 7 days.",
+    "distinct terminals over 1 and 7 days, amount and 7-day largest amount vs 30-day median.",
     tags={"team": "fraud"},
 )

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import pandas as pd
+from pandas.api.indexers import BaseIndexer
 
 from stages.shared.offline import write_offline
 from stages.shared.schemas import (
@@ -47,7 +48,9 @@ from stages.shared.schemas import (
     DAY_MS,
     DISTINCT_TERMINAL_DAYS,
     LABEL_DELAY_DAYS,
+    MAX_AMOUNT_DAYS,
     MAX_GAP_S,
+    MEDIAN_RATIO_DAYS,
     MODEL_FEATURES,
     MODEL_FEATURES_V2,
     TERMINAL_FEATURES,
@@ -118,6 +121,34 @@ def _customer_windows(
     return out
 
 
+class _RowWindows(BaseIndexer):
+    """Rolling windows with given bounds: row ``i`` aggregates rows ``[start[i], end[i])``.
+
+    The bounds come from the same searchsorted as every other window here, so pandas'
+    rolling median and max see exactly the rows the stream's state lists hold.
+    """
+
+    def __init__(self, start: np.ndarray, end: np.ndarray) -> None:
+        super().__init__()
+        self._start = start.astype(np.int64)
+        self._end = end.astype(np.int64)
+
+    def get_window_bounds(
+        self,
+        num_values: int = 0,
+        min_periods: int | None = None,
+        center: bool | None = None,
+        closed: str | None = None,
+        step: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self._start, self._end
+
+
+def _rolling(values: np.ndarray, start: np.ndarray, end: np.ndarray) -> pd.core.window.Rolling:
+    # Windows are never empty (the current row is in its own), so min_periods=1 never yields NaN.
+    return pd.Series(values).rolling(_RowWindows(start, end), min_periods=1)
+
+
 def _behaviour(
     customer: np.ndarray,
     ms: np.ndarray,
@@ -163,6 +194,22 @@ def _behaviour(
         distinct = np.empty(size, np.int64)
         distinct[order] = pos + 1 - ended
         out[f"customer_nb_terminals_{n}d"] = distinct
+    # Median and max over (t - n days, t] in the sorted order (current row included). Same
+    # float operations as the stream: pandas' median of an even count is (a + b) / 2, as
+    # statistics.median's, and max is exact.
+    amount_s = amount[order]
+    lo = np.searchsorted(key, key - MEDIAN_RATIO_DAYS * DAY_MS, side="right")
+    usual = _rolling(amount_s, lo, pos + 1).median().to_numpy()
+    safe = np.where(usual > 0, usual, 1.0)
+    lo = np.searchsorted(key, key - MAX_AMOUNT_DAYS * DAY_MS, side="right")
+    largest = _rolling(amount_s, lo, pos + 1).max().to_numpy()
+    for name, value in (
+        (f"customer_amount_median_ratio_{MEDIAN_RATIO_DAYS}d", amount_s),
+        (f"customer_max_amount_median_ratio_{MAX_AMOUNT_DAYS}d", largest),
+    ):
+        ratio = np.empty(size, np.float64)
+        ratio[order] = np.where(usual > 0, value / safe, 1.0)
+        out[name] = ratio
     return out
 
 

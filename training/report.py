@@ -291,6 +291,13 @@ def tuning_section(tuning: Mapping[str, Any]) -> list[str]:
             f"{len(trials)} candidates.",
             "",
         ]
+    if seeds := tuning.get("refit_seeds"):
+        lines += [
+            f"**Refit:** the registered model averages {seeds} boosters refitted on the "
+            "training window with these parameters and rounds, of consecutive seeds (their "
+            "row and feature sampling differ): one model, the mean of their log-odds.",
+            "",
+        ]
     cost = tuning.get("monotone_cost")
     if cost is not None:
         verdict = "kept" if best.get("params", {}).get("monotone") else "dropped"

@@ -5,7 +5,8 @@ Customer spending (SIMULATOR.md): for a transaction at ``t``, the number of the 
 transactions in ``(t - n days, t]`` and their mean amount, the current one included.
 Customer behaviour (feature service v2; definitions in ``stages.shared.schemas`` next to
 ``BEHAVIOUR_FEATURES``): amount relative to the 7/30-day means, seconds since the previous
-transaction (capped at 30 days), distinct terminals over 1/7 days. ``training.features``
+transaction (capped at 30 days), distinct terminals over 1/7 days, amount and the week's
+largest amount relative to the 30-day median. ``training.features``
 computes both, vectorised, by the same definitions (tests/unit/test_features.py checks that
 the two agree event by event, late events and ties included).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from statistics import median
 from typing import Any
 
 from stages.shared.schemas import (
@@ -30,7 +32,9 @@ from stages.shared.schemas import (
     CUSTOMER_VIEW,
     DAY_MS,
     DISTINCT_TERMINAL_DAYS,
+    MAX_AMOUNT_DAYS,
     MAX_GAP_S,
+    MEDIAN_RATIO_DAYS,
     WINDOWS_DAYS,
     InvalidMessage,
 )
@@ -145,4 +149,14 @@ def customer_features(
         seen = set(state.terminal[start:end])
         seen.discard(UNKNOWN_TERMINAL)
         behaviour[f"customer_nb_terminals_{n}d"] = float(len(seen))
+    start = bisect_right(state.ts, event_ms - MEDIAN_RATIO_DAYS * DAY_MS, 0, end)
+    usual = median(state.amount[start:end])
+    behaviour[f"customer_amount_median_ratio_{MEDIAN_RATIO_DAYS}d"] = (
+        amount / usual if usual > 0 else 1.0
+    )
+    start = bisect_right(state.ts, event_ms - MAX_AMOUNT_DAYS * DAY_MS, 0, end)
+    largest = max(state.amount[start:end])
+    behaviour[f"customer_max_amount_median_ratio_{MAX_AMOUNT_DAYS}d"] = (
+        largest / usual if usual > 0 else 1.0
+    )
     return {CUSTOMER_VIEW: spending, BEHAVIOUR_VIEW: behaviour}

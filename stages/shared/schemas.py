@@ -44,15 +44,26 @@ DAY_MS: Final = 86_400_000
 #   first transaction and one after more than 30 idle days look the same, because 30 days
 #   is all the history the stream keeps;
 # - ``customer_nb_terminals_{n}d``: distinct terminals among c's transactions in
-#   ``(t - n days, t]`` for n in 1, 7 (at least 1: the current one).
+#   ``(t - n days, t]`` for n in 1, 7 (at least 1: the current one);
+# - ``customer_amount_median_ratio_{n}d``: amount / the median of c's amounts in
+#   ``(t - n days, t]`` for n in 30 (1.0 when that median is 0). The mean moves with the
+#   inflated amounts of a compromised card (a third of its transactions at five times the
+#   usual amount for two weeks); the median of 30 days stays near the usual amount;
+# - ``customer_max_amount_median_ratio_{n}d``: the largest of c's amounts in ``(t - n days,
+#   t]`` for n in 7, over the same 30-day median (1.0 when it is 0): a card that showed an
+#   outsized amount this week, whatever the current amount.
 BEHAVIOUR_VIEW: Final = "customer_behaviour"
 AMOUNT_RATIO_DAYS: Final = (7, 30)
 DISTINCT_TERMINAL_DAYS: Final = (1, 7)
+MEDIAN_RATIO_DAYS: Final = 30
+MAX_AMOUNT_DAYS: Final = 7
 MAX_GAP_S: Final = 30 * 86_400
 BEHAVIOUR_FEATURES: Final = (
     *(f"customer_amount_ratio_{n}d" for n in AMOUNT_RATIO_DAYS),
     "customer_secs_since_prev_tx",
     *(f"customer_nb_terminals_{n}d" for n in DISTINCT_TERMINAL_DAYS),
+    f"customer_amount_median_ratio_{MEDIAN_RATIO_DAYS}d",
+    f"customer_max_amount_median_ratio_{MAX_AMOUNT_DAYS}d",
 )
 # Model input order per feature service (the Feast services in feature_repo/ serve the
 # stored ones; tests/integration/test_feast_repo.py checks that they agree).

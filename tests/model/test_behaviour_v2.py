@@ -59,7 +59,7 @@ def test_an_amount_far_above_the_customers_means_raises_scores(
 ) -> None:
     # Scenario 3 of the simulator: a compromised card's amounts multiplied by 5. Below the
     # 220 of scenario 1, the amount alone says little; relative to the customer's own
-    # means it is the signal the behaviour features exist for. The counterfactual keeps
+    # means and median it is the signal the behaviour features exist for. The counterfactual keeps
     # every feature consistent: the windows' means include the inflated amount.
     booster, test = v2
     legit = test[(test["is_fraud"] == 0) & (test["amount"] * 5 < 220)].copy()
@@ -74,6 +74,14 @@ def test_an_amount_far_above_the_customers_means_raises_scores(
         mean = inflated[f"customer_avg_amount_{n}d"]
         ratio = np.where(mean > 0, inflated["amount"] / mean.where(mean > 0, 1.0), 1.0)
         inflated[f"customer_amount_ratio_{n}d"] = ratio
+    # The 30-day median moves by at most one rank when one of its ~60 amounts changes: kept
+    # as it was, so the amount's ratio to it is five times larger and the week's largest
+    # amount is at least the inflated one.
+    median_ratio = 5 * legit["customer_amount_median_ratio_30d"]
+    inflated["customer_amount_median_ratio_30d"] = median_ratio
+    inflated["customer_max_amount_median_ratio_7d"] = np.maximum(
+        legit["customer_max_amount_median_ratio_7d"], median_ratio
+    )
     before, after = score(booster, legit), score(booster, inflated)
     assert after.mean() > 2 * before.mean()
     assert (after > before).mean() > 0.5

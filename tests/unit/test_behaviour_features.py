@@ -104,6 +104,17 @@ def test_first_transaction_ties_edges_and_idle_customer() -> None:
     assert got.loc[5, "customer_amount_ratio_7d"] == pytest.approx(40 / ((20 + 30 + 40 + 40) / 4))
     assert got.loc[5, "customer_amount_ratio_30d"] == pytest.approx(40 / (230 / 5))
     assert got.loc[6, "customer_amount_ratio_7d"] == got.loc[7, "customer_amount_ratio_30d"] == 1.0
+    # Medians over 30 days: 100 (row 1 alone; row 0 is 33 days older), then of 100, 20, 30
+    # (30), of 100, 20, 30, 40 (35), and with the tie 40 too (40); zeros only: 1.0.
+    assert got.loc[1, "customer_amount_median_ratio_30d"] == 1.0
+    assert got.loc[3, "customer_amount_median_ratio_30d"] == 1.0
+    assert got.loc[4, "customer_amount_median_ratio_30d"] == 40 / 35
+    assert got.loc[5, "customer_amount_median_ratio_30d"] == 1.0
+    assert got.loc[7, "customer_amount_median_ratio_30d"] == 1.0
+    # The week's largest amount: 100 (row 1, exactly 7 days before rows 4-5, is out of it).
+    assert got.loc[3, "customer_max_amount_median_ratio_7d"] == 100 / 30
+    assert got.loc[4, "customer_max_amount_median_ratio_7d"] == 40 / 35
+    assert got.loc[7, "customer_max_amount_median_ratio_7d"] == 1.0
     pd.testing.assert_frame_equal(
         stream(tx), got[list(STREAMED)], check_dtype=False, rtol=1e-12, atol=0
     )
@@ -134,6 +145,10 @@ def reference(tx: pd.DataFrame) -> pd.DataFrame:
         r["customer_secs_since_prev_tx"] = min(gaps) if gaps else float(MAX_GAP_S)
         for n in (1, 7):
             r[f"customer_nb_terminals_{n}d"] = len({o["terminal_id"] for o in window(n)})
+        usual = float(np.median([o["amount"] for o in window(30)]))
+        largest = max(o["amount"] for o in window(7))
+        r["customer_amount_median_ratio_30d"] = cur["amount"] / usual if usual > 0 else 1.0
+        r["customer_max_amount_median_ratio_7d"] = largest / usual if usual > 0 else 1.0
         out[cur["transaction_id"]] = r
     return pd.DataFrame.from_dict(out, orient="index")
 

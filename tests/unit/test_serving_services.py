@@ -79,7 +79,7 @@ def test_union_columns_serve_each_models_own_matrix() -> None:
     v1 = assemble_matrix(MODEL_FEATURES, request, online, names)
     v2 = assemble_matrix(MODEL_FEATURES_V2, request, online, names)
     np.testing.assert_array_equal(v2[:, : len(MODEL_FEATURES)], v1)
-    j = names.index("customer_nb_terminals_7d")
+    j = names.index(BEHAVIOUR_FEATURES[-1])
     np.testing.assert_array_equal(v2[:, -1], online[:, j])
 
 

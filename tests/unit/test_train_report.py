@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,7 +25,14 @@ from training.report import (
     timings_table,
     write_plots,
 )
-from training.train import DEFAULT_PARAMS, MONOTONE_INCREASING, StepTimer, TrainResult, refit
+from training.train import (
+    DEFAULT_PARAMS,
+    MONOTONE_INCREASING,
+    StepTimer,
+    TrainResult,
+    average_boosters,
+    refit,
+)
 from training.tune import (
     SEARCH_SPACE,
     FoldData,
@@ -219,6 +227,25 @@ def test_the_monotone_choice_gives_a_model_monotone_in_terminal_risk() -> None:
         raised = X.copy()
         raised[col] = np.minimum(raised[col] + 0.3, 1.0)
         assert (booster.predict(raised.to_numpy()) - before).min() >= -1e-12, col
+
+
+def test_a_seed_averaged_refit_is_one_model_scoring_the_mean_log_odds() -> None:
+    d = toy(6000)
+    params = {**FAST, "seed": 4}
+    singles = [refit(d, {**params, "seed": s}, 30, progress=False) for s in (4, 5, 6)]
+    averaged = refit(d, params, 30, progress=False, n_seeds=3)
+    X = toy(500, seed=3).X.to_numpy()
+    raws = np.array([b.predict(X, raw_score=True) for b in singles])
+    # The seeds differ (else averaging them would change nothing).
+    assert np.abs(raws[0] - raws[1]).max() > 1e-3
+    np.testing.assert_allclose(averaged.predict(X, raw_score=True), raws.mean(axis=0), atol=1e-9)
+    # It is saved and loaded as one LightGBM text model.
+    loaded = lgb.Booster(model_str=averaged.model_to_string())
+    assert loaded.num_trees() == 3 * 30
+    np.testing.assert_allclose(loaded.predict(X), averaged.predict(X), atol=1e-12)
+    assert average_boosters(singles[:1]).num_trees() == 30
+    with pytest.raises(ValueError, match="no boosters"):
+        average_boosters([])
 
 
 def test_validation_split_uses_the_last_training_days_only() -> None:
