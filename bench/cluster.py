@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import pandas as pd
 
 from bench.env import REPO, register_model, with_prefix
-from stages.ops.harness.processes import exited, start_stages, stop_stages
+from bench.pipeline import replay_phase
+from stages.ops.harness.processes import start_stages, stop_stages
 from stages.ops.harness.sandbox import feast_project
 from stages.ops.latency import DecisionCollector, plans
-from stages.ops.replay import replay, replay_producer
+from stages.ops.replay import replay_producer
 from stages.shared.kafka import ensure_topics
 from stages.shared.settings import Settings, on_cluster, on_port_base
 
@@ -97,14 +98,9 @@ def measure(
     stats: list[dict[str, float]] = []
     try:
         for plan, rate in ((warm, None), (top, None), (fixed, RATE)):
-            ids = plan.transaction_ids(tx)
-            replay(s, tx, plan, rate=rate, producer=producer)
-            if not collector.wait_for(ids, timeout_s=240):
-                raise RuntimeError(f"{name}: not every transaction was decided in 240 s")
-            dead = exited(procs)
-            if dead:
-                raise RuntimeError(f"{name}: stage(s) died during the bench: {dead}")
-            stats.append(collector.stats_of(ids))
+            stats.append(
+                replay_phase(s, tx, plan, rate, producer, collector, procs, 240, require_all=True)
+            )
             logger.info("scale-out %s, phase %d: %s", name, len(stats), stats[-1])
     finally:
         stop_stages(procs)

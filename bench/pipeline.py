@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,7 +15,7 @@ import pandas as pd
 from confluent_kafka import Consumer, Message, Producer
 
 from bench.naive import pump
-from stages.ops.harness.processes import exited, start_stages, stop_stages
+from stages.ops.harness.processes import StageProcess, exited, start_stages, stop_stages
 from stages.ops.latency import (
     HOPS,
     TOTAL,
@@ -101,6 +102,38 @@ class PipelineResults:
     cold_starts_s: list[float] = field(default_factory=list)
 
 
+def replay_phase(
+    settings: Settings,
+    tx: pd.DataFrame,
+    plan: ReplayPlan,
+    rate: float | None,
+    producer: Producer,
+    collector: DecisionCollector,
+    procs: Sequence[StageProcess],
+    timeout_s: float = 180.0,
+    *,
+    require_all: bool = False,
+) -> dict[str, float]:
+    """Replay ``plan`` at ``rate`` (None: max speed) into the running ``procs`` and wait for
+    its decisions; their stats, with the replay's own events/s.
+
+    Raises:
+        RuntimeError: a stage process died, or (``require_all``) not every transaction of
+            the plan was decided within ``timeout_s``.
+    """
+    ids = plan.transaction_ids(tx)
+    result = replay(settings, tx, plan, rate=rate, producer=producer)
+    decided = collector.wait_for(ids, timeout_s=timeout_s)
+    dead = exited(procs)
+    if dead:
+        raise RuntimeError(f"stage(s) died during the bench: {dead}; see {procs[0].log}")
+    if require_all and not decided:
+        raise RuntimeError(f"not every transaction was decided in {timeout_s:.0f} s")
+    stats = collector.stats_of(ids)
+    stats["replay_eps"] = result.transactions / result.seconds if result.seconds else 0
+    return stats
+
+
 def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) -> PipelineResults:
     """Three stage processes; a warm-up, a max-speed replay, then fixed-rate replays."""
     ensure_topics(settings.kafka, settings.topics)
@@ -118,14 +151,7 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
     try:
 
         def run_phase(name: str, plan: ReplayPlan, rate: float | None) -> Phase:
-            ids = plan.transaction_ids(tx)
-            result = replay(settings, tx, plan, rate=rate, producer=producer)
-            collector.wait_for(ids, timeout_s=180)
-            dead = exited(procs)
-            if dead:
-                raise RuntimeError(f"stage(s) died during the bench: {dead}; see {procs[0].log}")
-            stats = collector.stats_of(ids)
-            stats["replay_eps"] = result.transactions / result.seconds if result.seconds else 0
+            stats = replay_phase(settings, tx, plan, rate, producer, collector, procs)
             logger.info("pipeline phase %s: %s", name, stats)
             return Phase(name, rate, stats)
 
@@ -190,17 +216,11 @@ def fixed_rate_set(
             ("1,000 events/s", fast, 1_000.0),
             (f"{LOW_RATE:,.0f} events/s", low, LOW_RATE),
         ):
-            ids = plan.transaction_ids(tx)
-            result = replay(s, tx, plan, rate=rate, producer=producer)
-            collector.wait_for(ids, timeout_s=180)
-            dead = exited(procs)
-            if dead:
-                raise RuntimeError(f"stage(s) died during the bench: {dead}; see {procs[0].log}")
-            stats = collector.stats_of(ids)
-            stats["replay_eps"] = result.transactions / result.seconds if result.seconds else 0
+            stats = replay_phase(s, tx, plan, rate, producer, collector, procs)
             logger.info("pipeline (%s commits) phase %s: %s", name, label, stats)
             if rate is None:
-                cold = (collector.first_visible_ms(ids) - started_ms) / 1000.0
+                first = collector.first_visible_ms(plan.transaction_ids(tx))
+                cold = (first - started_ms) / 1000.0
             else:
                 phases.append(Phase(f"{label}, {name} commits", rate, stats))
     finally:
