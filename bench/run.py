@@ -60,6 +60,23 @@ def online_rows(res: online.OnlineResults) -> list[Row]:
     return rows
 
 
+def hop_table_header(first: str) -> list[str]:
+    """The header and rule of a table whose first four columns are ``first`` (`` | ``
+    separated) and whose others are the latency hops."""
+    return [
+        f"| {first} | " + " | ".join(h for h, _, _ in pipeline.HOPS) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(pipeline.HOPS),
+    ]
+
+
+def hop_cells(stats: dict[str, float]) -> list[str]:
+    """``p50 / p99`` of every latency hop in ``stats``."""
+    return [
+        f"{fmt_number(stats.get(f'{h} p50'))} / {fmt_number(stats.get(f'{h} p99'))}"
+        for h, _, _ in pipeline.HOPS
+    ]
+
+
 def latency_section(res: pipeline.PipelineResults) -> str:
     lines = [
         "Per-stage latency from the timestamps every decision carries (ms; p50 / p99). "
@@ -69,17 +86,11 @@ def latency_section(res: pipeline.PipelineResults) -> str:
         "the bench's read_committed consumer received the decision (after routing's commit), "
         "so the total is what a downstream reader sees.",
         "",
-        "| phase | offered ev/s | achieved ev/s | decisions | "
-        + " | ".join(h for h, _, _ in pipeline.HOPS)
-        + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(pipeline.HOPS),
+        *hop_table_header("phase | offered ev/s | achieved ev/s | decisions"),
     ]
     for ph in [*res.phases, *(p for on in (False, True) for p in res.commit_overlap.get(on, []))]:
         st = ph.stats
-        cells = [
-            f"{fmt_number(st.get(f'{h} p50'))} / {fmt_number(st.get(f'{h} p99'))}"
-            for h, _, _ in pipeline.HOPS
-        ]
+        cells = hop_cells(st)
         offered = fmt_number(ph.offered_eps) if ph.offered_eps else "max"
         lines.append(
             f"| {ph.name} | {offered} | {fmt_number(st.get('eps'))} | "
@@ -136,17 +147,11 @@ def scale_section(runs: list[cluster.ScaleRun]) -> str:
         "three masters with a replica each, on the same two cores as the stages; the single "
         "node is the bench's own stack. Per hop p50 / p99 ms at the fixed rate.",
         "",
-        "| layout | processes per stage | max speed ev/s | fixed rate | "
-        + " | ".join(h for h, _, _ in pipeline.HOPS)
-        + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(pipeline.HOPS),
+        *hop_table_header("layout | processes per stage | max speed ev/s | fixed rate"),
     ]
     for r in runs:
         st = r.rate_stats
-        cells = [
-            f"{fmt_number(st.get(f'{h} p50'))} / {fmt_number(st.get(f'{h} p99'))}"
-            for h, _, _ in pipeline.HOPS
-        ]
+        cells = hop_cells(st)
         lines.append(
             f"| {r.name} | {r.replicas} | {fmt_number(r.max_stats.get('eps'))} | "
             f"{cluster.RATE:,.0f} ev/s (achieved {fmt_number(st.get('eps'))}) | "
