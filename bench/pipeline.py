@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 # The fixed low rate of the latency phases (events/s).
 LOW_RATE = 200.0
+# The enrichment checkpoint's longest interval, side by side on fresh processes: the old
+# default and the current one (EnrichmentSettings.commit_interval_s).
+CHECKPOINT_INTERVALS_S = (0.05, 0.2)
 # Re-exported for bench.results and the tests.
 __all__ = [
     "HOPS",
@@ -100,6 +103,9 @@ class PipelineResults:
     # Seconds from starting the three stage processes (events already waiting) to the first
     # decision a read_committed reader sees, once per set of fresh processes.
     cold_starts_s: list[float] = field(default_factory=list)
+    # Per enrichment checkpoint interval (seconds): the max-speed and 1,000 events/s phases
+    # of each set of fresh processes run with it, the intervals alternating.
+    checkpoint_sets: dict[float, list[list[Phase]]] = field(default_factory=dict)
 
 
 def replay_phase(
@@ -180,6 +186,11 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
     for on in (False, True):
         overlap[on], last_end, cold = fixed_rate_set(settings, tx, last_end, quick, overlap=on)
         cold_starts.append(cold)
+    checkpoints: dict[float, list[list[Phase]]] = {i: [] for i in CHECKPOINT_INTERVALS_S}
+    for _ in range(1 if quick else 2):
+        for interval in CHECKPOINT_INTERVALS_S:
+            phases_i, last_end = checkpoint_set(settings, tx, last_end, quick, interval)
+            checkpoints[interval].append(phases_i)
     trials = []
     for t in range(1 if quick else 3):
         prefix = f"{settings.topics.prefix}pass{t}."
@@ -187,7 +198,7 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
         trials.append(passthrough(settings.model_copy(update={"topics": topics}), n_max))
     pass_eps = float(np.median(trials))
     return PipelineResults(
-        top.stats.get("eps", float("nan")), pass_eps, phases, overlap, cold_starts
+        top.stats.get("eps", float("nan")), pass_eps, phases, overlap, cold_starts, checkpoints
     )
 
 
@@ -227,3 +238,39 @@ def fixed_rate_set(
         stop_stages(procs)
         collector.close()
     return phases, low.end, cold
+
+
+def checkpoint_set(
+    settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool, interval_s: float
+) -> tuple[list[Phase], pd.Timestamp]:
+    """Three fresh stage processes on topics of their own, the enrichment checkpoint at most
+    ``interval_s`` long: a warm-up, a max-speed replay, then 1,000 events/s. Returns those
+    two phases and where in the data the next set may start."""
+    enrichment = settings.enrichment.model_copy(update={"commit_interval_s": interval_s})
+    tag = f"checkpoint {interval_s * 1000:.0f} ms"
+    prefix = f"{settings.topics.prefix}cp{interval_s * 1000:.0f}.{time.time_ns()}."
+    topics = settings.topics.model_copy(update={"prefix": prefix})
+    s = settings.model_copy(update={"enrichment": enrichment, "topics": topics})
+    ensure_topics(s.kafka, s.topics)
+    # Smaller than the main sequence's phases: four of these sets follow it in the data.
+    n_max = 3_000 if quick else 10_000
+    latency_s = 2.0 if quick else 5.0
+    warm, top, fast = plans(tx, start, [300, n_max, int(1_000 * latency_s)])
+    collector = DecisionCollector(s)
+    procs = start_stages(s)
+    producer = replay_producer(s)
+    phases: list[Phase] = []
+    try:
+        for label, plan, rate in (
+            ("warm-up", warm, None),
+            ("max speed", top, None),
+            ("1,000 events/s", fast, 1_000.0),
+        ):
+            stats = replay_phase(s, tx, plan, rate, producer, collector, procs)
+            logger.info("pipeline (%s) phase %s: %s", tag, label, stats)
+            if plan is not warm:
+                phases.append(Phase(f"{label}, {tag}", rate, stats))
+    finally:
+        stop_stages(procs)
+        collector.close()
+    return phases, fast.end

@@ -77,6 +77,43 @@ def hop_cells(stats: dict[str, float]) -> list[str]:
     ]
 
 
+def checkpoint_rows(res: pipeline.PipelineResults) -> list[Row]:
+    """The current enrichment checkpoint interval against the old one: max speed and the
+    p99 at 1,000 events/s, medians over the sets of fresh processes."""
+    old, new = pipeline.CHECKPOINT_INTERVALS_S
+    sets_old, sets_new = res.checkpoint_sets.get(old, []), res.checkpoint_sets.get(new, [])
+    if not sets_old or not sets_new:
+        return []
+
+    def median(sets: list[list[pipeline.Phase]], i: int, key: str) -> float:
+        return float(np.median([ps[i].stats.get(key, float("nan")) for ps in sets]))
+
+    label = f"enrichment checkpoint at most {new * 1000:.0f} ms vs {old * 1000:.0f} ms"
+    each = lambda sets, i, key: ", ".join(  # noqa: E731
+        fmt_number(ps[i].stats.get(key)) for ps in sets
+    )
+    eps_row = Row(
+        f"whole pipeline events/s at max speed: {label}",
+        median(sets_new, 0, "eps"),
+        median(sets_old, 0, "eps"),
+        "ev/s",
+        note=f"fresh processes, {int(sets_new[0][0].stats.get('events', 0)):,} events, "
+        f"median of {len(sets_new)}; each: {each(sets_new, 0, 'eps')} vs "
+        f"{each(sets_old, 0, 'eps')}",
+    )
+    p99 = f"{pipeline.TOTAL} p99"
+    p99_row = Row(
+        f"event-to-decision p99 at 1,000 events/s: {label}",
+        median(sets_new, 1, p99),
+        median(sets_old, 1, p99),
+        "ms",
+        better="lower",
+        note=f"median of {len(sets_new)}; each: {each(sets_new, 1, p99)} vs "
+        f"{each(sets_old, 1, p99)}",
+    )
+    return [eps_row, p99_row]
+
+
 def latency_section(res: pipeline.PipelineResults) -> str:
     lines = [
         "Per-stage latency from the timestamps every decision carries (ms; p50 / p99). "
@@ -88,7 +125,9 @@ def latency_section(res: pipeline.PipelineResults) -> str:
         "",
         *hop_table_header("phase | offered ev/s | achieved ev/s | decisions"),
     ]
-    for ph in [*res.phases, *(p for on in (False, True) for p in res.commit_overlap.get(on, []))]:
+    checkpoint_phases = [p for sets in res.checkpoint_sets.values() for ps in sets for p in ps]
+    overlap_phases = [p for on in (False, True) for p in res.commit_overlap.get(on, [])]
+    for ph in [*res.phases, *overlap_phases, *checkpoint_phases]:
         st = ph.stats
         cells = hop_cells(st)
         offered = fmt_number(ph.offered_eps) if ph.offered_eps else "max"
@@ -279,6 +318,7 @@ def main(
                                 better="lower",
                             )
                         )
+                results.rows += checkpoint_rows(pi)
                 if pi.cold_starts_s:
                     results.rows.append(
                         Row(

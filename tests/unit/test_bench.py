@@ -170,3 +170,41 @@ def test_scale_out_rows_compare_the_cluster_with_the_single_node_and_two_process
     assert by["cluster stack, 2 processes per stage vs 1: events/s at max speed"].ratio == 1.2
     table = scale_section([run("single node", 1, 3_000, 80), run("cluster", 2, 1_800, 120)])
     assert "| cluster | 2 | 1,800 |" in table and "| single node | 1 | 3,000 |" in table
+
+
+def test_checkpoint_rows_compare_the_current_interval_with_the_old_one_by_medians() -> None:
+    from bench.pipeline import CHECKPOINT_INTERVALS_S, Phase, PipelineResults
+    from bench.run import checkpoint_rows, latency_section
+
+    total = "ingest -> visible (total)"
+    old, new = CHECKPOINT_INTERVALS_S
+
+    def sets(eps: list[float], p99: list[float], ms: int = 200) -> list[list[Phase]]:
+        return [
+            [
+                Phase(f"max speed, checkpoint {ms} ms", None, {"eps": e, "events": 20_000.0}),
+                Phase(f"1,000 events/s, checkpoint {ms} ms", 1_000.0, {f"{total} p99": p}),
+            ]
+            for e, p in zip(eps, p99, strict=True)
+        ]
+
+    res = PipelineResults(
+        3_000.0,
+        400_000.0,
+        [],
+        checkpoint_sets={
+            old: sets([1_000, 3_000], [90, 110], 50),
+            new: sets([3_000, 5_000], [80, 120]),
+        },
+    )
+    eps, p99 = checkpoint_rows(res)
+    assert (eps.ours, eps.baseline, eps.ratio) == (4_000, 2_000, 2.0)
+    assert "median of 2" in eps.note and "3,000, 5,000 vs 1,000, 3,000" in eps.note
+    assert (p99.ours, p99.baseline, p99.ratio) == (100, 100, 1.0)  # lower is better: 100 / 100
+    assert f"{new * 1000:.0f} ms vs {old * 1000:.0f} ms" in eps.what
+    section = latency_section(res)
+    assert section.count("checkpoint 200 ms") == 4 and section.count("checkpoint 50 ms") == 4
+    # Without both sets (a partial run) there is nothing to compare.
+    assert (
+        checkpoint_rows(PipelineResults(1.0, 1.0, [], checkpoint_sets={new: sets([1], [1])})) == []
+    )
