@@ -70,7 +70,7 @@ def simulate_data(quick: bool) -> Dataset:
     cfg = SimulatorConfig(
         n_customers=1_500 if quick else 3_000,
         n_terminals=3_000 if quick else 6_000,
-        nb_days=28 if quick else 35,
+        nb_days=28 if quick else 42,
         seed=11,
     )
     tx = simulate(cfg, progress=False)

@@ -144,8 +144,18 @@ class DecisionCollector:
 
 def plans(tx: pd.DataFrame, start: pd.Timestamp, counts: list[int]) -> list[ReplayPlan]:
     """Consecutive replay windows from ``start`` holding ``counts`` transactions each (labels
-    replayed: those that become known inside each window)."""
+    replayed: those that become known inside each window).
+
+    Raises:
+        ValueError: if the data set ends before the last window is full (a phase replaying
+            fewer transactions than asked would measure something else, or nothing).
+    """
     times = tx.loc[tx["tx_datetime"] >= start, "tx_datetime"].sort_values().reset_index(drop=True)
+    if sum(counts) > len(times) - 1:
+        raise ValueError(
+            f"{sum(counts):,} transactions asked for from {start}, the data set holds "
+            f"{max(len(times) - 1, 0):,}: simulate more days"
+        )
     out = []
     lo = 0
     begin = start

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from bench.naive import NaiveScorer
 from bench.pipeline import decision_stats, plans
@@ -89,6 +90,10 @@ def test_plans_are_consecutive_windows_of_the_asked_sizes() -> None:
     assert first.start == t0 and first.end == second.start
     inside = lambda p: int(((tx.tx_datetime >= p.start) & (tx.tx_datetime < p.end)).sum())  # noqa: E731
     assert (inside(first), inside(second)) == (10, 30)
+    # The last window ends on the last transaction (exclusive): 99 fit after t0, not 100.
+    assert inside(plans(tx, t0, [40, 59])[1]) == 59
+    with pytest.raises(ValueError, match=r"100 transactions asked for .* holds 99"):
+        plans(tx, t0, [40, 60])
 
 
 class FakeOnline:
