@@ -89,9 +89,10 @@ def checkpoint_rows(res: pipeline.PipelineResults) -> list[Row]:
         return float(np.median([ps[i].stats.get(key, float("nan")) for ps in sets]))
 
     label = f"enrichment checkpoint at most {new * 1000:.0f} ms vs {old * 1000:.0f} ms"
-    each = lambda sets, i, key: ", ".join(  # noqa: E731
-        fmt_number(ps[i].stats.get(key)) for ps in sets
-    )
+
+    def each(sets: list[list[pipeline.Phase]], i: int, key: str) -> str:
+        return ", ".join(fmt_number(ps[i].stats.get(key)) for ps in sets)
+
     eps_row = Row(
         f"whole pipeline events/s at max speed: {label}",
         median(sets_new, 0, "eps"),

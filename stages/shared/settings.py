@@ -262,8 +262,9 @@ class EnrichmentSettings(BaseModel):
     # as soon as the input is drained (NaturalBatchingApplication), so at live rates an
     # event's outputs are committed right after it is processed. Under load each checkpoint
     # costs a producer flush and a transaction the broker shares the two cores for: at
-    # max speed on fresh processes 200 ms against 50 ms measured 2,063 and 2,860 events/s
-    # against 1,523 and 1,909 (20,000 events, two runs); `rtpipe bench` has it side by side.
+    # max speed on fresh processes 200 ms against 50 ms measured medians of 4,373 against
+    # 3,499 events/s (1.25x) and no clear change in p99 at 1,000 events/s (`rtpipe bench`
+    # runs both side by side).
     commit_interval_s: float = Field(default=0.2, gt=0)
     # How long one fetch waits for more messages. quixstreams' time-aligned reads fetch with
     # consume(10_000, timeout), which returns only when 10,000 messages are in or the timeout
