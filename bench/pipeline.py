@@ -30,6 +30,8 @@ from stages.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# One phase of a set of fresh processes: label, events, rate (None: max speed).
+PhaseStep = tuple[str, int, float | None]
 # The fixed low rate of the latency phases (events/s).
 LOW_RATE = 200.0
 # The enrichment checkpoint's longest interval, side by side on fresh processes: the old
@@ -202,75 +204,68 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
     )
 
 
-def fixed_rate_set(
-    settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool, *, overlap: bool
+def fresh_set(
+    s: Settings, tx: pd.DataFrame, start: pd.Timestamp, tag: str, steps: Sequence[PhaseStep]
 ) -> tuple[list[Phase], pd.Timestamp, float]:
-    """Three fresh stage processes on topics of their own, with ``overlap_commit`` as given:
-    a warm-up, then 1,000 and ``LOW_RATE`` events/s. Returns the phases, where in the data
-    the next set may start, and the seconds from the start to the first decision."""
-    kafka = settings.kafka.model_copy(update={"overlap_commit": overlap})
-    name = "overlapped" if overlap else "serial"
-    topics = settings.topics.model_copy(update={"prefix": f"{settings.topics.prefix}{name}."})
-    s = settings.model_copy(update={"kafka": kafka, "topics": topics})
+    """Three fresh stage processes on ``s`` (topics of their own): a 300-event warm-up, then
+    each of ``steps`` (label, events, rate; None: max speed) in order.
+
+    Returns:
+        The steps' phases, named ``"<label>, <tag>"``; where in the data the next set may
+        start; the seconds from starting the processes to the first decision.
+    """
     ensure_topics(s.kafka, s.topics)
-    latency_s = 4.0 if quick else 10.0
-    warm, fast, low = plans(tx, start, [300, int(1_000 * latency_s), int(LOW_RATE * latency_s)])
+    warm, *windows = plans(tx, start, [300, *(n for _, n, _ in steps)])
     collector = DecisionCollector(s)
     started_ms = time.time() * 1000
     procs = start_stages(s)
     producer = replay_producer(s)
     phases: list[Phase] = []
-    cold = float("nan")
     try:
-        for label, plan, rate in (
-            ("warm-up", warm, None),
-            ("1,000 events/s", fast, 1_000.0),
-            (f"{LOW_RATE:,.0f} events/s", low, LOW_RATE),
-        ):
+        stats = replay_phase(s, tx, warm, None, producer, collector, procs)
+        logger.info("pipeline (%s) phase warm-up: %s", tag, stats)
+        cold = (collector.first_visible_ms(warm.transaction_ids(tx)) - started_ms) / 1000.0
+        for (label, _, rate), plan in zip(steps, windows, strict=True):
             stats = replay_phase(s, tx, plan, rate, producer, collector, procs)
-            logger.info("pipeline (%s commits) phase %s: %s", name, label, stats)
-            if rate is None:
-                first = collector.first_visible_ms(plan.transaction_ids(tx))
-                cold = (first - started_ms) / 1000.0
-            else:
-                phases.append(Phase(f"{label}, {name} commits", rate, stats))
+            logger.info("pipeline (%s) phase %s: %s", tag, label, stats)
+            phases.append(Phase(f"{label}, {tag}", rate, stats))
     finally:
         stop_stages(procs)
         collector.close()
-    return phases, low.end, cold
+    return phases, windows[-1].end, cold
+
+
+def fixed_rate_set(
+    settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool, *, overlap: bool
+) -> tuple[list[Phase], pd.Timestamp, float]:
+    """:func:`fresh_set` with ``overlap_commit`` as given: 1,000 and ``LOW_RATE`` events/s.
+    Returns the phases, where the next set may start, and the seconds to the first decision."""
+    kafka = settings.kafka.model_copy(update={"overlap_commit": overlap})
+    name = "overlapped" if overlap else "serial"
+    topics = settings.topics.model_copy(update={"prefix": f"{settings.topics.prefix}{name}."})
+    s = settings.model_copy(update={"kafka": kafka, "topics": topics})
+    latency_s = 4.0 if quick else 10.0
+    steps = [
+        ("1,000 events/s", int(1_000 * latency_s), 1_000.0),
+        (f"{LOW_RATE:,.0f} events/s", int(LOW_RATE * latency_s), LOW_RATE),
+    ]
+    return fresh_set(s, tx, start, f"{name} commits", steps)
 
 
 def checkpoint_set(
     settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool, interval_s: float
 ) -> tuple[list[Phase], pd.Timestamp]:
-    """Three fresh stage processes on topics of their own, the enrichment checkpoint at most
-    ``interval_s`` long: a warm-up, a max-speed replay, then 1,000 events/s. Returns those
-    two phases and where in the data the next set may start."""
+    """:func:`fresh_set` with the enrichment checkpoint at most ``interval_s`` long: max
+    speed, then 1,000 events/s. Returns those phases and where the next set may start."""
     enrichment = settings.enrichment.model_copy(update={"commit_interval_s": interval_s})
-    tag = f"checkpoint {interval_s * 1000:.0f} ms"
-    prefix = f"{settings.topics.prefix}cp{interval_s * 1000:.0f}.{time.time_ns()}."
+    ms = f"{interval_s * 1000:.0f}"
+    # Each interval runs more than once: every set gets topics of its own.
+    prefix = f"{settings.topics.prefix}cp{ms}.{time.time_ns()}."
     topics = settings.topics.model_copy(update={"prefix": prefix})
     s = settings.model_copy(update={"enrichment": enrichment, "topics": topics})
-    ensure_topics(s.kafka, s.topics)
     # Smaller than the main sequence's phases: four of these sets follow it in the data.
     n_max = 3_000 if quick else 10_000
     latency_s = 2.0 if quick else 5.0
-    warm, top, fast = plans(tx, start, [300, n_max, int(1_000 * latency_s)])
-    collector = DecisionCollector(s)
-    procs = start_stages(s)
-    producer = replay_producer(s)
-    phases: list[Phase] = []
-    try:
-        for label, plan, rate in (
-            ("warm-up", warm, None),
-            ("max speed", top, None),
-            ("1,000 events/s", fast, 1_000.0),
-        ):
-            stats = replay_phase(s, tx, plan, rate, producer, collector, procs)
-            logger.info("pipeline (%s) phase %s: %s", tag, label, stats)
-            if plan is not warm:
-                phases.append(Phase(f"{label}, {tag}", rate, stats))
-    finally:
-        stop_stages(procs)
-        collector.close()
-    return phases, fast.end
+    steps = [("max speed", n_max, None), ("1,000 events/s", int(1_000 * latency_s), 1_000.0)]
+    phases, end, _ = fresh_set(s, tx, start, f"checkpoint {ms} ms", steps)
+    return phases, end

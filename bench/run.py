@@ -17,7 +17,7 @@ import pandas as pd
 
 from bench import cluster, enrichment, online, pipeline, prediction
 from bench.env import bench_settings, bench_stack, register_model, simulate_data, with_prefix
-from bench.results import Goal, Results, Row, fmt_number, machine
+from bench.results import Goal, Results, Row, fmt_number, machine, median
 from stages.ops.harness.sandbox import clear_online_store, feast_project
 from stages.shared.settings import Settings
 
@@ -85,18 +85,19 @@ def checkpoint_rows(res: pipeline.PipelineResults) -> list[Row]:
     if not sets_old or not sets_new:
         return []
 
-    def median(sets: list[list[pipeline.Phase]], i: int, key: str) -> float:
-        return float(np.median([ps[i].stats.get(key, float("nan")) for ps in sets]))
+    def values(sets: list[list[pipeline.Phase]], i: int, key: str) -> list[float]:
+        """Phase ``i``'s ``key`` in each set."""
+        return [ps[i].stats.get(key, float("nan")) for ps in sets]
+
+    def each(sets: list[list[pipeline.Phase]], i: int, key: str) -> str:
+        return ", ".join(fmt_number(v) for v in values(sets, i, key))
 
     label = f"enrichment checkpoint at most {new * 1000:.0f} ms vs {old * 1000:.0f} ms"
 
-    def each(sets: list[list[pipeline.Phase]], i: int, key: str) -> str:
-        return ", ".join(fmt_number(ps[i].stats.get(key)) for ps in sets)
-
     eps_row = Row(
         f"whole pipeline events/s at max speed: {label}",
-        median(sets_new, 0, "eps"),
-        median(sets_old, 0, "eps"),
+        median(values(sets_new, 0, "eps")),
+        median(values(sets_old, 0, "eps")),
         "ev/s",
         note=f"fresh processes, {int(sets_new[0][0].stats.get('events', 0)):,} events, "
         f"median of {len(sets_new)}; each: {each(sets_new, 0, 'eps')} vs "
@@ -105,8 +106,8 @@ def checkpoint_rows(res: pipeline.PipelineResults) -> list[Row]:
     p99 = f"{pipeline.TOTAL} p99"
     p99_row = Row(
         f"event-to-decision p99 at 1,000 events/s: {label}",
-        median(sets_new, 1, p99),
-        median(sets_old, 1, p99),
+        median(values(sets_new, 1, p99)),
+        median(values(sets_old, 1, p99)),
         "ms",
         better="lower",
         note=f"median of {len(sets_new)}; each: {each(sets_new, 1, p99)} vs "

@@ -160,7 +160,7 @@ def plans(tx: pd.DataFrame, start: pd.Timestamp, counts: list[int]) -> list[Repl
     lo = 0
     begin = start
     for c in counts:
-        hi = min(lo + c, len(times) - 1)
+        hi = lo + c  # within the data: checked above
         end = times.iloc[hi]
         out.append(ReplayPlan(begin, end, label_lookback_days=LABEL_DELAY_DAYS))
         begin, lo = end, hi

@@ -262,9 +262,9 @@ class EnrichmentSettings(BaseModel):
     # as soon as the input is drained (NaturalBatchingApplication), so at live rates an
     # event's outputs are committed right after it is processed. Under load each checkpoint
     # costs a producer flush and a transaction the broker shares the two cores for: at
-    # max speed on fresh processes 200 ms against 50 ms measured medians of 4,373 against
-    # 3,499 events/s (1.25x) and no clear change in p99 at 1,000 events/s (`rtpipe bench`
-    # runs both side by side).
+    # max speed on fresh processes 200 ms against 50 ms measured medians of 4,421 against
+    # 3,224 events/s (1.37x), and p99 at 1,000 events/s 176 against 158 ms (0.90x: an event
+    # that meets a burst waits for the longer checkpoint). `rtpipe bench` runs both.
     commit_interval_s: float = Field(default=0.2, gt=0)
     # How long one fetch waits for more messages. quixstreams' time-aligned reads fetch with
     # consume(10_000, timeout), which returns only when 10,000 messages are in or the timeout
