@@ -198,10 +198,13 @@ def _tqdm_callback(bar: tqdm) -> Any:
 def average_boosters(boosters: list[lgb.Booster]) -> lgb.Booster:
     """One booster whose raw score is the mean of ``boosters``' raw scores.
 
-    The trees of all of them in one model, every leaf value divided by their number: served,
-    saved and loaded like any single LightGBM model (its probability is the sigmoid of the
-    mean log-odds). LightGBM has no public merge: ``LGBM_BoosterMerge`` is the C API call its
-    own ``Booster.refit`` uses to copy trees between boosters.
+    The trees of all of them in one model, every leaf's output divided by their number:
+    served, saved and loaded like any single LightGBM model (its probability is the sigmoid
+    of the mean log-odds). LightGBM has no public merge: ``LGBM_BoosterMerge`` is the C API
+    call its own ``Booster.refit`` uses to copy trees between boosters. A linear tree's leaf
+    outputs its constant plus coefficients times the inputs (``leaf_const``, ``leaf_coeff``
+    in the model text; ``set_leaf_output`` changes neither), so the division is done on the
+    model text, where every part of a leaf's output is.
 
     Raises:
         ValueError: for an empty list.
@@ -213,11 +216,34 @@ def average_boosters(boosters: list[lgb.Booster]) -> lgb.Booster:
         return merged
     for other in boosters[1:]:
         _safe_call(_LIB.LGBM_BoosterMerge(merged._handle, other._handle))
-    k = float(len(boosters))
-    for tree, info in enumerate(merged.dump_model()["tree_info"]):
-        for leaf in range(int(info["num_leaves"])):
-            merged.set_leaf_output(tree, leaf, merged.get_leaf_output(tree, leaf) / k)
-    return lgb.Booster(model_str=merged.model_to_string())
+    return lgb.Booster(model_str=_scale_leaf_outputs(merged.model_to_string(), len(boosters)))
+
+
+# The lines of a tree in LightGBM's model text that hold its leaves' outputs (and its inner
+# nodes' would-be outputs, kept consistent with them).
+_LEAF_OUTPUT_KEYS = ("leaf_value=", "leaf_const=", "leaf_coeff=", "internal_value=")
+
+
+def _scale_leaf_outputs(model: str, k: int) -> str:
+    """``model`` (LightGBM's model text) with every leaf output divided by ``k``.
+
+    The header's ``tree_sizes`` (each tree's length in bytes, for a parallel parse) is
+    dropped, since the new numbers change the lengths: LightGBM then parses the trees one
+    after another, and writes the sizes again when the model is saved.
+    """
+    lines = model.split("\n")
+    in_trees = False
+    for i, line in enumerate(lines):
+        if not in_trees and line.startswith("tree_sizes="):
+            lines[i] = ""
+        elif line.startswith("Tree="):
+            in_trees = True
+        elif line.startswith("end of trees"):
+            in_trees = False
+        elif in_trees and line.startswith(_LEAF_OUTPUT_KEYS):
+            key, _, values = line.partition("=")
+            lines[i] = f"{key}=" + " ".join(repr(float(v) / k) for v in values.split())
+    return "\n".join(lines)
 
 
 def refit(

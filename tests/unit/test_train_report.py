@@ -229,9 +229,12 @@ def test_the_monotone_choice_gives_a_model_monotone_in_terminal_risk() -> None:
         assert (booster.predict(raised.to_numpy()) - before).min() >= -1e-12, col
 
 
-def test_a_seed_averaged_refit_is_one_model_scoring_the_mean_log_odds() -> None:
+# Linear trees: a leaf's output is a constant plus coefficients (it was once averaged wrongly,
+# only the leaf values divided: raw scores off by up to 6 on a toy set).
+@pytest.mark.parametrize("linear_tree", [False, True])
+def test_a_seed_averaged_refit_is_one_model_scoring_the_mean_log_odds(linear_tree: bool) -> None:
     d = toy(6000)
-    params = {**FAST, "seed": 4}
+    params = {**FAST, "seed": 4, "linear_tree": linear_tree}
     singles = [refit(d, {**params, "seed": s}, 30, progress=False) for s in (4, 5, 6)]
     averaged = refit(d, params, 30, progress=False, n_seeds=3)
     X = toy(500, seed=3).X.to_numpy()
@@ -239,6 +242,10 @@ def test_a_seed_averaged_refit_is_one_model_scoring_the_mean_log_odds() -> None:
     # The seeds differ (else averaging them would change nothing).
     assert np.abs(raws[0] - raws[1]).max() > 1e-3
     np.testing.assert_allclose(averaged.predict(X, raw_score=True), raws.mean(axis=0), atol=1e-9)
+    if not linear_tree:
+        # Feature contributions (LightGBM has none for linear trees) add up to the raw score.
+        contrib = averaged.predict(X, pred_contrib=True).sum(axis=1)
+        np.testing.assert_allclose(contrib, raws.mean(axis=0), atol=1e-9)
     # It is saved and loaded as one LightGBM text model.
     loaded = lgb.Booster(model_str=averaged.model_to_string())
     assert loaded.num_trees() == 3 * 30
