@@ -54,6 +54,10 @@ class AuditReport:
     def outcomes(self) -> int:
         return sum(t.count for t in self.per_topic.values())
 
+    def ids_on(self, topics: Iterable[str]) -> set[int]:
+        """The transaction ids that ``topics`` hold (those this report read)."""
+        return {i for t in topics if t in self.per_topic for i in self.per_topic[t].ids}
+
     def decision_times_ms(self) -> np.ndarray:
         """Every decision's routing time (wall-clock ms), sorted."""
         times = [t for rec in self.per_topic.values() for t in rec.routed_ms]
