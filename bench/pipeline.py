@@ -9,13 +9,16 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from confluent_kafka import Consumer, Message, Producer
 
+from bench.broker_cpu import BrokerCpu
 from bench.naive import pump
 from stages.ops.harness.processes import StageProcess, exited, start_stages, stop_stages
+from stages.ops.harness.sandbox import clear_online_store
 from stages.ops.latency import (
     HOPS,
     TOTAL,
@@ -37,6 +40,15 @@ LOW_RATE = 200.0
 # The enrichment checkpoint's longest interval, side by side on fresh processes: the old
 # default and the current one (EnrichmentSettings.commit_interval_s).
 CHECKPOINT_INTERVALS_S = (0.05, 0.2)
+# Events of the main sequence's max-speed phase (full run): long enough to be sustained
+# (10,000 drained in 2.5-4 s, much of it while batches were still growing).
+MAX_SPEED_EVENTS = 30_000
+# Passes of the broker warm-up, at most (quick run, full run): each max speed, 1,000 and
+# LOW_RATE events/s. It ends after a pass whose JIT threads used under WARMUP_JIT_CORES. On
+# this machine they used 0.3-0.5 cores of the two for the first 2-4 minutes of load and
+# under 0.1 after that.
+WARMUP_PASSES = {True: 1, False: 5}
+WARMUP_JIT_CORES = 0.1
 # Re-exported for bench.results and the tests.
 __all__ = [
     "HOPS",
@@ -108,6 +120,9 @@ class PipelineResults:
     # Per enrichment checkpoint interval (seconds): the max-speed and 1,000 events/s phases
     # of each set of fresh processes run with it, the intervals alternating.
     checkpoint_sets: dict[float, list[list[Phase]]] = field(default_factory=dict)
+    # The broker warm-up before the main sequence (bench.broker_cpu): its passes' phases,
+    # the first on a broker whose JIT is still compiling.
+    warmup: list[Phase] = field(default_factory=list)
 
 
 def replay_phase(
@@ -121,17 +136,21 @@ def replay_phase(
     timeout_s: float = 180.0,
     *,
     require_all: bool = False,
+    probe: BrokerCpu | None = None,
 ) -> dict[str, float]:
     """Replay ``plan`` at ``rate`` (None: max speed) into the running ``procs`` and wait for
-    its decisions; their stats, with the replay's own events/s.
+    its decisions; their stats, with the replay's own events/s (and, given ``probe``, the
+    cores the broker used meanwhile).
 
     Raises:
         RuntimeError: a stage process died, or (``require_all``) not every transaction of
             the plan was decided within ``timeout_s``.
     """
     ids = plan.transaction_ids(tx)
+    before = probe.sample() if probe is not None else None
     result = replay(settings, tx, plan, rate=rate, producer=producer)
     decided = collector.wait_for(ids, timeout_s=timeout_s)
+    cores = BrokerCpu.cores(before, probe.sample()) if probe and before else {}
     dead = exited(procs)
     if dead:
         raise RuntimeError(f"stage(s) died during the bench: {dead}; see {procs[0].log}")
@@ -139,13 +158,80 @@ def replay_phase(
         raise RuntimeError(f"not every transaction was decided in {timeout_s:.0f} s")
     stats = collector.stats_of(ids)
     stats["replay_eps"] = result.transactions / result.seconds if result.seconds else 0
+    stats.update(cores)
     return stats
 
 
-def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) -> PipelineResults:
-    """Three stage processes; a warm-up, a max-speed replay, then fixed-rate replays."""
-    ensure_topics(settings.kafka, settings.topics)
+def broker_probe(settings: Settings) -> BrokerCpu | None:
+    """A CPU probe of the stack's broker, when this machine has ``/proc`` and the broker is
+    ours (the single node's)."""
+    from infra.stack.procs import owned_pid
+
+    pid = owned_pid(settings, "kafka")
+    if pid is None or not Path(f"/proc/{pid}/task").is_dir():
+        return None
+    return BrokerCpu(pid)
+
+
+def broker_warmup(
+    settings: Settings,
+    tx: pd.DataFrame,
+    start: pd.Timestamp,
+    quick: bool,
+    probe: BrokerCpu | None,
+) -> list[Phase]:
+    """Load a fresh broker the way the measured phases will before they run: passes of max
+    speed, 1,000 and ``LOW_RATE`` events/s through three stage processes on topics of their
+    own, from ``start`` in the data (the main sequence replays the same window after it; the
+    online store is cleared in between). A production broker has long compiled its hot
+    code; one started by the bench has not (bench.broker_cpu). The passes go on until the
+    broker's JIT threads used under ``WARMUP_JIT_CORES`` through a whole pass (without a
+    probe: all of them), at most ``WARMUP_PASSES[quick]``. Returns the passes' phases."""
+    topics = settings.topics.model_copy(update={"prefix": f"{settings.topics.prefix}warm."})
+    s = settings.model_copy(update={"topics": topics})
+    ensure_topics(s.kafka, s.topics)
     n_max = 3_000 if quick else 10_000
+    latency_s = 4.0 if quick else 10.0
+    steps: list[PhaseStep] = [
+        ("max speed", n_max, None),
+        ("1,000 events/s", int(1_000 * latency_s), 1_000.0),
+        (f"{LOW_RATE:,.0f} events/s", int(LOW_RATE * latency_s), LOW_RATE),
+    ]
+    passes = WARMUP_PASSES[quick]
+    warm, *windows = plans(tx, start, [300, *(n for _, n, _ in steps * passes)])
+    collector = DecisionCollector(s)
+    procs = start_stages(s)
+    producer = replay_producer(s)
+    phases: list[Phase] = []
+    try:
+        replay_phase(s, tx, warm, None, producer, collector, procs)
+        for i in range(passes):
+            before = probe.sample() if probe is not None else None
+            for j, (label, _, rate) in enumerate(steps):
+                plan = windows[i * len(steps) + j]
+                stats = replay_phase(s, tx, plan, rate, producer, collector, procs, probe=probe)
+                name = f"{label}, pass {i + 1}, broker warm-up"
+                logger.info("pipeline phase %s: %s", name, stats)
+                phases.append(Phase(name, rate, stats))
+            if probe is not None and before is not None:
+                jit = BrokerCpu.cores(before, probe.sample()).get("broker jit cores", 0.0)
+                logger.info("broker warm-up pass %d: JIT threads %.2f cores", i + 1, jit)
+                if jit < WARMUP_JIT_CORES:
+                    break
+    finally:
+        stop_stages(procs)
+        collector.close()
+    clear_online_store(settings)
+    return phases
+
+
+def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) -> PipelineResults:
+    """The broker warmed up; then three stage processes: a warm-up, a sustained max-speed
+    replay, then fixed-rate replays."""
+    probe = broker_probe(settings)
+    warmup = broker_warmup(settings, tx, start, quick, probe)
+    ensure_topics(settings.kafka, settings.topics)
+    n_max = 3_000 if quick else MAX_SPEED_EVENTS
     latency_s = 4.0 if quick else 10.0
     counts = [300, n_max]
     windows = plans(tx, start, [*counts, int(1_000 * latency_s)])
@@ -159,7 +245,7 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
     try:
 
         def run_phase(name: str, plan: ReplayPlan, rate: float | None) -> Phase:
-            stats = replay_phase(settings, tx, plan, rate, producer, collector, procs)
+            stats = replay_phase(settings, tx, plan, rate, producer, collector, procs, probe=probe)
             logger.info("pipeline phase %s: %s", name, stats)
             return Phase(name, rate, stats)
 
@@ -200,15 +286,27 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
         trials.append(passthrough(settings.model_copy(update={"topics": topics}), n_max))
     pass_eps = float(np.median(trials))
     return PipelineResults(
-        top.stats.get("eps", float("nan")), pass_eps, phases, overlap, cold_starts, checkpoints
+        top.stats.get("eps", float("nan")),
+        pass_eps,
+        phases,
+        overlap,
+        cold_starts,
+        checkpoints,
+        warmup,
     )
 
 
 def fresh_set(
-    s: Settings, tx: pd.DataFrame, start: pd.Timestamp, tag: str, steps: Sequence[PhaseStep]
+    s: Settings,
+    tx: pd.DataFrame,
+    start: pd.Timestamp,
+    tag: str,
+    steps: Sequence[PhaseStep],
+    probe: BrokerCpu | None = None,
 ) -> tuple[list[Phase], pd.Timestamp, float]:
     """Three fresh stage processes on ``s`` (topics of their own): a 300-event warm-up, then
-    each of ``steps`` (label, events, rate; None: max speed) in order.
+    each of ``steps`` (label, events, rate; None: max speed) in order (with the broker's
+    cores per step, given ``probe``).
 
     Returns:
         The steps' phases, named ``"<label>, <tag>"``; where in the data the next set may
@@ -226,7 +324,7 @@ def fresh_set(
         logger.info("pipeline (%s) phase warm-up: %s", tag, stats)
         cold = (collector.first_visible_ms(warm.transaction_ids(tx)) - started_ms) / 1000.0
         for (label, _, rate), plan in zip(steps, windows, strict=True):
-            stats = replay_phase(s, tx, plan, rate, producer, collector, procs)
+            stats = replay_phase(s, tx, plan, rate, producer, collector, procs, probe=probe)
             logger.info("pipeline (%s) phase %s: %s", tag, label, stats)
             phases.append(Phase(f"{label}, {tag}", rate, stats))
     finally:

@@ -116,6 +116,64 @@ def checkpoint_rows(res: pipeline.PipelineResults) -> list[Row]:
     return [eps_row, p99_row]
 
 
+def latency_rows(
+    what: str, ours: pipeline.Phase, baseline: pipeline.Phase, note: str = ""
+) -> list[Row]:
+    """Event-to-decision p50 and p99 of two phases side by side (``what``: the rate and the
+    comparison)."""
+    return [
+        Row(
+            f"event-to-decision {q} at {what}",
+            ours.stats.get(f"{pipeline.TOTAL} {q}", float("nan")),
+            baseline.stats.get(f"{pipeline.TOTAL} {q}", float("nan")),
+            "ms",
+            better="lower",
+            note=note,
+        )
+        for q in ("p50", "p99")
+    ]
+
+
+def warmup_rows(res: pipeline.PipelineResults) -> list[Row]:
+    """The main sequence's fixed rates (broker warmed up) against the same rates in the
+    warm-up's first pass (a broker fresh from its start, its JIT compiling)."""
+    first = {ph.offered_eps: ph for ph in res.warmup if ph.name.split(", ")[1] == "pass 1"}
+    rows = []
+    for ph in res.phases:
+        cold = first.get(ph.offered_eps) if ph.offered_eps else None
+        if cold is None:
+            continue
+        ours_jit, cold_jit = (fmt_number(p.stats.get("broker jit cores")) for p in (ph, cold))
+        jit = f"broker JIT {ours_jit} vs {cold_jit} cores"
+        what = f"{ph.name}: broker warmed up vs fresh broker (warm-up pass 1)"
+        rows += latency_rows(what, ph, cold, note=jit)
+    return rows
+
+
+def warmup_section(res: pipeline.PipelineResults) -> str:
+    """Every phase of the broker warm-up and of the main sequence with the broker's cores."""
+    lines = [
+        "Before the main sequence the bench loads its fresh broker the way the measured phases "
+        "will (bench.pipeline.broker_warmup: passes of max speed, 1,000 and "
+        f"{pipeline.LOW_RATE:,.0f} events/s on fresh processes and topics, then the online "
+        "store cleared). A production broker has long compiled its hot code; a fresh one "
+        "spends much of a core in its JIT compiler threads (C1, C2) for minutes of load "
+        "(bench.broker_cpu reads them from /proc). Broker cores are of the machine's two.",
+        "",
+        "| phase | achieved ev/s | event-to-decision p50 / p99 ms | broker cores | of them JIT |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for ph in [*res.warmup, *res.phases]:
+        st = ph.stats
+        lines.append(
+            f"| {ph.name} | {fmt_number(st.get('eps'))} | "
+            f"{fmt_number(st.get(f'{pipeline.TOTAL} p50'))} / "
+            f"{fmt_number(st.get(f'{pipeline.TOTAL} p99'))} | "
+            f"{fmt_number(st.get('broker cores'))} | {fmt_number(st.get('broker jit cores'))} |"
+        )
+    return "\n".join(lines)
+
+
 def latency_section(res: pipeline.PipelineResults) -> str:
     lines = [
         "Per-stage latency from the timestamps every decision carries (ms; p50 / p99). "
@@ -309,18 +367,11 @@ def main(
                 for serial, overlapped in zip(
                     pi.commit_overlap.get(False, []), pi.commit_overlap.get(True, []), strict=True
                 ):
-                    for q in ("p50", "p99"):
-                        results.rows.append(
-                            Row(
-                                f"event-to-decision {q} at {overlapped.name.rsplit(', ', 1)[0]}: "
-                                "commit round trips overlapped vs after the work",
-                                overlapped.stats.get(f"{pipeline.TOTAL} {q}", float("nan")),
-                                serial.stats.get(f"{pipeline.TOTAL} {q}", float("nan")),
-                                "ms",
-                                better="lower",
-                            )
-                        )
+                    rate = overlapped.name.rsplit(", ", 1)[0]
+                    what = f"{rate}: commit round trips overlapped vs after the work"
+                    results.rows += latency_rows(what, overlapped, serial)
                 results.rows += checkpoint_rows(pi)
+                results.rows += warmup_rows(pi)
                 if pi.cold_starts_s:
                     results.rows.append(
                         Row(
@@ -335,6 +386,8 @@ def main(
                         )
                     )
                 results.sections["Where the latency goes"] = latency_section(pi)
+                if pi.warmup:
+                    results.sections["Broker warm-up"] = warmup_section(pi)
 
             if "cluster" in parts:
                 logger.info("bench 7/7: scale-out (cluster stack, 1 and 2 processes per stage)")

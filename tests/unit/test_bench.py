@@ -213,3 +213,75 @@ def test_checkpoint_rows_compare_the_current_interval_with_the_old_one_by_median
     assert (
         checkpoint_rows(PipelineResults(1.0, 1.0, [], checkpoint_sets={new: sets([1], [1])})) == []
     )
+
+
+def _fake_proc(root: Any, pid: int, threads: dict[str, tuple[str, int, int]]) -> None:
+    """A ``/proc/PID/task`` tree: thread id -> (name, utime ticks, stime ticks)."""
+    for tid, (name, utime, stime) in threads.items():
+        task = root / str(pid) / "task" / tid
+        task.mkdir(parents=True)
+        (task / "comm").write_text(name + "\n")
+        # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        # utime stime ...: a name with spaces and parentheses must not shift the fields.
+        fields = ["S", *["0"] * 10, str(utime), str(stime), "0", "0"]
+        (task / "stat").write_text(f"{tid} ({name}) " + " ".join(fields) + "\n")
+
+
+def test_broker_cpu_counts_every_thread_and_the_jit_compilers_apart(tmp_path: Any) -> None:
+    from bench.broker_cpu import BrokerCpu, CpuSample, thread_cpu
+
+    _fake_proc(
+        tmp_path,
+        42,
+        {
+            "1": ("C2 CompilerThre", 300, 100),
+            "2": ("C1 CompilerThre", 50, 50),
+            "3": ("data-plane-kafk", 200, 0),
+            "4": ("odd (name) x", 0, 100),
+        },
+    )
+    total, jit = thread_cpu(tmp_path / "42", 100.0)
+    assert (total, jit) == (8.0, 5.0)
+    # A process that is gone reads as nothing, not an error.
+    assert thread_cpu(tmp_path / "43", 100.0) == (0.0, 0.0)
+    probe = BrokerCpu(42, proc_root=tmp_path)
+    assert probe.sample().total_s > 0
+    cores = BrokerCpu.cores(CpuSample(10.0, 1.0, 0.5), CpuSample(12.0, 3.0, 1.5))
+    assert cores == {"broker cores": 1.0, "broker jit cores": 0.5}
+    assert BrokerCpu.cores(CpuSample(10.0, 1.0, 0.5), CpuSample(10.0, 3.0, 1.5)) == {}
+
+
+def test_warmup_rows_compare_each_fixed_rate_with_the_first_pass_of_the_warm_up() -> None:
+    from bench.pipeline import Phase, PipelineResults
+    from bench.run import warmup_rows, warmup_section
+
+    total = "ingest -> visible (total)"
+
+    def ph(name: str, rate: float | None, p50: float, p99: float, jit: float) -> Phase:
+        stats = {f"{total} p50": p50, f"{total} p99": p99, "broker jit cores": jit, "eps": 9.0}
+        return Phase(name, rate, stats)
+
+    warmup = [
+        ph("max speed, pass 1, broker warm-up", None, 900, 1_900, 0.4),
+        ph("1,000 events/s, pass 1, broker warm-up", 1_000.0, 300, 1_000, 0.4),
+        ph("200 events/s, pass 1, broker warm-up", 200.0, 100, 300, 0.35),
+        ph("1,000 events/s, pass 2, broker warm-up", 1_000.0, 120, 260, 0.05),
+    ]
+    main = [
+        ph("max speed", None, 800, 1_500, 0.02),
+        ph("1,000 events/s", 1_000.0, 150, 250, 0.03),
+        ph("200 events/s", 200.0, 50, 100, 0.01),
+        ph("50% of max", 1_234.0, 90, 200, 0.01),
+    ]
+    rows = warmup_rows(PipelineResults(1.0, 1.0, main, warmup=warmup))
+    # Fixed rates the first pass also ran, p50 and p99; never against pass 2, never max speed.
+    assert [(r.what.split(":")[0], r.ours, r.baseline) for r in rows] == [
+        ("event-to-decision p50 at 1,000 events/s", 150, 300),
+        ("event-to-decision p99 at 1,000 events/s", 250, 1_000),
+        ("event-to-decision p50 at 200 events/s", 50, 100),
+        ("event-to-decision p99 at 200 events/s", 100, 300),
+    ]
+    assert rows[1].ratio == 4.0 and rows[1].note == "broker JIT 0.03 vs 0.4 cores"
+    assert warmup_rows(PipelineResults(1.0, 1.0, main)) == []
+    section = warmup_section(PipelineResults(1.0, 1.0, main, warmup=warmup))
+    assert section.count("broker warm-up |") == 4 and "| 50% of max |" in section
