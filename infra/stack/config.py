@@ -142,6 +142,7 @@ def kafka_java(
         java,
         f"-Xmx{settings.stack.kafka_heap}",
         "-XX:+UseG1GC",
+        *settings.stack.kafka_jvm_opts.split(),
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={log4j}",
         "-cp",

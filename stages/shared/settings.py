@@ -224,6 +224,9 @@ class StackSettings(BaseModel):
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
     kafka_heap: str = "1g"
+    # Extra JVM options of every broker the stack starts, space-separated (after the heap
+    # and the collector, so they can override them).
+    kafka_jvm_opts: str = ""
     redis_port: int = 6379
     prometheus_port: int = 9090
     # Cluster mode (``rtpipe stack up --brokers 3 --redis-cluster``). With kafka_brokers > 1,

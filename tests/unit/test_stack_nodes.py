@@ -28,3 +28,26 @@ def test_a_node_that_ran_keeps_the_bus_port_its_peers_know(tmp_path: Path) -> No
 def test_a_conf_without_its_own_entry_counts_as_new(tmp_path: Path) -> None:
     (tmp_path / "nodes.conf").write_text("vars currentEpoch 0 lastVoteEpoch 0\n")
     assert RedisNode(port=30701, dir=tmp_path).bus_port == 30801
+
+
+def test_broker_command_line_carries_the_extra_jvm_options_after_the_defaults(
+    tmp_path: Path,
+) -> None:
+    from infra.stack.config import kafka_java
+    from stages.shared.settings import Settings
+
+    base = Settings(home=tmp_path)
+    plain = kafka_java(base, tmp_path / "libs", "kafka.Kafka", "server.properties")
+    assert plain[1:3] == ["-Xmx1g", "-XX:+UseG1GC"] and plain[-2:] == [
+        "kafka.Kafka",
+        "server.properties",
+    ]
+    stack = base.stack.model_copy(
+        update={"kafka_jvm_opts": " -XX:+UseSerialGC  -XX:CICompilerCount=2 "}
+    )
+    cmd = kafka_java(
+        base.model_copy(update={"stack": stack}), tmp_path / "libs", "kafka.Kafka", "x"
+    )
+    # Later JVM flags win: the extra ones come after the defaults and before the class path.
+    assert cmd[1:5] == ["-Xmx1g", "-XX:+UseG1GC", "-XX:+UseSerialGC", "-XX:CICompilerCount=2"]
+    assert cmd.index("-cp") > 4
