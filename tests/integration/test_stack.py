@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -122,6 +123,31 @@ def test_kafka_topic_is_created_and_a_message_round_trips(stack_settings: Settin
     assert msg is not None, "no message consumed within 30 s"
     assert msg.key() == b"c-1"
     assert json.loads(msg.value() or b"") == {"amount": 12.5}
+
+
+@pytest.mark.integration
+def test_bench_broker_probe_reads_the_session_broker_and_its_jit_threads(
+    stack_settings: Settings,
+) -> None:
+    from bench.broker_cpu import BrokerCpu
+    from bench.pipeline import broker_probe
+
+    probe = broker_probe(stack_settings)
+    assert probe is not None, "the session's broker was not found by its PID file"
+    before = probe.sample()
+    admin = AdminClient(stack_settings.kafka.client_config())
+    for _ in range(50):  # requests the broker has to answer
+        admin.list_topics(timeout=10)
+    time.sleep(0.1)
+    after = probe.sample()
+    # A JVM that has started and served requests has compiled code on its C1/C2 threads.
+    assert after.jit_s > 0 and after.total_s > after.jit_s
+    assert after.total_s >= before.total_s and after.jit_s >= before.jit_s
+    cores = BrokerCpu.cores(before, after)
+    assert 0 <= cores["broker jit cores"] <= cores["broker cores"] <= 2 * (os.cpu_count() or 1)
+    # Not ours (a settings home with no broker): no probe.
+    other = make_test_settings(home=stack_settings.home / "no-such-stack")
+    assert broker_probe(other) is None
 
 
 # ----------------------------------------------------------------------- a second stack
