@@ -297,16 +297,10 @@ def run(settings: Settings, tx: pd.DataFrame, start: pd.Timestamp, quick: bool) 
 
 
 def fresh_set(
-    s: Settings,
-    tx: pd.DataFrame,
-    start: pd.Timestamp,
-    tag: str,
-    steps: Sequence[PhaseStep],
-    probe: BrokerCpu | None = None,
+    s: Settings, tx: pd.DataFrame, start: pd.Timestamp, tag: str, steps: Sequence[PhaseStep]
 ) -> tuple[list[Phase], pd.Timestamp, float]:
     """Three fresh stage processes on ``s`` (topics of their own): a 300-event warm-up, then
-    each of ``steps`` (label, events, rate; None: max speed) in order (with the broker's
-    cores per step, given ``probe``).
+    each of ``steps`` (label, events, rate; None: max speed) in order.
 
     Returns:
         The steps' phases, named ``"<label>, <tag>"``; where in the data the next set may
@@ -324,7 +318,7 @@ def fresh_set(
         logger.info("pipeline (%s) phase warm-up: %s", tag, stats)
         cold = (collector.first_visible_ms(warm.transaction_ids(tx)) - started_ms) / 1000.0
         for (label, _, rate), plan in zip(steps, windows, strict=True):
-            stats = replay_phase(s, tx, plan, rate, producer, collector, procs, probe=probe)
+            stats = replay_phase(s, tx, plan, rate, producer, collector, procs)
             logger.info("pipeline (%s) phase %s: %s", tag, label, stats)
             phases.append(Phase(f"{label}, {tag}", rate, stats))
     finally:

@@ -155,9 +155,10 @@ def warmup_section(res: pipeline.PipelineResults) -> str:
     lines = [
         "Before the main sequence the bench loads its fresh broker the way the measured phases "
         "will (bench.pipeline.broker_warmup: passes of max speed, 1,000 and "
-        f"{pipeline.LOW_RATE:,.0f} events/s on fresh processes and topics, then the online "
-        "store cleared). A production broker has long compiled its hot code; a fresh one "
-        "spends much of a core in its JIT compiler threads (C1, C2) for minutes of load "
+        f"{pipeline.LOW_RATE:,.0f} events/s through stage processes and topics of their own, "
+        "then the online store cleared). A production broker has long compiled its hot "
+        "code; a fresh one spends much of a core in its JIT compiler threads (C1, C2) for "
+        "minutes of load "
         "(bench.broker_cpu reads them from /proc). Broker cores are of the machine's two.",
         "",
         "| phase | achieved ev/s | event-to-decision p50 / p99 ms | broker cores | of them JIT |",
