@@ -9,14 +9,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from confluent_kafka import Consumer, Message, Producer
 
-from bench.broker_cpu import BrokerCpu
 from bench.naive import pump
+from infra.stack.broker_cpu import BrokerCpu, broker_probe
 from stages.ops.harness.processes import StageProcess, exited, start_stages, stop_stages
 from stages.ops.harness.sandbox import clear_online_store
 from stages.ops.latency import (
@@ -120,7 +119,7 @@ class PipelineResults:
     # Per enrichment checkpoint interval (seconds): the max-speed and 1,000 events/s phases
     # of each set of fresh processes run with it, the intervals alternating.
     checkpoint_sets: dict[float, list[list[Phase]]] = field(default_factory=dict)
-    # The broker warm-up before the main sequence (bench.broker_cpu): its passes' phases,
+    # The broker warm-up before the main sequence (infra.stack.broker_cpu): its passes' phases,
     # the first on a broker whose JIT is still compiling.
     warmup: list[Phase] = field(default_factory=list)
 
@@ -162,17 +161,6 @@ def replay_phase(
     return stats
 
 
-def broker_probe(settings: Settings) -> BrokerCpu | None:
-    """A CPU probe of the stack's broker, when this machine has ``/proc`` and the broker is
-    ours (the single node's)."""
-    from infra.stack.procs import owned_pid
-
-    pid = owned_pid(settings, "kafka")
-    if pid is None or not Path(f"/proc/{pid}/task").is_dir():
-        return None
-    return BrokerCpu(pid)
-
-
 def broker_warmup(
     settings: Settings,
     tx: pd.DataFrame,
@@ -184,7 +172,7 @@ def broker_warmup(
     speed, 1,000 and ``LOW_RATE`` events/s through three stage processes on topics of their
     own, from ``start`` in the data (the main sequence replays the same window after it; the
     online store is cleared in between). A production broker has long compiled its hot
-    code; one started by the bench has not (bench.broker_cpu). The passes go on until the
+    code; one started by the bench has not (infra.stack.broker_cpu). The passes go on until the
     broker's JIT threads used under ``WARMUP_JIT_CORES`` through a whole pass (without a
     probe: all of them), at most ``WARMUP_PASSES[quick]``. Returns the passes' phases."""
     topics = settings.topics.model_copy(update={"prefix": f"{settings.topics.prefix}warm."})

@@ -159,7 +159,7 @@ def warmup_section(res: pipeline.PipelineResults) -> str:
         "then the online store cleared). A production broker has long compiled its hot "
         "code; a fresh one spends much of a core in its JIT compiler threads (C1, C2) for "
         "minutes of load "
-        "(bench.broker_cpu reads them from /proc). Broker cores are of the machine's two.",
+        "(infra.stack.broker_cpu reads them from /proc). Broker cores are of the machine's two.",
         "",
         "| phase | achieved ev/s | event-to-decision p50 / p99 ms | broker cores | of them JIT |",
         "|---|---:|---:|---:|---:|",

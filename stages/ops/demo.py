@@ -106,8 +106,9 @@ def wait_for_outcomes(
     return audit(settings, expected)
 
 
-def print_live(rows: np.ndarray, offered: float) -> None:
-    """The live-rate phase's latency: what a read_committed reader of the decisions saw."""
+def print_live(rows: np.ndarray, offered: float, broker: dict[str, float] | None = None) -> None:
+    """The live-rate phase's latency: what a read_committed reader of the decisions saw;
+    and, when measured (``infra.stack.broker_cpu``), the cores the broker used meanwhile."""
     stats = decision_stats(rows)
     if not len(rows):
         console.print("live rate: no decisions")
@@ -122,6 +123,12 @@ def print_live(rows: np.ndarray, offered: float) -> None:
         "  per hop (p50 / p99 ms): "
         + ", ".join(f"{h} {stats[f'{h} p50']:.0f} / {stats[f'{h} p99']:.0f}" for h in hops)
     )
+    if broker:
+        console.print(
+            f"  broker meanwhile: {broker['broker cores']:.2f} cores, of them its JIT compiler "
+            f"threads {broker['broker jit cores']:.2f} (a broker fresh from its start compiles "
+            "its hot code through minutes of load; README, 'A fresh broker's JIT')"
+        )
 
 
 def print_summary(settings: Settings, report: AuditReport, replayed: ReplayResult) -> None:
@@ -182,6 +189,7 @@ def run_demo(
     The served model is trained on ``feature_service`` (unless the promoted one already is),
     so the skew check covers every feature of that service on the whole replay."""
     from infra import stack
+    from infra.stack.broker_cpu import BrokerCpu, broker_probe
     from stages.shared.feast_store import apply_repo
     from training import registry
     from training.features import BACKFILL_VIEWS
@@ -256,6 +264,7 @@ def run_demo(
     logger.info("cleared %d online rows", cleared)
     procs = start_stages(settings, DEMO_STAGES)
     sampler = MetricsSampler.for_stages(settings, interval_s=1.0)
+    broker: dict[str, float] = {}
     # Reading from the start: made at the live phase instead, it first had to read the whole
     # backlog's decisions and stamped the live phase's first ones late (live p99 957 ms with
     # 849 ms on the last hop, against 194 and 54 ms when it reads from the start).
@@ -287,7 +296,12 @@ def run_demo(
         console.rule(f"live rate: {LIVE_SECONDS:.0f} s at {LIVE_RATE:,.0f} events/s")
         (live_plan,) = plans(tx, plan.end, [int(LIVE_RATE * LIVE_SECONDS)])
         live_ids = live_plan.transaction_ids(tx)
+        probe = broker_probe(settings)
+        before = probe.sample() if probe is not None else None
         replay(settings, tx, live_plan, rate=LIVE_RATE, producer=producer)
+        # The broker through the live traffic only (the audit next reads every outcome).
+        if probe is not None and before is not None:
+            broker = BrokerCpu.cores(before, probe.sample())
         expected += live_ids
         report = wait_for_outcomes(settings, expected, procs, timeout_s=120)
         decided = report.ids_on(decision_topics)
@@ -301,7 +315,7 @@ def run_demo(
         codes = stop_stages(procs)
     console.rule("6/6 summary")
     print_summary(settings, report, replayed)
-    print_live(live_rows, LIVE_RATE)
+    print_live(live_rows, LIVE_RATE, broker)
     console.rule("skew check: served and offline features vs the batch definitions")
     # Served features vs the batch definitions; `rtpipe check-skew` adds Feast's offline join.
     days = (live_plan.end - begin) / pd.Timedelta(days=1)

@@ -126,11 +126,10 @@ def test_kafka_topic_is_created_and_a_message_round_trips(stack_settings: Settin
 
 
 @pytest.mark.integration
-def test_bench_broker_probe_reads_the_session_broker_and_its_jit_threads(
+def test_broker_probe_reads_the_session_broker_and_its_jit_threads(
     stack_settings: Settings,
 ) -> None:
-    from bench.broker_cpu import BrokerCpu
-    from bench.pipeline import broker_probe
+    from infra.stack.broker_cpu import BrokerCpu, broker_probe
 
     probe = broker_probe(stack_settings)
     assert probe is not None, "the session's broker was not found by its PID file"

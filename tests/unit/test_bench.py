@@ -215,42 +215,6 @@ def test_checkpoint_rows_compare_the_current_interval_with_the_old_one_by_median
     )
 
 
-def _fake_proc(root: Any, pid: int, threads: dict[str, tuple[str, int, int]]) -> None:
-    """A ``/proc/PID/task`` tree: thread id -> (name, utime ticks, stime ticks)."""
-    for tid, (name, utime, stime) in threads.items():
-        task = root / str(pid) / "task" / tid
-        task.mkdir(parents=True)
-        (task / "comm").write_text(name + "\n")
-        # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
-        # utime stime ...: a name with spaces and parentheses must not shift the fields.
-        fields = ["S", *["0"] * 10, str(utime), str(stime), "0", "0"]
-        (task / "stat").write_text(f"{tid} ({name}) " + " ".join(fields) + "\n")
-
-
-def test_broker_cpu_counts_every_thread_and_the_jit_compilers_apart(tmp_path: Any) -> None:
-    from bench.broker_cpu import BrokerCpu, CpuSample, thread_cpu
-
-    _fake_proc(
-        tmp_path,
-        42,
-        {
-            "1": ("C2 CompilerThre", 300, 100),
-            "2": ("C1 CompilerThre", 50, 50),
-            "3": ("data-plane-kafk", 200, 0),
-            "4": ("odd (name) x", 0, 100),
-        },
-    )
-    total, jit = thread_cpu(tmp_path / "42", 100.0)
-    assert (total, jit) == (8.0, 5.0)
-    # A process that is gone reads as nothing, not an error.
-    assert thread_cpu(tmp_path / "43", 100.0) == (0.0, 0.0)
-    probe = BrokerCpu(42, proc_root=tmp_path)
-    assert probe.sample().total_s > 0
-    cores = BrokerCpu.cores(CpuSample(10.0, 1.0, 0.5), CpuSample(12.0, 3.0, 1.5))
-    assert cores == {"broker cores": 1.0, "broker jit cores": 0.5}
-    assert BrokerCpu.cores(CpuSample(10.0, 1.0, 0.5), CpuSample(10.0, 3.0, 1.5)) == {}
-
-
 def test_warmup_rows_compare_each_fixed_rate_with_the_first_pass_of_the_warm_up() -> None:
     from bench.pipeline import Phase, PipelineResults
     from bench.run import warmup_rows, warmup_section

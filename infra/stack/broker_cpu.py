@@ -4,7 +4,8 @@
 A broker fresh from its start compiles its hot code for minutes: on this 2-core machine its
 C1 and C2 compiler threads took 0.3-0.5 cores through the first minutes of load, and again
 for a while whenever the load took a shape it had not seen (max speed, then fixed rates).
-The bench warms the broker up before its measured phases and prints both.
+The bench warms the broker up before its measured phases and prints both; the demo prints
+the broker's cores and JIT share through its live-rate phase.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from infra.stack.procs import owned_pid
+from stages.shared.settings import Settings
 
 # HotSpot's compiler threads ("C2 CompilerThread0", "C1 CompilerThre..." in the 15 bytes of
 # a Linux thread name).
@@ -70,3 +74,12 @@ class BrokerCpu:
             "broker cores": (after.total_s - before.total_s) / dt,
             "broker jit cores": (after.jit_s - before.jit_s) / dt,
         }
+
+
+def broker_probe(settings: Settings) -> BrokerCpu | None:
+    """A CPU probe of the stack's broker, when this machine has ``/proc`` and the broker is
+    ours (the single node's)."""
+    pid = owned_pid(settings, "kafka")
+    if pid is None or not Path(f"/proc/{pid}/task").is_dir():
+        return None
+    return BrokerCpu(pid)
