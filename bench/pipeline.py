@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -161,6 +162,46 @@ def replay_phase(
     return stats
 
 
+class StageSet:
+    """Three stage processes on ``s`` with a decision collector and one replay producer,
+    running for a ``with`` block (:func:`stage_set`)."""
+
+    def __init__(self, s: Settings, tx: pd.DataFrame, probe: BrokerCpu | None) -> None:
+        self._s, self._tx, self._probe = s, tx, probe
+        self.collector = DecisionCollector(s)
+        self.started_ms = time.time() * 1000
+        self.procs = start_stages(s)
+        self.producer = replay_producer(s)
+
+    def phase(self, plan: ReplayPlan, rate: float | None) -> dict[str, float]:
+        """:func:`replay_phase` of ``plan`` at ``rate`` into these processes."""
+        return replay_phase(
+            self._s,
+            self._tx,
+            plan,
+            rate,
+            self.producer,
+            self.collector,
+            self.procs,
+            probe=self._probe,
+        )
+
+    def close(self) -> None:
+        stop_stages(self.procs)
+        self.collector.close()
+
+
+@contextmanager
+def stage_set(s: Settings, tx: pd.DataFrame, probe: BrokerCpu | None = None) -> Iterator[StageSet]:
+    """Fresh stage processes on ``s`` for the block; stopped (and the collector closed) on
+    the way out."""
+    running = StageSet(s, tx, probe)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
 def broker_warmup(
     settings: Settings,
     tx: pd.DataFrame,
@@ -187,17 +228,13 @@ def broker_warmup(
     ]
     passes = WARMUP_PASSES[quick]
     warm, *windows = plans(tx, start, [300, *(n for _, n, _ in steps * passes)])
-    collector = DecisionCollector(s)
-    procs = start_stages(s)
-    producer = replay_producer(s)
     phases: list[Phase] = []
-    try:
-        replay_phase(s, tx, warm, None, producer, collector, procs)
+    with stage_set(s, tx, probe) as running:
+        running.phase(warm, None)
         for i in range(passes):
             before = probe.sample() if probe is not None else None
             for j, (label, _, rate) in enumerate(steps):
-                plan = windows[i * len(steps) + j]
-                stats = replay_phase(s, tx, plan, rate, producer, collector, procs, probe=probe)
+                stats = running.phase(windows[i * len(steps) + j], rate)
                 name = f"{label}, pass {i + 1}, broker warm-up"
                 logger.info("pipeline phase %s: %s", name, stats)
                 phases.append(Phase(name, rate, stats))
@@ -206,9 +243,6 @@ def broker_warmup(
                 logger.info("broker warm-up pass %d: JIT threads %.2f cores", i + 1, jit)
                 if jit < WARMUP_JIT_CORES:
                     break
-    finally:
-        stop_stages(procs)
-        collector.close()
     clear_online_store(settings)
     return phases
 
@@ -296,22 +330,16 @@ def fresh_set(
     """
     ensure_topics(s.kafka, s.topics)
     warm, *windows = plans(tx, start, [300, *(n for _, n, _ in steps)])
-    collector = DecisionCollector(s)
-    started_ms = time.time() * 1000
-    procs = start_stages(s)
-    producer = replay_producer(s)
     phases: list[Phase] = []
-    try:
-        stats = replay_phase(s, tx, warm, None, producer, collector, procs)
+    with stage_set(s, tx) as running:
+        stats = running.phase(warm, None)
         logger.info("pipeline (%s) phase warm-up: %s", tag, stats)
-        cold = (collector.first_visible_ms(warm.transaction_ids(tx)) - started_ms) / 1000.0
+        first_ms = running.collector.first_visible_ms(warm.transaction_ids(tx))
+        cold = (first_ms - running.started_ms) / 1000.0
         for (label, _, rate), plan in zip(steps, windows, strict=True):
-            stats = replay_phase(s, tx, plan, rate, producer, collector, procs)
+            stats = running.phase(plan, rate)
             logger.info("pipeline (%s) phase %s: %s", tag, label, stats)
             phases.append(Phase(f"{label}, {tag}", rate, stats))
-    finally:
-        stop_stages(procs)
-        collector.close()
     return phases, windows[-1].end, cold
 
 
