@@ -22,6 +22,28 @@ quixstreams.kafka.exceptions.KafkaProducerDeliveryError: <KafkaProducerDeliveryE
 %3|1796138528.651|FAIL|rdkafka#consumer-60| [thrd:127.0.0.1:28092/1]: Connect failed
 """
 
+# A watchdog's dump of every thread (faulthandler: innermost frame first), then the new
+# process that it started.
+STUCK = """\
+2026-12-01 15:23:40,001 ERROR stages.shared.watchdog: enrichment customer app has not turned its loop for 40s (stacks follow); the stage starts again as a new process
+Thread 0x00007f7b36c29640 (most recent call first):
+  File "/x/confluent_kafka/x.py", line 10 in send_offsets
+  File "/x/concurrent/futures/thread.py", line 58 in run
+  File "/x/concurrent/futures/thread.py", line 83 in _worker
+  File "/x/threading.py", line 982 in run
+  File "/x/threading.py", line 1045 in _bootstrap_inner
+
+Current thread 0x00007f7b34c28b80 (most recent call first):
+  File "/x/concurrent/futures/_base.py", line 451 in result
+  File "/x/stages/enrichment/app.py", line 251 in settle
+  File "/x/stages/enrichment/app.py", line 280 in commit_transaction
+  File "/x/quixstreams/checkpointing/checkpoint.py", line 396 in commit
+2026-12-01 15:23:42,120 INFO stages.enrichment.supervise: enrichment labels process stopped (exit code 0)
+2026-12-01 15:23:44,500 INFO stages.shared.metrics: metrics on http://127.0.0.1:28001/metrics
+2026-12-01 15:23:44,800 INFO stages.enrichment.supervise: enrichment labels process 4242 started
+2026-12-01 15:23:45,000 INFO stages.enrichment.app: something routine
+"""
+
 
 def test_digest_keeps_what_went_wrong_and_drops_librdkafka_chatter(tmp_path: Path) -> None:
     log = tmp_path / "stage.log"
@@ -30,6 +52,7 @@ def test_digest_keeps_what_went_wrong_and_drops_librdkafka_chatter(tmp_path: Pat
     assert [
         line.split(" ")[3] if line[:4] == "2026" else line.split(" ")[0] for line in digest
     ] == [
+        "stages.shared.metrics:",  # the process started
         "stages.shared.batch_loop:",
         "quixstreams.state.recovery:",
         "stages.enrichment.supervise:",
@@ -39,3 +62,24 @@ def test_digest_keeps_what_went_wrong_and_drops_librdkafka_chatter(tmp_path: Pat
     ]
     assert log_digest(log, max_lines=2) == digest[-2:]
     assert log_digest(tmp_path / "missing.log")[0].startswith("unreadable: ")
+
+
+def test_digest_keeps_the_innermost_frames_of_each_thread_and_the_restart(tmp_path: Path) -> None:
+    log = tmp_path / "stage.log"
+    log.write_text(STUCK)
+    digest = log_digest(log)
+    assert digest[0].endswith("the stage starts again as a new process")
+    assert [line.rsplit(" in ", 1)[-1] for line in digest if line.startswith("  File ")] == [
+        "send_offsets",
+        "run",
+        "_worker",
+        "result",
+        "settle",
+        "commit_transaction",
+    ]
+    assert [line.split(": ", 1)[1] for line in digest[-3:]] == [
+        "enrichment labels process stopped (exit code 0)",
+        "metrics on http://127.0.0.1:28001/metrics",
+        "enrichment labels process 4242 started",
+    ]
+    assert len(digest) == 1 + 1 + 3 + 1 + 3 + 3

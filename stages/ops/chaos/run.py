@@ -251,22 +251,39 @@ class FaultRun:
 _DIGEST = re.compile(
     r"(ERROR|WARNING|CRITICAL) (stages|quixstreams)\.|^Traceback|^Thread 0x|^Current thread"
     r"|^  File |Error: "
+    # When a stage process (re)started and its labels child came and went: whether a
+    # watchdog restart took place, and when, is read from these.
+    r"|INFO stages\.\S+: (metrics on |enrichment labels process )"
 )
 # librdkafka's connection chatter, forwarded by quixstreams' client loggers.
 _CHATTER = re.compile(r"rdkafka#|brokers are down|Kafka (producer|consumer) error: ")
+# A faulthandler stack lists each thread's innermost frames first; these say where it is.
+STACK_FRAMES_KEPT = 3
 
 
 def log_digest(path: Path, max_lines: int = 30) -> list[str]:
     """The last ``max_lines`` lines of a stage log that say something went wrong: the
-    stages' and quixstreams' warnings and errors, tracebacks and faulthandler stacks
+    stages' and quixstreams' warnings and errors, tracebacks, faulthandler stacks (each
+    thread's innermost ``STACK_FRAMES_KEPT`` frames, so one dump of every thread does not
+    crowd out what was logged before it) and the lines that show a stage process starting
     (librdkafka's own connection chatter left out)."""
     try:
         text = path.read_text(errors="replace")
     except OSError as exc:
         return [f"unreadable: {exc}"]
-    picked = [
-        line[:300]
-        for line in text.splitlines()
-        if _DIGEST.search(line) and not _CHATTER.search(line)
-    ]
+    picked: list[str] = []
+    frames: int | None = None  # frames seen of the current faulthandler thread, if in one
+    for line in text.splitlines():
+        if not _DIGEST.search(line) or _CHATTER.search(line):
+            frames = None
+            continue
+        if line.startswith(("Thread 0x", "Current thread")):
+            frames = 0
+        elif line.startswith("  File ") and frames is not None:
+            frames += 1
+            if frames > STACK_FRAMES_KEPT:
+                continue
+        else:
+            frames = None
+        picked.append(line[:300])
     return picked[-max_lines:]
