@@ -63,10 +63,16 @@ class AuditReport:
         times = [t for rec in self.per_topic.values() for t in rec.routed_ms]
         return np.sort(np.asarray(times, dtype=np.int64))
 
-    def longest_gap_s(self) -> float:
+    def longest_gap_s(self, until_ms: int | None = None) -> float:
         """The longest time between two consecutive decisions (seconds): how long a fault
-        left the pipeline without deciding anything while events kept arriving."""
+        left the pipeline without deciding anything while events kept arriving.
+
+        ``until_ms`` (wall-clock ms) is when a run that did not drain gave up waiting: the
+        time from its last decision to then counts as a gap too (a pipeline that stopped
+        deciding for good would otherwise report only the gaps before it stopped)."""
         times = self.decision_times_ms()
+        if until_ms is not None and len(times) and until_ms > times[-1]:
+            times = np.append(times, until_ms)
         return float(np.diff(times).max()) / 1000.0 if len(times) > 1 else 0.0
 
     def latency_percentiles(self) -> dict[str, float]:

@@ -17,3 +17,19 @@ def test_ids_on_gives_the_ids_of_the_named_topics_only() -> None:
     assert report.ids_on(decisions) == {1, 2, 4}
     assert report.ids_on(["transactions.dlq"]) == {3}
     assert report.ids_on([]) == set()
+
+
+def test_longest_gap_counts_the_tail_of_a_run_that_did_not_drain() -> None:
+    decided = TopicRecords("decisions.approved", 4, ids=[1, 2, 3, 4])
+    decided.routed_ms = [1_000, 2_000, 9_000, 10_000]
+    report = AuditReport(
+        6, {"decisions.approved": decided}, lost=[5, 6], duplicated=[], unexpected=[]
+    )
+    assert report.longest_gap_s() == 7.0
+    # The drain gave up 40 s after the last decision: that is the longest stretch.
+    assert report.longest_gap_s(until_ms=50_000) == 40.0
+    # A shorter tail leaves the gaps between decisions as they were.
+    assert report.longest_gap_s(until_ms=12_000) == 7.0
+    assert report.longest_gap_s(until_ms=5_000) == 7.0
+    empty = AuditReport(0, {}, lost=[], duplicated=[], unexpected=[])
+    assert empty.longest_gap_s(until_ms=5_000) == 0.0

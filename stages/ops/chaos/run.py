@@ -70,6 +70,9 @@ class FaultRun:
         self.started = time.monotonic()
         # Wall-clock ms when the first stage was started (the start-up measure's origin).
         self.stages_started_ms: int | None = None
+        # When the drain ended: with outcomes still missing, the time since the last
+        # decision counts as time without decisions.
+        self.drain_ended_ms: int | None = None
         self.report: AuditReport | None = None
         self._replay_error: BaseException | None = None
         self._watermarks: Any = None
@@ -169,13 +172,15 @@ class FaultRun:
                 f"input lost by the broker: {len(missing)} acknowledged transactions are not in "
                 f"{self.settings.topics.name('transactions')} (ids {missing[:10]})"
             )
-        return drain(
+        report = drain(
             self.settings,
             self.delivered,
             self.running_expected(),
             self.cfg.drain_timeout_s,
             every_s=3.0,
         )
+        self.drain_ended_ms = int(time.time() * 1000)
+        return report
 
     def running_expected(self) -> list[StageProcess]:
         """The newest process of each stage name, which should be running."""
@@ -205,7 +210,9 @@ class FaultRun:
         times = report.decision_times_ms()
         if len(times) and self.stages_started_ms is not None:
             r.first_decision_s = (int(times[0]) - self.stages_started_ms) / 1000.0
-            r.longest_gap_s = report.longest_gap_s()
+            r.longest_gap_s = report.longest_gap_s(
+                until_ms=self.drain_ended_ms if report.lost else None
+            )
         # The batch definitions over what the pipeline was given.
         given = self.tx[~self.tx["transaction_id"].isin(set(self.expected) - set(self.delivered))]
         fc: FeatureCheck = check_online_features(
