@@ -266,14 +266,15 @@ _DIGEST = re.compile(
 _CHATTER = re.compile(r"rdkafka#|brokers are down|Kafka (producer|consumer) error: ")
 # A faulthandler stack lists each thread's innermost frames first; these say where it is.
 STACK_FRAMES_KEPT = 3
+_FRAME = re.compile(r'^  File "(?:.*/)?([^/"]+)", line (\d+) in (\S+)')
 
 
 def log_digest(path: Path, max_lines: int = 30) -> list[str]:
     """The last ``max_lines`` lines of a stage log that say something went wrong: the
-    stages' and quixstreams' warnings and errors, tracebacks, faulthandler stacks (each
-    thread's innermost ``STACK_FRAMES_KEPT`` frames, so one dump of every thread does not
-    crowd out what was logged before it) and the lines that show a stage process starting
-    (librdkafka's own connection chatter left out)."""
+    stages' and quixstreams' warnings and errors, tracebacks, faulthandler stacks (a line
+    per thread with its innermost ``STACK_FRAMES_KEPT`` frames, so one dump of every thread
+    does not crowd out what was logged before it) and the lines that show a stage process
+    starting (librdkafka's own connection chatter left out)."""
     try:
         text = path.read_text(errors="replace")
     except OSError as exc:
@@ -284,13 +285,17 @@ def log_digest(path: Path, max_lines: int = 30) -> list[str]:
         if not _DIGEST.search(line) or _CHATTER.search(line):
             frames = None
             continue
+        frame = _FRAME.match(line)
         if line.startswith(("Thread 0x", "Current thread")):
             frames = 0
-        elif line.startswith("  File ") and frames is not None:
+            picked.append(line.split(" (most recent call first)")[0] + ":")
+            continue
+        if frames is not None and frame is not None:
             frames += 1
-            if frames > STACK_FRAMES_KEPT:
-                continue
-        else:
-            frames = None
+            if frames <= STACK_FRAMES_KEPT:
+                file, number, func = frame.groups()
+                picked[-1] += f"{' <' if frames > 1 else ''} {func} ({file}:{number})"
+            continue
+        frames = None
         picked.append(line[:300])
     return picked[-max_lines:]
