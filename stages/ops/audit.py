@@ -166,19 +166,42 @@ def _tx_id_of(value: bytes | None) -> int | None:
     return tid if isinstance(tid, int) and not isinstance(tid, bool) else None
 
 
-def input_transaction_ids(settings: Settings, expected_ids: Iterable[int]) -> set[int]:
-    """The ``expected_ids`` that the ``transactions`` topic holds: what the pipeline was
-    given. A record its producer saw acknowledged can still be missing from a broker that
-    restarted (one broker, replication factor 1: measured in the Kafka-restart chaos run,
-    3 of 2,923, with no gap in the partition's offsets), and no stage can decide on a record
-    it never received; the audit of the pipeline counts from what this returns."""
+def input_transaction_ids(
+    settings: Settings, expected_ids: Iterable[int], topic: str = "transactions"
+) -> set[int]:
+    """The ``expected_ids`` that the ``topic`` (``transactions`` or ``labels``) holds: what
+    the pipeline was given. A record its producer saw acknowledged can still be missing from
+    a broker that restarted (one broker, replication factor 1: measured in the Kafka-restart
+    chaos run, 3 of 2,923 transactions, and in another 3 of 26,805 labels, with no gap in the
+    partition's offsets), and no stage can decide on a record it never received or count a
+    label it never read; the audit of the pipeline counts from what this returns."""
     wanted = set(expected_ids)
     found = set()
-    for _key, value, _headers in read_topic(settings, settings.topics.name("transactions")):
+    for _key, value, _headers in read_topic(settings, settings.topics.name(topic)):
         tid = _tx_id_of(value)
         if tid is not None and tid in wanted:
             found.add(tid)
     return found
+
+
+def pipeline_input(
+    tx: pd.DataFrame, start: pd.Timestamp, lost_ids: Iterable[int], lost_label_ids: Iterable[int]
+) -> tuple[pd.DataFrame, list[int]]:
+    """The transactions the batch definitions are computed over for a replay from ``start``
+    whose input topics lost ``lost_ids`` (transactions) and ``lost_label_ids`` (labels).
+
+    A lost transaction is left out. A lost label of a transaction before ``start`` (warm-up
+    history: such a transaction counts only in its terminal's label windows) is left out as
+    well, which is what the pipeline saw: that transaction unlabelled. A lost label of a
+    replayed transaction cannot be expressed that way (the transaction still counts in its
+    customer's windows); those ids are returned, for the caller to report.
+    """
+    lost = set(lost_ids)
+    label_lost = tx["transaction_id"].isin(set(lost_label_ids))
+    replayed = tx["tx_datetime"] >= start
+    inexpressible = tx.loc[label_lost & replayed, "transaction_id"].astype(int).tolist()
+    keep = ~tx["transaction_id"].isin(lost) & ~(label_lost & ~replayed)
+    return tx[keep], sorted(inexpressible)
 
 
 def audit(settings: Settings, expected_ids: Iterable[int]) -> AuditReport:

@@ -29,6 +29,7 @@ def _assert_passed(r: FaultResult) -> None:
     assert r.lost == 0, _explain(r)
     # Only a broker restart may drop acknowledged input (reported apart, see FaultResult).
     assert r.input_lost == 0 or r.fault.startswith("kafka-restart"), _explain(r)
+    assert r.labels_lost == 0 or r.fault.startswith("kafka-restart"), _explain(r)
     assert r.duplicated == 0, _explain(r)
     assert r.features_checked and all(n > 0 for n in r.features_checked.values())
     assert not any(r.features_missing.values()), _explain(r)

@@ -45,6 +45,9 @@ class FaultResult:
     # topic after the fault (a restarted single broker dropped them): not the pipeline's
     # to decide, reported apart; every fault but a Kafka restart must have none.
     input_lost: int = 0
+    # The same for replayed labels missing from the labels topic (left out of the terminal
+    # windows' recomputation, as the pipeline never counted them).
+    labels_lost: int = 0
     duplicated: int = 0
     unexpected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
@@ -111,6 +114,7 @@ class ChaosReport:
                 f"{'PASS' if r.ok else 'FAIL'} {r.fault:<16} tx {r.transactions:>5}  "
                 f"lost {r.lost}  duplicated {r.duplicated}  "
                 + (f"input lost by the broker {r.input_lost}  " if r.input_lost else "")
+                + (f"labels lost by the broker {r.labels_lost}  " if r.labels_lost else "")
                 + f"{timing}[{feats}]  {r.seconds:.0f}s"
                 + (f"  failed checks: {failed}" if failed else "")
                 + (f"  error: {r.error}" if r.error else "")

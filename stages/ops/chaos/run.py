@@ -20,13 +20,14 @@ from stages.ops.audit import (
     audit,
     check_online_features,
     input_transaction_ids,
+    pipeline_input,
 )
 from stages.ops.chaos.report import ChaosConfig, FaultResult
 from stages.ops.harness.outcomes import drain
 from stages.ops.harness.processes import StageProcess, exited, start_stages, stop_stages
 from stages.ops.harness.readiness import wait_until_ready
 from stages.ops.harness.sandbox import isolated_settings
-from stages.ops.replay import ReplayPlan, replay
+from stages.ops.replay import ReplayPlan, build_events, replay
 from stages.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class FaultRun:
         # When the drain ended: with outcomes still missing, the time since the last
         # decision counts as time without decisions.
         self.drain_ended_ms: int | None = None
+        # Replayed labels missing from the labels topic after the replay (see drain()).
+        self.labels_lost: list[int] = []
         self.report: AuditReport | None = None
         self._replay_error: BaseException | None = None
         self._watermarks: Any = None
@@ -172,6 +175,18 @@ class FaultRun:
                 f"input lost by the broker: {len(missing)} acknowledged transactions are not in "
                 f"{self.settings.topics.name('transactions')} (ids {missing[:10]})"
             )
+        events = build_events(self.tx, self.plan)
+        labels = events.loc[events["kind"] == 0, "transaction_id"].astype(int).tolist()
+        self.labels_lost = sorted(
+            set(labels) - input_transaction_ids(self.settings, labels, topic="labels")
+        )
+        self.result.labels_lost = len(self.labels_lost)
+        if self.labels_lost:
+            self.log(
+                f"labels lost by the broker: {len(self.labels_lost)} acknowledged labels are not "
+                f"in {self.settings.topics.name('labels')} (transaction ids "
+                f"{self.labels_lost[:10]})"
+            )
         report = drain(
             self.settings,
             self.delivered,
@@ -214,7 +229,14 @@ class FaultRun:
                 until_ms=self.drain_ended_ms if report.lost else None
             )
         # The batch definitions over what the pipeline was given.
-        given = self.tx[~self.tx["transaction_id"].isin(set(self.expected) - set(self.delivered))]
+        given, inexpressible = pipeline_input(
+            self.tx, self.plan.start, set(self.expected) - set(self.delivered), self.labels_lost
+        )
+        if inexpressible:
+            self.log(
+                f"lost labels of replayed transactions {inexpressible[:10]}: the batch "
+                "recomputation still counts them as labelled"
+            )
         fc: FeatureCheck = check_online_features(
             self.settings, given, self.plan.start, self.plan.end
         )
