@@ -76,6 +76,8 @@ class ModelCard:
     tuning: Mapping[str, Any] | None = None
     metrics: Mapping[str, Any] | None = None
     model_metrics: Mapping[str, Any] | None = None
+    # training.uncertainty.Uncertainty.to_dict(): bootstrap intervals and the CP ceiling.
+    uncertainty: Mapping[str, Any] | None = None
     feature_importance_gain: Mapping[str, Any] | None = None
     # The drift reference (training.reference); early versions called it training_distribution.
     reference: Mapping[str, Any] | None = None
@@ -204,6 +206,7 @@ _KINDS: dict[str, _Kind] = {
     "tuning": _MAPPING,
     "metrics": _MAPPING,
     "model_metrics": _MAPPING,
+    "uncertainty": _MAPPING,
     "feature_importance_gain": _MAPPING,
     "reference": _MAPPING,
     "training_distribution": _MAPPING,

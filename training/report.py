@@ -309,6 +309,78 @@ def tuning_section(tuning: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+_METRIC_HEADS = ("ROC AUC", "average precision", "card precision@{k}")
+
+
+def _signed(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:+.4f}"
+
+
+def uncertainty_section(uncertainty: Mapping[str, Any]) -> list[str]:
+    """Markdown lines for :meth:`training.uncertainty.Uncertainty.to_dict` (empty if absent).
+
+    Every model's metrics with their bootstrap intervals, the primary model's difference to
+    each other one (interval, share of replicates ahead), and card precision's ceiling.
+    """
+    metrics = uncertainty.get("metrics") or {}
+    if not metrics:
+        return []
+    k = uncertainty.get("k", "k")
+    cols = ("roc_auc", "average_precision", "card_precision_at_k")
+    heads = [h.format(k=k) for h in _METRIC_HEADS]
+    low, high = uncertainty.get("interval", [2.5, 97.5])
+    primary = uncertainty.get("primary", PRIMARY_MODEL)
+    models = list(metrics.get(cols[0], {}))
+    lines = [
+        "## How sure these numbers are",
+        "",
+        f"Paired bootstrap over the test window's {uncertainty.get('n_cards', '?')} cards, "
+        f"{uncertainty.get('replicates', '?')} replicates: each redraws the cards with "
+        "replacement (all of a card's transactions together) and scores every model on the "
+        f"same draw; the brackets are the {low:g}-{high:g} % range of the replicates.",
+        "",
+        "| model | " + " | ".join(heads) + " |",
+        "|---|---|---|---|",
+    ]
+    for name in models:
+        cells = []
+        for c in cols:
+            iv = metrics.get(c, {}).get(name, {})
+            cells.append(
+                f"{_fmt(iv.get('value', math.nan))} "
+                f"[{_fmt(iv.get('low', math.nan))}, {_fmt(iv.get('high', math.nan))}]"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    differences = uncertainty.get("differences") or {}
+    if differences:
+        lines += [
+            "",
+            f"{primary} minus each other model on the same replicates (in parentheses: the "
+            f"share of replicates in which {primary} is ahead):",
+            "",
+            "| other model | " + " | ".join(heads) + " |",
+            "|---|---|---|---|",
+        ]
+        for other, per in differences.items():
+            cells = []
+            for c in cols:
+                d = per.get(c, {})
+                cells.append(
+                    f"{_signed(d.get('value', math.nan))} [{_signed(d.get('low', math.nan))}, "
+                    f"{_signed(d.get('high', math.nan))}] ({100 * d.get('share_ahead', 0.0):.0f} %)"
+                )
+            lines.append(f"| {other} | " + " | ".join(cells) + " |")
+    ceiling = uncertainty.get("card_precision_ceiling")
+    if ceiling is not None:
+        lines += [
+            "",
+            f"Card precision@{k} of an oracle that ranks every card with a fraud that day "
+            f"first: {_fmt(ceiling)}, the most any model can reach on this window (each day "
+            "holds only so many fraud cards that are not already known or detected).",
+        ]
+    return [*lines, ""]
+
+
 def render_report(
     card: ModelCard,
     metrics: Mapping[str, Metrics],
@@ -361,6 +433,7 @@ def render_report(
             f"![Precision-recall]({plots['precision_recall'].name})",
             "",
         ]
+    lines += uncertainty_section(card.uncertainty or {})
     if tuning:
         lines += tuning_section(tuning)
     lines += [

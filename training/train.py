@@ -66,6 +66,12 @@ from training.report import (
     write_plots,
 )
 from training.simulate import read_dataset
+from training.uncertainty import (
+    DEFAULT_REPLICATES,
+    Uncertainty,
+    difference_lines,
+    paired_bootstrap,
+)
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -142,6 +148,7 @@ class TrainResult:
     model_metrics: dict[str, Metrics] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     plots: dict[str, Path] = field(default_factory=dict)
+    uncertainty: Uncertainty | None = None
 
     def _headline(self) -> str:
         return (
@@ -158,6 +165,7 @@ class TrainResult:
             [
                 self._headline(),
                 text_table(metrics),
+                *(difference_lines(self.uncertainty) if self.uncertainty else []),
                 f"wall time: {steps} (total {total:.1f}s)" if self.timings else "",
             ]
         ).rstrip()
@@ -168,6 +176,8 @@ class TrainResult:
             Text(self._headline()),
             rich_table(metrics, title="test window, known compromised cards removed"),
         ]
+        if self.uncertainty:
+            parts.append(Text("\n".join(difference_lines(self.uncertainty))))
         if self.timings:
             t = Table(title="wall time per step")
             t.add_column("step")
@@ -319,6 +329,7 @@ def train(
     baselines: tuple[BaselineName, ...] = BASELINES,
     plots: bool = True,
     feature_service: str | None = None,
+    bootstrap_replicates: int = DEFAULT_REPLICATES,
 ) -> TrainResult:
     """Build the datasets through Feast, tune and train, compare, register and promote.
 
@@ -345,6 +356,9 @@ def train(
         feature_service: the feature service to train with (its features, in
             ``stages.shared.schemas.service_features`` order, are the model's inputs and the
             metadata records it); default ``settings.prediction.feature_service``.
+        bootstrap_replicates: replicates of the card bootstrap that puts an interval on
+            every test metric and on LightGBM's difference to each baseline
+            (:func:`training.uncertainty.paired_bootstrap`).
 
     Returns:
         The registered version, the metrics of every model, where the files are, step times.
@@ -404,6 +418,14 @@ def train(
         }
         metrics = model_metrics[PRIMARY_MODEL]
         kept = ~known_compromised_mask(base_frame, history, start, train_ds.end, delay_days)
+    with timer("bootstrap"):
+        sure = paired_bootstrap(
+            base_frame.loc[kept].reset_index(drop=True),
+            {name: s[kept] for name, s in scores.items()},
+            PRIMARY_MODEL,
+            bootstrap_replicates,
+            k=metrics.k,
+        )
 
     gain = pd.Series(booster.feature_importance("gain"), index=list(features))
     importance = (gain / gain.sum() if gain.sum() > 0 else gain).sort_values(ascending=False)
@@ -425,6 +447,7 @@ def train(
         "tuning": {**search.to_dict(), "refit_seeds": refit_seeds},
         "metrics": metrics.to_dict(),
         "model_metrics": {name: m.to_dict() for name, m in model_metrics.items()},
+        "uncertainty": sure.to_dict(),
         "n_train": len(train_ds),
         "n_train_frauds": int(train_ds.y.sum()),
         "data_fingerprint": fingerprint(train_ds),
@@ -475,6 +498,7 @@ def train(
         model_metrics=model_metrics,
         timings=dict(timer.seconds),
         plots=plot_paths,
+        uncertainty=sure,
     )
     # The callers (CLI, demo) print the tables; the log keeps a line.
     logger.info("trained %s", mv.version)

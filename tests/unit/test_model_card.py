@@ -66,6 +66,15 @@ def training_layout() -> dict[str, Any]:
         },
         metrics=metrics,
         model_metrics={"lightgbm": metrics, "logistic_regression": {**metrics, "roc_auc": 0.8}},
+        uncertainty={
+            "primary": "lightgbm",
+            "replicates": 500,
+            "metrics": {"roc_auc": {"lightgbm": {"value": 0.88, "low": 0.85, "high": 0.91}}},
+            "differences": {
+                "logistic_regression": {"roc_auc": {"value": 0.08, "share_ahead": 1.0}}
+            },
+            "card_precision_ceiling": 0.44,
+        },
         n_train=1040,
         n_train_frauds=351,
         data_fingerprint="57d5e11e" * 8,

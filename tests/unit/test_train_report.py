@@ -46,6 +46,7 @@ from training.tune import (
     split_validation,
     validation_folds,
 )
+from training.uncertainty import difference_lines, paired_bootstrap
 
 T0 = pd.Timestamp("2018-07-25", tz="UTC")
 
@@ -387,6 +388,16 @@ def test_write_plots_and_report(tmp_path: Path) -> None:
             ],
             "monotone_cost": 0.1,
         },
+        "uncertainty": {
+            "primary": "lightgbm",
+            "replicates": 500,
+            "n_cards": 80,
+            "k": 100,
+            "interval": [2.5, 97.5],
+            "metrics": {"roc_auc": {"lightgbm": {"value": 0.88, "low": 0.85, "high": 0.91}}},
+            "differences": {},
+            "card_precision_ceiling": 0.4429,
+        },
     }
     text = render_report(ModelCard.from_dict(meta), MODELS, importance, {"join": 1.0}, plots)
     assert text.startswith("# fraud v0007")
@@ -400,6 +411,8 @@ def test_write_plots_and_report(tmp_path: Path) -> None:
     assert "on terminal risk: dropped.** Best mean validation AP without them minus" in text
     assert "+0.1000" in text
     assert "monotone increasing in nothing" in text
+    assert "| lightgbm | 0.8800 [0.8500, 0.9100] | n/a [n/a, n/a] | n/a [n/a, n/a] |" in text
+    assert "every card with a fraud that day first: 0.4429" in text
     assert "terminal_risk_7d" in text and "| **total** | **1.0** |" in text
 
 
@@ -412,6 +425,17 @@ def test_write_plots_skips_curves_without_both_classes(tmp_path: Path) -> None:
 
 
 def test_train_result_prints_the_side_by_side_table_and_times(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    test = pd.DataFrame(
+        {
+            "customer_id": rng.integers(0, 80, 400),
+            "tx_datetime": pd.Timestamp("2018-08-08", tz="UTC")
+            + pd.to_timedelta(rng.integers(0, 2 * 86_400, 400), unit="s"),
+            "is_fraud": (rng.random(400) < 0.1).astype(int),
+        }
+    )
+    scores = {"lightgbm": test["is_fraud"] + rng.random(400), "random_forest": rng.random(400)}
+    sure = paired_bootstrap(test, {k: np.asarray(v) for k, v in scores.items()}, "lightgbm", 40)
     result = TrainResult(
         version="v0003",
         model_dir=tmp_path,
@@ -423,11 +447,15 @@ def test_train_result_prints_the_side_by_side_table_and_times(tmp_path: Path) ->
         card=ModelCard("fraud", "v0003", datetime(2026, 11, 26, tzinfo=UTC)),
         model_metrics=MODELS,
         timings={"point-in-time join": 30.0, "fit lightgbm": 1.5},
+        uncertainty=sure,
     )
     text = str(result)
     assert "fraud v0003" in text and text_table(MODELS) in text
+    for line in difference_lines(sure):
+        assert line in text
     assert "point-in-time join 30.0s" in text and "total 31.5s" in text
     console = Console(width=120, record=True)
     console.print(result)
     out = console.export_text()
     assert "random_forest" in out and "0.7000" in out and "31.5" in out
+    assert "lightgbm - random_forest: ROC AUC +" in out and "40 replicates" in out
