@@ -113,12 +113,25 @@ def read_topic(
     settings: Settings, topic: str, idle_s: float = 2.0, timeout_s: float = 120.0
 ) -> list[tuple[bytes | None, bytes | None, dict[str, bytes]]]:
     """Every committed record of a topic (key, value, headers), from the beginning."""
+    return [(k, v, h) for _p, k, v, h in read_partitions(settings, topic, idle_s, timeout_s)]
+
+
+def read_partitions(
+    settings: Settings,
+    topic: str,
+    idle_s: float = 2.0,
+    timeout_s: float = 120.0,
+    committed: bool = True,
+) -> list[tuple[int, bytes | None, bytes | None, dict[str, bytes]]]:
+    """Every record of a topic (partition, key, value, headers), from the beginning: the
+    committed ones, or with ``committed`` False also those of open and aborted transactions
+    (``read_uncommitted``)."""
     consumer = Consumer(
         {
             **settings.kafka.client_config(),
             "group.id": f"rtpipe-audit-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
-            "isolation.level": "read_committed",
+            "isolation.level": "read_committed" if committed else "read_uncommitted",
             "enable.partition.eof": True,
         }
     )
@@ -141,7 +154,7 @@ def read_topic(
                         pending.discard(msg.partition())
                     continue
                 last_msg = time.monotonic()
-                out.append((msg.key(), msg.value(), dict(msg.headers() or [])))
+                out.append((msg.partition(), msg.key(), msg.value(), dict(msg.headers() or [])))
             if time.monotonic() - last_msg > idle_s and not pending:
                 break
         if pending:
@@ -182,6 +195,40 @@ def input_transaction_ids(
         if tid is not None and tid in wanted:
             found.add(tid)
     return found
+
+
+# The topics an event crosses before its outcome, in order (``Topics`` field names).
+PIPELINE_TOPICS: tuple[str, ...] = ("transactions", "enriched", "predictions")
+
+
+def where_stopped(settings: Settings, ids: Iterable[int]) -> list[str]:
+    """Where transactions without an outcome stopped: for each topic an event crosses
+    (:data:`PIPELINE_TOPICS`), how many of ``ids`` it holds committed and how many only
+    outside a committed transaction (open or aborted), per partition. One line per topic,
+    e.g. ``"rtpipe.predictions: 453 of 453 committed (p0 453), 0 more uncommitted"``: the
+    first topic holding fewer than all of them names the stage that did not pass them on.
+    """
+    wanted = set(ids)
+    lines = []
+    for field_name in PIPELINE_TOPICS:
+        topic = settings.topics.name(field_name)
+        counts: dict[bool, Counter[int]] = {}
+        for committed in (True, False):
+            seen: set[int] = set()
+            per: Counter[int] = Counter()
+            for partition, _k, value, _h in read_partitions(settings, topic, committed=committed):
+                tid = _tx_id_of(value)
+                if tid in wanted and tid not in seen:
+                    seen.add(tid)
+                    per[partition] += 1
+            counts[committed] = per
+        done = sum(counts[True].values())
+        extra = sum(counts[False].values()) - done
+        parts = " ".join(f"p{p} {n}" for p, n in sorted(counts[True].items())) or "none"
+        lines.append(
+            f"{topic}: {done} of {len(wanted)} committed ({parts}), {extra} more uncommitted"
+        )
+    return lines
 
 
 def pipeline_input(

@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka import Producer
 
 from stages.ops import replay as replay_module
-from stages.ops.audit import input_transaction_ids, read_topic
+from stages.ops.audit import input_transaction_ids, read_topic, where_stopped
 from stages.ops.replay import ReplayPlan, build_events
 from stages.shared.kafka import ensure_topics, producer_config
 from stages.shared.settings import Settings
@@ -59,3 +59,51 @@ def test_a_replay_whose_producer_stops_delivering_sends_the_rest_from_a_new_one(
     )
     expected = build_events(small_tx, plan)
     assert got == sorted(expected.loc[expected["kind"] != 0, "transaction_id"].tolist())
+
+
+def test_where_stopped_counts_committed_and_uncommitted_ids_per_topic_and_partition(
+    unique_topics: Settings,
+) -> None:
+    """A chaos run's undecided transactions are located: the first topic that holds fewer
+    of them than the one before names the stage that did not pass them on."""
+    settings = unique_topics
+    t = settings.topics
+    names = [t.name(k) for k in ("transactions", "enriched", "predictions")]
+    ensure_topics(settings.kafka, t, names)
+
+    def value(tid: int) -> bytes:
+        return b'{"transaction_id":%d,"customer_id":7}' % tid
+
+    plain = Producer(producer_config(settings.kafka))
+    for tid in (1, 2, 3, 4):
+        plain.produce(names[0], value=value(tid), partition=tid % 2)
+    plain.produce(names[0], value=value(1), partition=1)  # a copy counts once
+    plain.produce(names[0], value=value(50), partition=0)  # not asked about
+    for tid in (1, 2, 3):
+        plain.produce(names[1], value=value(tid), partition=0)
+    assert plain.flush(30) == 0
+    # 3 reached predictions only in a transaction that was aborted, 2 in one left open.
+    aborted = Producer(producer_config(settings.kafka, **{"transactional.id": t.prefix + "ws-a"}))
+    aborted.init_transactions(30)
+    aborted.begin_transaction()
+    aborted.produce(names[2], value=value(3), partition=1)
+    aborted.flush(30)
+    aborted.abort_transaction(30)
+    committed = Producer(producer_config(settings.kafka, **{"transactional.id": t.prefix + "ws-c"}))
+    committed.init_transactions(30)
+    committed.begin_transaction()
+    committed.produce(names[2], value=value(1), partition=0)
+    committed.commit_transaction(30)
+    pending = Producer(producer_config(settings.kafka, **{"transactional.id": t.prefix + "ws-o"}))
+    pending.init_transactions(30)
+    pending.begin_transaction()
+    pending.produce(names[2], value=value(2), partition=1)
+    pending.flush(30)
+
+    lines = where_stopped(settings, [1, 2, 3, 4])
+    pending.abort_transaction(30)
+    assert lines == [
+        f"{names[0]}: 4 of 4 committed (p0 2 p1 2), 0 more uncommitted",
+        f"{names[1]}: 3 of 4 committed (p0 3), 0 more uncommitted",
+        f"{names[2]}: 1 of 4 committed (p0 1), 2 more uncommitted",
+    ]

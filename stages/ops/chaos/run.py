@@ -21,6 +21,7 @@ from stages.ops.audit import (
     check_online_features,
     input_transaction_ids,
     pipeline_input,
+    where_stopped,
 )
 from stages.ops.chaos.report import ChaosConfig, FaultResult
 from stages.ops.harness.outcomes import drain
@@ -249,6 +250,8 @@ class FaultRun:
         # Which ones (the first few): where to look in the topics and the stage logs.
         if report.lost:
             self.log(f"lost transaction ids: {sorted(report.lost)[:10]}")
+            for line in where_stopped(self.settings, report.lost):
+                self.log(f"without outcome, in {line}")
         if report.duplicated:
             self.log(f"duplicated transaction ids: {sorted(report.duplicated)[:10]}")
         for view, ids in fc.mismatched.items():
