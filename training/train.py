@@ -418,14 +418,16 @@ def train(
         }
         metrics = model_metrics[PRIMARY_MODEL]
         kept = ~known_compromised_mask(base_frame, history, start, train_ds.end, delay_days)
-    with timer("bootstrap"):
-        sure = paired_bootstrap(
-            base_frame.loc[kept].reset_index(drop=True),
-            {name: s[kept] for name, s in scores.items()},
-            PRIMARY_MODEL,
-            bootstrap_replicates,
-            k=metrics.k,
-        )
+    sure: Uncertainty | None = None
+    if kept.any():  # a test window left without rows has nothing to redraw
+        with timer("bootstrap"):
+            sure = paired_bootstrap(
+                base_frame.loc[kept].reset_index(drop=True),
+                {name: s[kept] for name, s in scores.items()},
+                PRIMARY_MODEL,
+                bootstrap_replicates,
+                k=metrics.k,
+            )
 
     gain = pd.Series(booster.feature_importance("gain"), index=list(features))
     importance = (gain / gain.sum() if gain.sum() > 0 else gain).sort_values(ascending=False)
@@ -447,7 +449,7 @@ def train(
         "tuning": {**search.to_dict(), "refit_seeds": refit_seeds},
         "metrics": metrics.to_dict(),
         "model_metrics": {name: m.to_dict() for name, m in model_metrics.items()},
-        "uncertainty": sure.to_dict(),
+        "uncertainty": sure.to_dict() if sure is not None else None,
         "n_train": len(train_ds),
         "n_train_frauds": int(train_ds.y.sum()),
         "data_fingerprint": fingerprint(train_ds),

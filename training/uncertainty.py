@@ -235,7 +235,11 @@ def paired_bootstrap(
     lo_q, hi_q = INTERVAL
 
     def interval(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
-        lo, hi = np.nanpercentile(np.asarray(values, dtype=np.float64), [lo_q, hi_q])
+        finite = np.asarray(values, dtype=np.float64)
+        finite = finite[~np.isnan(finite)]
+        if finite.size == 0:  # a metric undefined on every replicate (no fraud, say)
+            return float("nan"), float("nan")
+        lo, hi = np.percentile(finite, [lo_q, hi_q])
         return float(lo), float(hi)
 
     metrics: dict[str, dict[str, Interval]] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -157,3 +159,15 @@ def test_report_section_and_text_lines() -> None:
     lines = difference_lines(u)
     assert lines[0].startswith("lightgbm - random_forest: ROC AUC ")
     assert "CP@10" in lines[0] and f"50 replicates of {u.n_cards} cards" in lines[-1]
+
+
+def test_a_window_without_fraud_has_undefined_ranking_intervals_and_no_warning() -> None:
+    frame = window(n_cards=40, days=2).assign(is_fraud=0)
+    s = {"a": frame["score"].to_numpy(), "b": frame["score"].to_numpy()[::-1].copy()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        u = paired_bootstrap(frame, s, "a", replicates=20)
+    auc = u.metrics["roc_auc"]["a"]
+    assert np.isnan(auc.value) and np.isnan(auc.low) and np.isnan(auc.high)
+    assert u.differences["b"]["average_precision"].share_ahead == 0.0
+    assert u.metrics["card_precision_at_k"]["a"].value == 0.0 == u.card_precision_ceiling
