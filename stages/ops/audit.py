@@ -216,7 +216,8 @@ def where_stopped(settings: Settings, ids: Iterable[int]) -> list[str]:
         for committed in (True, False):
             seen: set[int] = set()
             per: Counter[int] = Counter()
-            for partition, _k, value, _h in read_partitions(settings, topic, committed=committed):
+            records = read_partitions(settings, topic, timeout_s=30.0, committed=committed)
+            for partition, _k, value, _h in records:
                 tid = _tx_id_of(value)
                 if tid in wanted and tid not in seen:
                     seen.add(tid)
