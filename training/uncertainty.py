@@ -24,13 +24,13 @@ precision as scikit-learn computes them and :func:`training.evaluate.card_precis
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from training.evaluate import DEFAULT_TOP_K, card_precision_at_k
+from training.evaluate import DEFAULT_TOP_K, _day, card_precision_at_k
 
 DEFAULT_REPLICATES = 500
 METRICS: tuple[str, ...] = ("roc_auc", "average_precision", "card_precision_at_k")
@@ -102,7 +102,7 @@ class Interval:
     high: float
 
     def to_dict(self) -> dict[str, float]:
-        return {"value": self.value, "low": self.low, "high": self.high}
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,12 +115,7 @@ class Difference:
     share_ahead: float
 
     def to_dict(self) -> dict[str, float]:
-        return {
-            "value": self.value,
-            "low": self.low,
-            "high": self.high,
-            "share_ahead": self.share_ahead,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +154,8 @@ class Uncertainty:
 
 
 def _day_numbers(ts: pd.Series) -> np.ndarray:
-    day = ts.dt.tz_convert("UTC").dt.tz_localize(None).dt.floor("D")
+    """Each row's UTC day (as :mod:`training.evaluate` cuts them), as a day number."""
+    day = _day(ts).dt.tz_localize(None)
     return day.to_numpy().astype("datetime64[D]").astype(np.int64)
 
 
@@ -234,9 +230,12 @@ def paired_bootstrap(
     ]
     lo_q, hi_q = INTERVAL
 
-    def interval(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
-        finite = np.asarray(values, dtype=np.float64)
-        finite = finite[~np.isnan(finite)]
+    def defined(values: Sequence[float]) -> np.ndarray:
+        """The replicates' values where the metric is defined (not NaN)."""
+        a = np.asarray(values, dtype=np.float64)
+        return a[~np.isnan(a)]
+
+    def interval(finite: np.ndarray) -> tuple[float, float]:
         if finite.size == 0:  # a metric undefined on every replicate (no fraud, say)
             return float("nan"), float("nan")
         lo, hi = np.percentile(finite, [lo_q, hi_q])
@@ -247,17 +246,13 @@ def paired_bootstrap(
     for m in METRICS:
         metrics[m] = {}
         for name in scores:
-            lo, hi = interval([d[name][m] for d in draws])
+            lo, hi = interval(defined([d[name][m] for d in draws]))
             metrics[m][name] = Interval(point[name][m], lo, hi)
         for other in differences:
-            diffs = np.array([d[primary][m] - d[other][m] for d in draws], dtype=np.float64)
+            diffs = defined([d[primary][m] - d[other][m] for d in draws])
             lo, hi = interval(diffs)
-            differences[other][m] = Difference(
-                point[primary][m] - point[other][m],
-                lo,
-                hi,
-                float(np.mean(diffs[~np.isnan(diffs)] > 0)) if (~np.isnan(diffs)).any() else 0.0,
-            )
+            ahead = float(np.mean(diffs > 0)) if diffs.size else 0.0
+            differences[other][m] = Difference(point[primary][m] - point[other][m], lo, hi, ahead)
     return Uncertainty(
         primary=primary,
         replicates=replicates,
