@@ -196,6 +196,12 @@ def run_stage(
         run_labels_part(settings, stop, metrics)
         return
     metrics.serve(settings.metrics.host, settings.metrics.port(stage))
+    if stage == "prediction":
+        # Before its modules import LightGBM: it serves boosters and fits none, so the
+        # scikit-learn LightGBM would import with it is start-up time only.
+        from stages.shared.lgbm import import_lightgbm_without_sklearn
+
+        import_lightgbm_without_sklearn()
     stats = STAGE_TABLE[stage].load()(settings, stop, metrics)
     logger.info("%s stopped%s", stage, f": {stats}" if stats is not None else "")
 

@@ -43,6 +43,7 @@ from quixstreams import Application, State
 from quixstreams.context import message_context
 from quixstreams.kafka.configuration import ConnectionConfig
 from quixstreams.models.serializers import JSONSerializer, Serializer
+from quixstreams.models.topics import TopicManager
 from quixstreams.sinks.base import SinkBackpressureError, SinkBatch
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -60,6 +61,7 @@ from stages.enrichment.intake import (
     route,
 )
 from stages.enrichment.logic import CustomerState, customer_features
+from stages.enrichment.topics import PromptTopicAdmin
 from stages.enrichment.watch import PartitionWatch
 from stages.shared.kafka import (
     DLQ_DETAIL,
@@ -354,9 +356,18 @@ def application(settings: Settings, group: str) -> NaturalBatchingApplication:
     if instance:
         producer["transactional.id"] = instance
         consumer.update(static_member_config(instance))
-    return NaturalBatchingApplication(
-        broker_address=ConnectionConfig.from_librdkafka_dict(kafka.client_config()),
+    connection = ConnectionConfig.from_librdkafka_dict(kafka.client_config())
+    topics = TopicManager(
+        # The admin quixstreams would build (its producer defaults, then ours), but prompt.
+        topic_admin=PromptTopicAdmin(
+            broker_address=connection, extra_config={"enable.idempotence": True, **producer}
+        ),
         consumer_group=group_id,
+    )
+    return NaturalBatchingApplication(
+        broker_address=connection,
+        consumer_group=group_id,
+        topic_manager=topics,
         auto_offset_reset="earliest",
         commit_interval=cfg.commit_interval_s,
         consumer_poll_timeout=cfg.poll_timeout_ms / 1000.0,
