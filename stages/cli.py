@@ -197,8 +197,8 @@ def run_stage(
         return
     metrics.serve(settings.metrics.host, settings.metrics.port(stage))
     if stage == "prediction":
-        # Before its modules import LightGBM: it serves boosters and fits none, so the
-        # scikit-learn LightGBM would import with it is start-up time only.
+        # Before its modules import LightGBM: the stage serves boosters and fits none, so
+        # the scikit-learn that LightGBM imports with it would only cost start-up time.
         from stages.shared.lgbm import import_lightgbm_without_sklearn
 
         import_lightgbm_without_sklearn()
