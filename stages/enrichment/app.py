@@ -194,6 +194,20 @@ class NaturalBatchingApplication(Application):
     _assignment: Assignment | None = None
     _watchdog: LoopWatchdog | None = None
 
+    def _get_topic_manager(self) -> TopicManager:
+        """quixstreams' own topic manager, from the application's own config, with the
+        prompt admin (:class:`~stages.enrichment.topics.PromptTopicAdmin`)."""
+        return self._topic_manager_factory(
+            topic_admin=PromptTopicAdmin(
+                broker_address=self._config.broker_address,
+                extra_config=self._config.producer_extra_config,
+            ),
+            consumer_group=self._config.consumer_group,
+            timeout=self._config.request_timeout,
+            create_timeout=self._config.topic_create_timeout,
+            auto_create_topics=self._config.auto_create_topics,
+        )
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # An idle app's checkpoints expire empty every commit_interval, and closing one
@@ -356,18 +370,9 @@ def application(settings: Settings, group: str) -> NaturalBatchingApplication:
     if instance:
         producer["transactional.id"] = instance
         consumer.update(static_member_config(instance))
-    connection = ConnectionConfig.from_librdkafka_dict(kafka.client_config())
-    topics = TopicManager(
-        # The admin quixstreams would build (its producer defaults, then ours), but prompt.
-        topic_admin=PromptTopicAdmin(
-            broker_address=connection, extra_config={"enable.idempotence": True, **producer}
-        ),
-        consumer_group=group_id,
-    )
     return NaturalBatchingApplication(
-        broker_address=connection,
+        broker_address=ConnectionConfig.from_librdkafka_dict(kafka.client_config()),
         consumer_group=group_id,
-        topic_manager=topics,
         auto_offset_reset="earliest",
         commit_interval=cfg.commit_interval_s,
         consumer_poll_timeout=cfg.poll_timeout_ms / 1000.0,
