@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, Message, Producer
 
 from bench.naive import pump
 from infra.stack.broker_cpu import BrokerCpu, broker_probe
+from stages.ops.commit_waits import pipeline_ports, read_totals, waits_between
 from stages.ops.harness.processes import StageProcess, exited, start_stages, stop_stages
 from stages.ops.harness.sandbox import clear_online_store
 from stages.ops.latency import (
@@ -49,6 +50,9 @@ MAX_SPEED_EVENTS = 30_000
 # under 0.1 after that.
 WARMUP_PASSES = {True: 1, False: 5}
 WARMUP_JIT_CORES = 0.1
+# Stats keys of the commit waits: f"{WAIT_PREFIX}{stage} {phase} share", "... ms" and
+# "... commits".
+WAIT_PREFIX = "commit wait "
 # Re-exported for bench.results and the tests.
 __all__ = [
     "HOPS",
@@ -139,8 +143,10 @@ def replay_phase(
     probe: BrokerCpu | None = None,
 ) -> dict[str, float]:
     """Replay ``plan`` at ``rate`` (None: max speed) into the running ``procs`` and wait for
-    its decisions; their stats, with the replay's own events/s (and, given ``probe``, the
-    cores the broker used meanwhile).
+    its decisions; their stats, with the replay's own events/s, the share of the time each
+    stage's loop waited in each step of its commits and the mean wait per commit
+    (``WAIT_PREFIX``; stages/ops/commit_waits.py) and, given ``probe``, the cores the broker
+    used meanwhile.
 
     Raises:
         RuntimeError: a stage process died, or (``require_all``) not every transaction of
@@ -148,9 +154,16 @@ def replay_phase(
     """
     ids = plan.transaction_ids(tx)
     before = probe.sample() if probe is not None else None
+    ports = pipeline_ports(settings)
+    waited_before, began = read_totals(settings.metrics.host, ports), time.monotonic()
     result = replay(settings, tx, plan, rate=rate, producer=producer)
     decided = collector.wait_for(ids, timeout_s=timeout_s)
     cores = BrokerCpu.cores(before, probe.sample()) if probe and before else {}
+    waits = waits_between(
+        waited_before,
+        read_totals(settings.metrics.host, ports),
+        max(time.monotonic() - began, 1e-3),
+    )
     dead = exited(procs)
     if dead:
         raise RuntimeError(f"stage(s) died during the bench: {dead}; see {procs[0].log}")
@@ -159,6 +172,10 @@ def replay_phase(
     stats = collector.stats_of(ids)
     stats["replay_eps"] = result.transactions / result.seconds if result.seconds else 0
     stats.update(cores)
+    for (stage, phase), w in waits.items():
+        stats[f"{WAIT_PREFIX}{stage} {phase} share"] = w.share
+        stats[f"{WAIT_PREFIX}{stage} {phase} ms"] = w.mean_ms
+        stats[f"{WAIT_PREFIX}{stage} {phase} commits"] = float(w.commits)
     return stats
 
 

@@ -19,6 +19,7 @@ from bench import cluster, enrichment, online, pipeline, prediction
 from bench.env import bench_settings, bench_stack, register_model, simulate_data, with_prefix
 from bench.results import Goal, Results, Row, fmt_number, machine, median
 from stages.ops.harness.sandbox import clear_online_store, feast_project
+from stages.shared.metrics import COMMIT_PHASES
 from stages.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -196,6 +197,50 @@ def latency_section(res: pipeline.PipelineResults) -> str:
             f"| {ph.name} | {offered} | {fmt_number(st.get('eps'))} | "
             f"{int(st.get('events', 0)):,} | " + " | ".join(cells) + " |"
         )
+    return "\n".join(lines)
+
+
+def commit_wait_section(res: pipeline.PipelineResults) -> str:
+    """Per phase of the main sequence and per stage, the share of the phase's wall time the
+    stage's loop waited in each step of its exactly-once commits, and the mean wait per
+    commit (stages/ops/commit_waits.py)."""
+    steps = COMMIT_PHASES
+    lines = [
+        "How much of each phase's wall time every stage's loop spent waiting in the steps of "
+        "its exactly-once commits, from the stages' own `rtpipe_commit_phase_seconds` "
+        "(stages/shared/metrics.py COMMIT_PHASES: `offsets` what was left to wait for of the "
+        "offsets sent while the work ran, `sinks` the enrichment checkpoint's online-store "
+        "write, `flush` the outputs and state changelogs acknowledged, `end_txn` EndTxn). "
+        "Each cell: share of the wall time (mean ms per commit); `all` is their sum. A stage "
+        "near 100 % is waiting for the broker, not computing.",
+        "",
+        "| phase | stage | " + " | ".join(steps) + " | all | commits |",
+        "|---|---|" + "---:|" * (len(steps) + 2),
+    ]
+    prefix = pipeline.WAIT_PREFIX
+    for ph in res.phases:
+        st = ph.stats
+        stages = sorted(
+            {k[len(prefix) :].rsplit(" ", 2)[0] for k in st if k.startswith(prefix)},
+        )
+        for stage in stages:
+            cells, total, commits = [], 0.0, 0
+            for step in steps:
+                share = st.get(f"{prefix}{stage} {step} share")
+                if share is None:
+                    cells.append("-")
+                    continue
+                total += share
+                mean = st.get(f"{prefix}{stage} {step} ms", float("nan"))
+                cells.append(f"{100 * share:.0f} % ({fmt_number(mean)})")
+            end = st.get(f"{prefix}{stage} end_txn share")
+            if end is not None:
+                # Every commit ends with EndTxn: its count is the number of commits.
+                commits = int(st.get(f"{prefix}{stage} end_txn commits", 0))
+            lines.append(
+                f"| {ph.name} | {stage} | " + " | ".join(cells) + f" | {100 * total:.0f} % | "
+                f"{commits:,} |"
+            )
     return "\n".join(lines)
 
 
@@ -387,6 +432,7 @@ def main(
                         )
                     )
                 results.sections["Where the latency goes"] = latency_section(pi)
+                results.sections["Where the stages wait in their commits"] = commit_wait_section(pi)
                 if pi.warmup:
                     results.sections["Broker warm-up"] = warmup_section(pi)
 

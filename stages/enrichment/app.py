@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -178,6 +179,10 @@ def pushed_views(settings: Settings) -> dict[str, tuple[str, ...]]:
     return views
 
 
+def _untimed(phase: str, seconds: float) -> None:
+    """A commit step nobody times."""
+
+
 class NaturalBatchingApplication(Application):
     """A quixstreams application that commits its checkpoint as soon as the consumer has
     nothing more to give (a poll came back empty), and otherwise every ``commit_interval``.
@@ -193,6 +198,7 @@ class NaturalBatchingApplication(Application):
     _watch: PartitionWatch | None = None
     _assignment: Assignment | None = None
     _watchdog: LoopWatchdog | None = None
+    _observe_commit: Callable[[str, float], None] | None = None
 
     def _get_topic_manager(self) -> TopicManager:
         """quixstreams' own topic manager, from the application's own config, with the
@@ -224,6 +230,36 @@ class NaturalBatchingApplication(Application):
 
         ctx.commit_checkpoint = commit_checkpoint  # type: ignore[method-assign]
 
+    def time_commits(self, observe: Callable[[str, float], None]) -> None:
+        """Tell ``observe`` how long each checkpoint waited for the producer's flush (the
+        forwarded events and the state changelogs acknowledged) and for
+        ``commit_transaction``, as ``("flush" | "end_txn", seconds)``; with
+        :meth:`overlap_commits` (called after this) also for the online-store write and the
+        offsets left to wait for (``"sinks"``, ``"offsets"``): stages/shared/metrics.
+        COMMIT_PHASES."""
+        self._observe_commit = observe
+        producer = self._producer
+        flush, commit = producer.flush, producer.commit_transaction
+
+        def timed_flush(timeout: float | None = None) -> int:
+            began = time.perf_counter()
+            try:
+                return flush(timeout=timeout)
+            finally:
+                observe("flush", time.perf_counter() - began)
+
+        def timed_commit(
+            positions: list[TopicPartition], group_metadata: Any, timeout: float | None = None
+        ) -> None:
+            began = time.perf_counter()
+            try:
+                commit(positions, group_metadata, timeout)
+            finally:
+                observe("end_txn", time.perf_counter() - began)
+
+        producer.flush = timed_flush  # type: ignore[method-assign]
+        producer.commit_transaction = timed_commit  # type: ignore[method-assign]
+
     def overlap_commits(self) -> None:
         """Overlap an exactly-once checkpoint's round trips with each other.
 
@@ -247,6 +283,7 @@ class NaturalBatchingApplication(Application):
         commit, abort = producer.commit_transaction, producer.abort_transaction
         commit_checkpoint = ctx.commit_checkpoint
         sinks = self._sink_manager
+        observe = self._observe_commit or _untimed
         worker = ThreadPoolExecutor(1, "enrichment-offsets")
         sent: dict[str, Any] = {}
 
@@ -290,10 +327,14 @@ class NaturalBatchingApplication(Application):
         def commit_transaction(
             positions: list[TopicPartition], group_metadata: Any, timeout: float | None = None
         ) -> None:
+            began = time.perf_counter()
             for sink in sinks.sinks:
                 if isinstance(sink, RetryingBatchingSink):
                     sink.wait_flushed()
+            observe("sinks", time.perf_counter() - began)
+            began = time.perf_counter()
             done = settle()
+            observe("offsets", time.perf_counter() - began)
             key = lambda tps: sorted((tp.topic, tp.partition, tp.offset) for tp in tps)  # noqa: E731
             if done is not None and key(done) == key(positions):
                 positions = []  # sent already: only EndTxn is left
@@ -581,6 +622,8 @@ def build_customer_app(
     # which waits for it (at-least-once commits the consumer's offsets instead: not hooked).
     overlap = settings.kafka.overlap_commit and cfg.processing_guarantee == "exactly-once"
     sink = FeastOnlineSink(writer, pushed_views(settings), "customer_id", overlap=overlap)
+    commit_phase = metrics.commit_phase
+    app.time_commits(lambda phase, seconds: commit_phase.labels(STAGE, phase).observe(seconds))
     if overlap:
         app.overlap_commits()
     (

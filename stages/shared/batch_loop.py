@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 BATCH_TRANSACTION_TIMEOUT_MS = 10_000
 # How long the batch loop waits for a first message before it checks its stop flag again.
 IDLE_POLL_S = 0.1
+# The longest the timed flush before a commit waits (the commit waits for the rest).
+FLUSH_BEFORE_COMMIT_S = 5.0
 
 
 class RetryBatch(RtpipeError):
@@ -114,6 +116,7 @@ class TransactionalBatchLoop:
         commit_interval_ms: int = 0,
         on_stall: Callable[[str, int, int], None] | None = None,
         assignment: Assignment | None = None,
+        on_commit_phase: Callable[[str, float], None] | None = None,
     ) -> None:
         self._settings = settings
         self._group_id = group_id
@@ -123,6 +126,8 @@ class TransactionalBatchLoop:
         self._max_wait_s = max_wait_ms / 1000.0
         self._stage = stage
         self._on_batch_done = on_batch_done
+        # Told how long each commit step was waited for (stages/shared/metrics.COMMIT_PHASES).
+        self._on_commit_phase = on_commit_phase
         self._on_rebalance = on_rebalance
         self._on_lag = on_lag
         self._lag_interval_s = lag_interval_s
@@ -462,9 +467,14 @@ class TransactionalBatchLoop:
             for out in outputs:
                 self._produce(out)
             self._beat()
+            began = time.perf_counter()
             sent.result()
+            self._timed("offsets", began)
             self._beat()
+            self._flush_outputs()
+            began = time.perf_counter()
             self._complete("commit")
+            self._timed("end_txn", began)
             self._count_committed()
         except KafkaException as exc:
             self._await(sent)
@@ -544,11 +554,30 @@ class TransactionalBatchLoop:
         assert self._consumer is not None and self._producer is not None
         msgs = self._txn_msgs
         self._beat()
+        began = time.perf_counter()
         self._producer.send_offsets_to_transaction(
             self._next_offsets(msgs), self._consumer.consumer_group_metadata(), 30
         )
+        self._timed("offsets", began)
+        self._flush_outputs()
+        began = time.perf_counter()
         self._complete("commit")
+        self._timed("end_txn", began)
         self._count_committed()
+
+    def _flush_outputs(self) -> None:
+        """Wait for the open transaction's outputs to be acknowledged before it commits
+        (``commit_transaction`` flushes them first anyway; here that wait is timed on its
+        own). What is still unacknowledged after the timeout the commit waits for."""
+        assert self._producer is not None
+        began = time.perf_counter()
+        self._producer.flush(FLUSH_BEFORE_COMMIT_S)
+        self._timed("flush", began)
+        self._beat()
+
+    def _timed(self, phase: str, began: float) -> None:
+        if self._on_commit_phase is not None:
+            self._on_commit_phase(phase, time.perf_counter() - began)
 
     def _count_committed(self) -> None:
         """The open transaction committed: count it and forget its batches."""

@@ -35,6 +35,15 @@ _LATENCY_BUCKETS = (
 _AGE_BUCKETS = (1, 10, 60, 300, 1800, 3600, 6 * 3600, 86_400, 7 * 86_400, 31 * 86_400)
 _SCORE_BUCKETS = tuple(i / 20 for i in range(1, 21))
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+# The steps of an exactly-once commit that rtpipe_commit_phase_seconds times, as the loop
+# waits for them: "offsets" the input offsets sent to the transaction (AddOffsetsToTxn,
+# TxnOffsetCommit; overlapped with the work, only what is left is waited for), "sinks" the
+# enrichment checkpoint's online-store write (overlapped with the flush), "flush" the
+# transaction's outputs acknowledged by the broker (Produce; the enrichment checkpoint's state
+# changelogs too), "end_txn" commit_transaction (EndTxn; with KafkaSettings.overlap_commit off,
+# the enrichment checkpoint's offsets too). Their rate over a minute is the share of the
+# loop's time spent waiting for the broker.
+COMMIT_PHASES = ("offsets", "sinks", "flush", "end_txn")
 
 
 @dataclass
@@ -47,6 +56,7 @@ class Metrics:
     dlq: Counter
     batch_size: Histogram
     batch_seconds: Histogram
+    commit_phase: Histogram
     consumer_lag: Gauge
     rebalances: Counter
     stage_latency: Histogram
@@ -97,6 +107,13 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "rtpipe_batch_processing_seconds",
             "Processing time per micro-batch",
             ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        ),
+        commit_phase=Histogram(
+            "rtpipe_commit_phase_seconds",
+            "Time a stage's loop waits in each step of its exactly-once commit (COMMIT_PHASES)",
+            ["stage", "phase"],
             buckets=_LATENCY_BUCKETS,
             registry=reg,
         ),

@@ -33,8 +33,8 @@ def instrumented_loop(
     on_idle: Callable[[], None] | None = None,
     commit_interval_ms: int = 0,
 ) -> TransactionalBatchLoop:
-    """A :class:`TransactionalBatchLoop` whose rebalances, batch times and consumer lag are
-    exported under ``stage``'s labels."""
+    """A :class:`TransactionalBatchLoop` whose rebalances, batch and commit times and
+    consumer lag are exported under ``stage``'s labels."""
     return TransactionalBatchLoop(
         settings,
         group_id=group_id,
@@ -54,6 +54,9 @@ def instrumented_loop(
             stage, topic, str(part)
         ).inc(),
         assignment=Assignment(metrics, stage, group_id, input_topics),
+        on_commit_phase=lambda phase, seconds: metrics.commit_phase.labels(stage, phase).observe(
+            seconds
+        ),
     )
 
 

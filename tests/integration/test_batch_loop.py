@@ -170,6 +170,43 @@ def test_backpressure_and_failed_offsets_rewind_the_batch_exactly_once(
     assert _outputs(settings, dst) == list(range(n))
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])
+def test_each_commit_step_is_timed_once_per_transaction(
+    unique_topics: Settings, overlap: bool
+) -> None:
+    """Every committed transaction reports the loop's wait for its offsets, for its outputs'
+    acknowledgement and for EndTxn (rtpipe_commit_phase_seconds), once each and in that
+    order; a batch handed back by its handler is not a commit and reports nothing."""
+    settings = _overlap(unique_topics, overlap)
+    n = 120
+    src, dst = _input(settings, n)
+    phases: list[tuple[str, float]] = []
+    calls = {"n": 0}
+
+    def handler(msgs: list[Message]) -> list[Output]:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RetryBatch("injected: dependency down", retry_after_s=0.05)
+        return _marked(dst, msgs)
+
+    loop = _loop(
+        TransactionalBatchLoop,
+        settings,
+        src,
+        handler,
+        max_batch=20,
+        max_wait_ms=5,
+        on_commit_phase=lambda phase, seconds: phases.append((phase, seconds)),
+    )
+    stats = loop.run(StopFlag(), max_idle_s=5.0)
+
+    assert stats.messages == n
+    assert _outputs(settings, dst) == list(range(n))
+    assert stats.batches >= n // 20
+    assert [p for p, _ in phases] == ["offsets", "flush", "end_txn"] * stats.batches
+    assert all(seconds >= 0 for _, seconds in phases)
+
+
 @pytest.mark.parametrize("where", ["handler", "outputs"])
 def test_a_batch_whose_handler_or_outputs_fail_is_not_committed(
     unique_topics: Settings, where: str

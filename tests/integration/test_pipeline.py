@@ -19,11 +19,13 @@ import pytest
 from confluent_kafka import Producer
 
 from stages.ops.audit import audit, check_online_features, read_topic
+from stages.ops.commit_waits import pipeline_ports, read_totals
 from stages.ops.harness.processes import start_stages, stop_stages
 from stages.ops.harness.sandbox import isolated_settings, register_tiny_model
 from stages.ops.replay import ReplayPlan, replay
 from stages.shared.feast_store import apply_repo
 from stages.shared.kafka import DLQ_REASON, ensure_topics, producer_config
+from stages.shared.metrics import COMMIT_PHASES
 from stages.shared.schemas import (
     BEHAVIOUR_FEATURES,
     BEHAVIOUR_VIEW,
@@ -107,6 +109,9 @@ def test_every_transaction_ends_in_exactly_one_outcome(
                 break
             assert all(sp.proc.poll() is None for sp in procs), "a stage died"
             time.sleep(2)
+        # Every stage timed the steps of its exactly-once commits (rtpipe_commit_phase_seconds):
+        # the enrichment checkpoint, overlapped, all four.
+        waited = read_totals(settings.metrics.host, pipeline_ports(settings))
     finally:
         codes = stop_stages(procs)
 
@@ -116,6 +121,14 @@ def test_every_transaction_ends_in_exactly_one_outcome(
     assert report.unexpected == [1, 9]
     decided = sum(report.per_topic[t].count for t in settings.topics.decision_topics())
     assert decided == len(expected)
+    for stage, steps in (
+        ("enrichment", COMMIT_PHASES),
+        ("prediction", ("offsets", "flush", "end_txn")),
+        ("routing", ("offsets", "flush", "end_txn")),
+    ):
+        for step in steps:
+            seconds, count = waited.get((stage, step), (0.0, 0.0))
+            assert count > 0 and seconds >= 0, (stage, step, waited)
     # Graceful shutdown on SIGTERM.
     assert codes == {"enrichment": 0, "prediction": 0, "routing": 0}
 

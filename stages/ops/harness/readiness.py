@@ -12,13 +12,10 @@ for the partition counts.
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from stages.ops.scrape import family_samples
 from stages.shared.settings import Settings, StageName
 from stages.shared.topology import stage_groups
 
@@ -32,18 +29,9 @@ def held_partitions(host: str, ports: Iterable[int], timeout_s: float = 2.0) -> 
     """Partitions held per consumer group, summed over the processes serving metrics on
     ``ports`` (a process not serving yet holds none)."""
     held: dict[str, int] = {}
-    for port in ports:
-        try:
-            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout_s) as r:
-                text = r.read().decode()
-        except (OSError, urllib.error.URLError):
-            continue
-        for family in text_string_to_metric_families(text):
-            if family.name != ASSIGNED:
-                continue
-            for sample in family.samples:
-                group = sample.labels.get("group", "")
-                held[group] = held.get(group, 0) + int(sample.value)
+    for sample in family_samples(host, ports, ASSIGNED, timeout_s):
+        group = sample.labels.get("group", "")
+        held[group] = held.get(group, 0) + int(sample.value)
     return held
 
 
