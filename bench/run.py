@@ -224,7 +224,7 @@ def commit_wait_section(res: pipeline.PipelineResults) -> str:
             {k[len(prefix) :].rsplit(" ", 2)[0] for k in st if k.startswith(prefix)},
         )
         for stage in stages:
-            cells, total, commits = [], 0.0, 0
+            cells, total = [], 0.0
             for step in steps:
                 share = st.get(f"{prefix}{stage} {step} share")
                 if share is None:
@@ -233,10 +233,8 @@ def commit_wait_section(res: pipeline.PipelineResults) -> str:
                 total += share
                 mean = st.get(f"{prefix}{stage} {step} ms", float("nan"))
                 cells.append(f"{100 * share:.0f} % ({fmt_number(mean)})")
-            end = st.get(f"{prefix}{stage} end_txn share")
-            if end is not None:
-                # Every commit ends with EndTxn: its count is the number of commits.
-                commits = int(st.get(f"{prefix}{stage} end_txn commits", 0))
+            # Every commit ends with EndTxn: its count is the number of commits.
+            commits = int(st.get(f"{prefix}{stage} end_txn commits", 0))
             lines.append(
                 f"| {ph.name} | {stage} | " + " | ".join(cells) + f" | {100 * total:.0f} % | "
                 f"{commits:,} |"
