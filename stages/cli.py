@@ -196,12 +196,7 @@ def run_stage(
         run_labels_part(settings, stop, metrics)
         return
     metrics.serve(settings.metrics.host, settings.metrics.port(stage))
-    if stage == "prediction":
-        # Before its modules import LightGBM: the stage serves boosters and fits none, so
-        # the scikit-learn that LightGBM imports with it would only cost start-up time.
-        from stages.shared.lgbm import import_lightgbm_without_sklearn
-
-        import_lightgbm_without_sklearn()
+    # The stage's own preload (StageSpec.preload) runs before its modules are imported.
     stats = STAGE_TABLE[stage].load()(settings, stop, metrics)
     logger.info("%s stopped%s", stage, f": {stats}" if stats is not None else "")
 

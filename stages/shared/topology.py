@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from stages.shared.settings import StageName
 
@@ -43,11 +43,23 @@ class StageSpec:
     # Between an event and its decision (the demo, chaos and bench start these; evaluation
     # joins predictions with delayed labels beside that path).
     decision_path: bool
+    # "module:function" called (without arguments) before the entry point is imported: a
+    # set-up its imports depend on. The prediction stage imports LightGBM without the
+    # scikit-learn it serves no estimator of (stages/shared/lgbm.py).
+    preload: str | None = None
 
     def load(self) -> StageRunner:
-        module, _, function = self.entry.partition(":")
-        runner: StageRunner = getattr(importlib.import_module(module), function)
+        """The stage's runner, imported after its :attr:`preload` (if any) has run."""
+        if self.preload is not None:
+            _resolve(self.preload)()
+        runner: StageRunner = _resolve(self.entry)
         return runner
+
+
+def _resolve(target: str) -> Any:
+    """The object a ``"module:name"`` string names (the module imported)."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _enrichment_groups(s: Settings) -> dict[str, tuple[str, ...]]:
@@ -118,6 +130,7 @@ STAGE_TABLE: dict[StageName, StageSpec] = {
             _prediction_groups,
             _prediction_outputs,
             decision_path=True,
+            preload="stages.shared.lgbm:import_lightgbm_without_sklearn",
         ),
         StageSpec(
             "routing",

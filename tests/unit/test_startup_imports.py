@@ -1,5 +1,5 @@
 """Start-up shortcuts of the stage processes: LightGBM without scikit-learn in the prediction
-stage, and the customer app's prompt topic admin."""
+stage (its preload in the stage table), and the customer app's prompt topic admin."""
 
 from __future__ import annotations
 
@@ -64,6 +64,27 @@ def test_lightgbm_import_is_left_alone_once_sklearn_is_there() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_the_prediction_stage_is_loaded_after_its_lightgbm_preload() -> None:
+    """``rtpipe run prediction`` loads its runner through the stage table, whose preload
+    imports LightGBM first, without scikit-learn; the other stages have no preload."""
+    out = _python(
+        """
+        import sys
+        from stages.shared.topology import STAGE_TABLE
+
+        runner = STAGE_TABLE["prediction"].load()
+        import lightgbm
+
+        assert callable(runner)
+        assert "sklearn" not in sys.modules, sorted(m for m in sys.modules if "sklearn" in m)
+        print(lightgbm.compat.SKLEARN_INSTALLED)
+        print([n for n, spec in STAGE_TABLE.items() if spec.preload is not None])
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "['prediction']"]
 
 
 def _done(result: BaseException | None = None) -> concurrent.futures.Future[None]:
