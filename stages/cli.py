@@ -136,9 +136,29 @@ def train(
     feature_service: Annotated[
         str | None, typer.Option(help="Feature service (default: the prediction setting's).")
     ] = None,
+    history_days: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated days of fitting history for the folds to choose from "
+            "(default 7,14,28,42; the training days are always one)."
+        ),
+    ] = None,
 ) -> None:
     """Train LightGBM from the Feast offline store (point-in-time joins), evaluate, register."""
     from training.train import train as run_train
+
+    lengths = None
+    if history_days is not None:
+        try:
+            lengths = tuple(int(d) for d in history_days.split(",") if d.strip())
+        except ValueError:
+            raise typer.BadParameter(
+                f"not a comma-separated list of days: {history_days!r}", param_hint="--history-days"
+            ) from None
+        if not lengths or min(lengths) < 1:
+            raise typer.BadParameter(
+                f"days must be >= 1: {history_days!r}", param_hint="--history-days"
+            )
 
     settings = _settings()
     result = run_train(
@@ -149,6 +169,7 @@ def train(
         test_days=test_days,
         predictions_out=predictions_out,
         feature_service=feature_service,
+        history_days=lengths,
     )
     console.print(result)
 

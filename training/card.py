@@ -64,6 +64,9 @@ class ModelCard:
     feature_service: str | None = None
     features: tuple[str, ...] | None = None
     training_window: Window | None = None
+    # The rows fitted: the history the folds chose, ending with the training window (absent
+    # on versions registered before the choice existed: the training window).
+    fit_window: Window | None = None
     test_window: Window | None = None
     delay_days: int | None = None
     best_iteration: int | None = None
@@ -194,6 +197,7 @@ _KINDS: dict[str, _Kind] = {
     "feature_service": _TEXT,
     "features": _STRINGS,
     "training_window": _WINDOW,
+    "fit_window": _WINDOW,
     "test_window": _WINDOW,
     "delay_days": _INTEGER,
     "best_iteration": _INTEGER,

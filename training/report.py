@@ -291,6 +291,30 @@ def tuning_section(tuning: Mapping[str, Any]) -> list[str]:
             f"{len(trials)} candidates.",
             "",
         ]
+    history = tuning.get("history") or {}
+    if tried := history.get("trials"):
+        lines += [
+            "**History fitted on.** The folds were refitted with the defaults on each length "
+            "of history before their gap, every length scored on the same validation rows "
+            "(known compromised cards from the last training-window length of each fit "
+            "window, as for the test window); the best mean validation AP wins, ties keep "
+            "the shorter:",
+            "",
+            "| days | mean validation AP | per fold | rounds |",
+            "|---|---|---|---|",
+            *(
+                f"| {t['days']} | {t['validation_ap']:.4f}"
+                + (" (chosen)" if t["days"] == history.get("days") else "")
+                + " | "
+                + ", ".join(f"{a:.3f}" for a in t.get("fold_aps", []))
+                + f" | {t['best_iteration']} |"
+                for t in tried
+            ),
+            "",
+            f"The search above ran on the {history.get('days')}-day folds, and the model and "
+            "the baselines are fitted on that many days ending with the training window.",
+            "",
+        ]
     if seeds := tuning.get("refit_seeds"):
         lines += [
             f"**Refit:** the registered model averages {seeds} boosters refitted on the "
@@ -407,8 +431,13 @@ def render_report(
         "",
         f"- feature service: `{_known(card.feature_service)}` "
         f"({len(card.features or ())} features)",
-        f"- training window: {_known(card.training_window)} ({_known(card.n_train)} "
-        f"transactions, {_known(card.n_train_frauds)} frauds)",
+        f"- training window: {_known(card.training_window)}"
+        + (
+            f"; fitted on {card.fit_window}, the history the folds chose"
+            if card.fit_window is not None and card.fit_window != card.training_window
+            else ""
+        )
+        + f" ({_known(card.n_train)} transactions, {_known(card.n_train_frauds)} frauds)",
         f"- test window: {_known(card.test_window)}"
         f" ({m.n_transactions} transactions and {m.n_frauds} frauds after removing "
         f"{m.n_removed_known_compromised} rows of known compromised cards)",

@@ -13,7 +13,10 @@ own ``fit_days`` of fitting rows. At the defaults, for the reference split (trai
 Every validation day is at or before the last training day, so the test window is never seen.
 As on the test window, the cards already known to be compromised are removed from each
 validation day (:func:`training.evaluate.known_compromised_mask`), so that the validation AP
-measures what the test AP measures.
+measures what the test AP measures. Before the search, :func:`search_history` chooses how many
+days the folds (and the final model) are fitted on; for it the known cards come from the last
+training-window length of each fit window, as the test window's come from the training window,
+so every length is scored on the same validation rows.
 
 Each candidate is boosted on every fold with early stopping on the validation AP; its score is
 the best value of the *mean* AP curve over the folds (one number of rounds for all folds, the
@@ -169,6 +172,7 @@ def fold_data(
     folds: Sequence[Fold],
     transactions: pd.DataFrame,
     delay_days: int = 7,
+    known_days: int | None = None,
 ) -> list[FoldData]:
     """Slice each fold out of ``history`` and drop its validation rows of known compromised cards.
 
@@ -177,6 +181,11 @@ def fold_data(
         folds: see :func:`validation_folds`.
         transactions: ``customer_id``, ``tx_datetime``, ``is_fraud`` of at least the folds' days.
         delay_days: label delay of the known-compromised rule.
+        known_days: the cards known compromised are those with a fraud in the last
+            ``known_days`` of each fold's fit window (or later, after the delay), as the test
+            window's are from the protocol's training window; None: the whole fit window.
+            Set, the validation rows do not depend on how long the fit windows are, so folds
+            of different fit lengths are scored on the same rows (:func:`search_history`).
 
     Raises:
         ValidationSplitError: if a fold's fit rows lack a class or its validation rows a fraud.
@@ -186,9 +195,12 @@ def fold_data(
         fit = history.slice_time(fold.fit_start, fold.fit_end)
         val = history.slice_time(fold.val_start, fold.val_end)
         frame = val.ids.assign(is_fraud=val.y.to_numpy())
-        known = known_compromised_mask(
-            frame, transactions, fold.fit_start, fold.fit_end, delay_days
+        known_from = (
+            fold.fit_start
+            if known_days is None
+            else max(fold.fit_start, fold.fit_end - pd.Timedelta(days=known_days))
         )
+        known = known_compromised_mask(frame, transactions, known_from, fold.fit_end, delay_days)
         kept = val.subset(~known)
         if len(fit) == 0 or fit.y.nunique() < 2:
             raise ValidationSplitError(f"fold {fold.to_dict()}: fit rows need both classes")
@@ -371,6 +383,110 @@ def search(
         trials.append(trial)
     best_trial = max(trials, key=lambda t: t.validation_ap)  # max keeps the first of ties
     return SearchResult(trials=trials, best=best_trial, folds=[f.to_dict() for f in folds])
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryTrial:
+    """One length of fitting history: the defaults on every fold fitted on that many days."""
+
+    days: int
+    validation_ap: float
+    best_iteration: int
+    fold_aps: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "days": self.days,
+            "validation_ap": self.validation_ap,
+            "best_iteration": self.best_iteration,
+            "fold_aps": list(self.fold_aps),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryChoice:
+    """The fitting history the folds chose, every length tried, and the chosen one's folds."""
+
+    days: int
+    trials: tuple[HistoryTrial, ...]
+    folds: list[FoldData]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"days": self.days, "trials": [t.to_dict() for t in self.trials]}
+
+
+def feasible_history(
+    choices: Sequence[int],
+    train_days: int,
+    train_end: pd.Timestamp,
+    first_day: pd.Timestamp,
+    n_folds: int = DEFAULT_FOLDS,
+    gap_days: int = 7,
+    val_days: int = 7,
+) -> tuple[int, ...]:
+    """The lengths of fitting history to try, ascending: ``train_days`` always, and each longer
+    choice whose folds start on or after ``first_day`` (the data's first whole day)."""
+    out = {train_days}
+    for days in choices:
+        if days > train_days:
+            folds = validation_folds(train_end, n_folds, days, gap_days, val_days)
+            if history_start(folds) >= first_day:
+                out.add(days)
+    return tuple(sorted(out))
+
+
+def search_history(
+    history: Dataset,
+    train_end: pd.Timestamp,
+    choices: Sequence[int],
+    train_days: int,
+    transactions: pd.DataFrame,
+    base_params: Mapping[str, Any],
+    n_folds: int = DEFAULT_FOLDS,
+    delay_days: int = 7,
+    val_days: int = 7,
+    max_rounds: int = MAX_ROUNDS,
+    patience: int = SEARCH_PATIENCE,
+) -> HistoryChoice:
+    """Choose how many days before ``train_end`` the model is fitted on, on the folds.
+
+    For each length (ascending) the folds fit on that many days before their gap; their
+    validation rows are the same for every length (the known compromised cards come from the
+    last ``train_days`` of each fit window, as the test window's come from the training
+    window: :func:`fold_data`'s ``known_days``). The ``base_params`` are cross-validated on
+    each; the best mean validation AP wins, ties keep the shorter history. A single length
+    is returned without boosting.
+
+    Raises:
+        ValueError: for no choices or a choice below 1.
+        ValidationSplitError: as :func:`fold_data`.
+    """
+    lengths = sorted(set(choices))
+    if not lengths or lengths[0] < 1:
+        raise ValueError(f"history lengths must be >= 1 day, got {list(choices)}")
+    trials: list[HistoryTrial] = []
+    best: tuple[HistoryTrial, list[FoldData]] | None = None
+    for days in lengths:
+        folds = validation_folds(train_end, n_folds, days, delay_days, val_days)
+        data = fold_data(history, folds, transactions, delay_days, known_days=train_days)
+        if len(lengths) == 1:
+            return HistoryChoice(days, (), data)
+        t0 = time.perf_counter()
+        rounds, ap, per_fold = cross_validate(base_params, data, max_rounds, patience)
+        trial = HistoryTrial(days, ap, rounds, per_fold)
+        logger.info(
+            "history %d days: mean validation AP %.4f (folds %s) at round %d (%.1f s)",
+            days,
+            ap,
+            ", ".join(f"{a:.4f}" for a in per_fold),
+            rounds,
+            time.perf_counter() - t0,
+        )
+        trials.append(trial)
+        if best is None or ap > best[0].validation_ap:
+            best = (trial, data)
+    assert best is not None
+    return HistoryChoice(best[0].days, tuple(trials), best[1])
 
 
 def split_validation(train: Dataset, validation_days: int) -> tuple[Dataset, Dataset]:

@@ -165,6 +165,7 @@ class RetrainJob:
             baselines=("logistic_regression",),
             plots=False,
             feature_service=service,
+            history_days=cfg.history_days,
         )
         seconds = time.perf_counter() - t0
         version = result.version

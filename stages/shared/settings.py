@@ -384,6 +384,11 @@ class RetrainSettings(BaseModel):
     # many as the data before the training window holds).
     n_trials: int = Field(default=6, ge=1)
     n_folds: int = Field(default=3, ge=1)
+    # Lengths of fitting history (days ending with the training window) the folds choose from
+    # (training.tune.search_history; `rtpipe train` tries 7, 14, 28 and 42). The default fits
+    # on the training window only: each longer length is one more cross-validation before the
+    # candidate can be served.
+    history_days: tuple[int, ...] = (7,)
     # The gate: decided once the champion and the candidate have scored this many labelled
     # events (with at least min_frauds frauds) side by side; the candidate is promoted if its
     # average precision is at least the champion's minus ap_tolerance.
@@ -523,7 +528,7 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
             value = value.get_secret_value()
         if isinstance(value, bool):
             value = "true" if value else "false"
-        if isinstance(value, dict):
+        if isinstance(value, dict | list | tuple):
             # pydantic-settings parses a complex field's variable as JSON.
             value = json.dumps(value)
         env[prefix] = str(value)

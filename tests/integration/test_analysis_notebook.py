@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
 import papermill
 
 from training import registry
@@ -27,9 +28,9 @@ def test_analysis_notebook_registers_a_candidate(tmp_path: Path) -> None:
             "workdir": str(work),
             "n_customers": 100,
             "n_terminals": 200,
-            "nb_days": 42,
+            "nb_days": 49,
             "seed": 3,
-            "train_start": "2018-04-22",
+            "train_start": "2018-04-29",
         },
         cwd=str(REPO),
         kernel_name="python3",
@@ -54,6 +55,16 @@ def test_analysis_notebook_registers_a_candidate(tmp_path: Path) -> None:
     assert registry.current_version(registry_dir, "fraud") is None
     meta = versions[0].metadata
     assert meta["feature_service"] == "fraud_model_v1" and meta["reference"]["features"]
+    # 49 days hold the folds of 7 and of 14 days of history before 2018-05-06 (28 would start
+    # before the data): both were cross-validated on the store's features, and the model was
+    # fitted on the length they chose, ending with the training window.
+    history = meta["tuning"]["history"]
+    assert [t["days"] for t in history["trials"]] == [7, 14]
+    chosen = max(history["trials"], key=lambda t: t["validation_ap"])
+    assert history["days"] == chosen["days"]
+    fit_start = pd.Timestamp("2018-05-06") - pd.Timedelta(days=history["days"])
+    assert meta["fit_window"] == {"start": str(fit_start.date()), "end_inclusive": "2018-05-05"}
+    assert meta["training_window"] == {"start": "2018-04-29", "end_inclusive": "2018-05-05"}
     loaded = registry.load_version(registry_dir, "fraud", "v0001")
     assert loaded.booster.num_trees() > 0
     print(f"notebook executed in {elapsed:.1f} s")

@@ -52,6 +52,7 @@ def training_layout() -> dict[str, Any]:
         feature_service="fraud_model_v1",
         features=FEATURES,
         training_window={"start": "2018-04-22", "end_inclusive": "2018-04-28"},
+        fit_window={"start": "2018-04-15", "end_inclusive": "2018-04-28"},
         test_window={"start": "2018-05-06", "end_inclusive": "2018-05-12"},
         delay_days=7,
         best_iteration=6,
@@ -93,6 +94,7 @@ def test_the_training_layout_reads_into_typed_fields_and_round_trips() -> None:
     assert window == Window(date(2018, 4, 22), date(2018, 4, 28))
     assert window is not None and window.end == date(2018, 4, 29)
     assert str(card.test_window) == "2018-05-06 .. 2018-05-12"
+    assert card.fit_window == Window(date(2018, 4, 15), date(2018, 4, 28))
     assert card.features == tuple(FEATURES) and card.monotone_increasing == ()
     assert (card.best_iteration, card.n_train, card.n_train_frauds) == (6, 1040, 351)
     assert card.metrics is not None and card.metrics["average_precision"] == 0.63

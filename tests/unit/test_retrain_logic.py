@@ -190,3 +190,20 @@ def test_candidate_is_trained_on_its_champions_feature_service() -> None:
     assert candidate_service(champion(features=[]), "fraud_model_v1") == "fraud_model_v1"
     assert candidate_service(champion(feature_service=""), "fraud_model_v1") == "fraud_model_v1"
     assert candidate_service(None, "fraud_model_v1") == "fraud_model_v1"
+
+
+def test_retrain_history_days_reach_a_child_process_through_its_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from stages.shared.settings import settings_to_env
+
+    parent = Settings(retrain=RetrainSettings(history_days=(7, 14, 28)))
+    env = settings_to_env(parent)
+    assert env["RTPIPE_RETRAIN__HISTORY_DAYS"] == "[7, 14, 28]"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    child = Settings()
+    assert child.retrain.history_days == (7, 14, 28)
+    assert child.retrain == parent.retrain
+    monkeypatch.delenv("RTPIPE_RETRAIN__HISTORY_DAYS")
+    assert Settings().retrain.history_days == (7,)  # the default: the training window only

@@ -36,13 +36,16 @@ from training.train import (
 from training.tune import (
     SEARCH_SPACE,
     FoldData,
+    HistoryChoice,
     ValidationSplitError,
     candidates,
     cross_validate,
+    feasible_history,
     fold_data,
     history_start,
     lightgbm_params,
     search,
+    search_history,
     split_validation,
     validation_folds,
 )
@@ -188,6 +191,56 @@ def test_fold_data_removes_known_compromised_cards_from_validation_days() -> Non
     no_fraud = Dataset(d.X, pd.Series(np.zeros(len(d), dtype="int8")), d.ids, d.start, d.end)
     with pytest.raises(ValidationSplitError):
         fold_data(no_fraud, folds, history, delay_days=1)
+
+
+def test_known_days_scores_every_fit_length_on_the_same_validation_rows() -> None:
+    d = toy(9000, days=9, customers=2500)
+    history = d.ids.assign(is_fraud=d.y.to_numpy())
+    layout = {"n_folds": 2, "gap_days": 1, "val_days": 2}
+    rows = {}
+    for fit_days in (2, 3, 4):
+        folds = validation_folds(d.end, fit_days=fit_days, **layout)
+        data = fold_data(d, folds, history, delay_days=1, known_days=2)
+        rows[fit_days] = [tuple(f.val.ids["transaction_id"]) for f in data]
+        for f in data:  # cards with a fraud in the last 2 fit days are removed, earlier not
+            last = f.fit.slice_time(f.fold.fit_end - pd.Timedelta(days=2), f.fold.fit_end)
+            known = set(last.ids.loc[last.y.to_numpy() == 1, "customer_id"])
+            assert known and not known & set(f.val.ids["customer_id"])
+    assert rows[2] == rows[3] == rows[4]
+    # Without known_days the longer fit windows mark more cards: fewer validation rows.
+    whole = fold_data(d, validation_folds(d.end, fit_days=4, **layout), history, delay_days=1)
+    assert sum(len(f.val) for f in whole) < sum(len(r) for r in rows[4])
+
+
+def test_feasible_history_keeps_the_training_length_and_what_the_data_holds() -> None:
+    end = pd.Timestamp("2018-08-01", tz="UTC")
+    first = pd.Timestamp("2018-05-20", tz="UTC")
+    # 3 folds of 7 + 7 days before the end: a length fits if end - 21 - days >= first.
+    assert feasible_history((42, 14, 28, 50), 7, end, first) == (7, 14, 28, 42)
+    assert feasible_history((), 7, end, first) == (7,)
+    assert feasible_history((14,), 7, end, end) == (7,)  # kept even when it cannot fit
+
+
+def test_search_history_chooses_on_the_folds_and_fits_that_length() -> None:
+    d = toy(9000, days=9, customers=2500)
+    history = d.ids.assign(is_fraud=d.y.to_numpy())
+    kw = {"n_folds": 2, "delay_days": 1, "val_days": 2, "max_rounds": 30, "patience": 5}
+    choice = search_history(d, d.end, (4, 2, 3), 2, history, FAST, **kw)
+    assert isinstance(choice, HistoryChoice)
+    assert [t.days for t in choice.trials] == [2, 3, 4]
+    best = max(choice.trials, key=lambda t: t.validation_ap)
+    assert choice.days == best.days
+    assert all(t.validation_ap == pytest.approx(float(np.mean(t.fold_aps))) for t in choice.trials)
+    assert [f.fold.fit_end - f.fold.fit_start for f in choice.folds] == [
+        pd.Timedelta(days=choice.days)
+    ] * 2
+    assert choice.to_dict()["days"] == choice.days and len(choice.to_dict()["trials"]) == 3
+    again = search_history(d, d.end, (2, 3, 4), 2, history, FAST, **kw)
+    assert [t.to_dict() for t in again.trials] == [t.to_dict() for t in choice.trials]
+    single = search_history(d, d.end, (2,), 2, history, FAST, **kw)
+    assert single.days == 2 and single.trials == () and len(single.folds) == 2
+    with pytest.raises(ValueError):
+        search_history(d, d.end, (), 2, history, FAST, **kw)
 
 
 def test_cross_validate_shares_one_round_across_folds() -> None:
@@ -387,7 +440,25 @@ def test_write_plots_and_report(tmp_path: Path) -> None:
                 }
             ],
             "monotone_cost": 0.1,
+            "history": {
+                "days": 14,
+                "trials": [
+                    {
+                        "days": 7,
+                        "validation_ap": 0.55,
+                        "best_iteration": 30,
+                        "fold_aps": [0.5, 0.6],
+                    },
+                    {
+                        "days": 14,
+                        "validation_ap": 0.6,
+                        "best_iteration": 42,
+                        "fold_aps": [0.58, 0.62],
+                    },
+                ],
+            },
         },
+        "fit_window": {"start": "2018-07-18", "end_inclusive": "2018-07-31"},
         "uncertainty": {
             "primary": "lightgbm",
             "replicates": 500,
@@ -411,6 +482,11 @@ def test_write_plots_and_report(tmp_path: Path) -> None:
     assert "on terminal risk: dropped.** Best mean validation AP without them minus" in text
     assert "+0.1000" in text
     assert "monotone increasing in nothing" in text
+    assert "| 14 | 0.6000 (chosen) | 0.580, 0.620 | 42 |" in text
+    assert "| 7 | 0.5500 | 0.500, 0.600 | 30 |" in text
+    assert (
+        "fitted on 2018-07-18 .. 2018-07-31, the history the folds chose (100 transactions" in text
+    )
     assert "| lightgbm | 0.8800 [0.8500, 0.9100] | n/a [n/a, n/a] | n/a [n/a, n/a] |" in text
     assert "every card with a fraud that day first: 0.4429" in text
     assert "terminal_risk_7d" in text and "| **total** | **1.0** |" in text
@@ -459,3 +535,18 @@ def test_train_result_prints_the_side_by_side_table_and_times(tmp_path: Path) ->
     out = console.export_text()
     assert "random_forest" in out and "0.7000" in out and "31.5" in out
     assert "lightgbm - random_forest: ROC AUC +" in out and "40 replicates" in out
+
+
+@pytest.mark.parametrize("value", ["7,x", "0,14", ","])
+def test_rtpipe_train_refuses_bad_history_days_before_reading_anything(
+    value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    monkeypatch.chdir(tmp_path)  # nothing to read here: a bad option must fail first
+    result = CliRunner().invoke(app, ["train", "--history-days", value])
+    assert result.exit_code == 2
+    assert "--history-days" in result.output
+    assert not (tmp_path / ".rtpipe").exists()
