@@ -253,7 +253,7 @@ def tuning_section(tuning: Mapping[str, Any]) -> list[str]:
         "with the training window; known compromised cards are removed from the validation "
         "days as from the test days. Every candidate is boosted on every fold with early "
         "stopping on average precision; its score is the best mean validation AP over the "
-        "folds at one shared number of rounds, which the refit on the training window uses. "
+        "folds at one shared number of rounds, which the final refit uses. "
         "The test window plays no part.",
         "",
     ]
@@ -318,8 +318,9 @@ def tuning_section(tuning: Mapping[str, Any]) -> list[str]:
     if seeds := tuning.get("refit_seeds"):
         lines += [
             f"**Refit:** the registered model averages {seeds} boosters refitted on the "
-            "training window with these parameters and rounds, of consecutive seeds (their "
-            "row and feature sampling differ): one model, the mean of their log-odds.",
+            "history fitted on (ending with the training window) with these parameters and "
+            "rounds, of consecutive seeds (their row and feature sampling differ): one "
+            "model, the mean of their log-odds.",
             "",
         ]
     cost = tuning.get("monotone_cost")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -388,7 +388,7 @@ class RetrainSettings(BaseModel):
     # (training.tune.search_history; `rtpipe train` tries 7, 14, 28 and 42). The default fits
     # on the training window only: each longer length is one more cross-validation before the
     # candidate can be served.
-    history_days: tuple[int, ...] = (7,)
+    history_days: tuple[Annotated[int, Field(ge=1)], ...] = Field(default=(7,), min_length=1)
     # The gate: decided once the champion and the candidate have scored this many labelled
     # events (with at least min_frauds frauds) side by side; the candidate is promoted if its
     # average precision is at least the champion's minus ap_tolerance.

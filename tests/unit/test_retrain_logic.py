@@ -207,3 +207,13 @@ def test_retrain_history_days_reach_a_child_process_through_its_environment(
     assert child.retrain == parent.retrain
     monkeypatch.delenv("RTPIPE_RETRAIN__HISTORY_DAYS")
     assert Settings().retrain.history_days == (7,)  # the default: the training window only
+
+
+@pytest.mark.parametrize("days", [(), (7, 0)])
+def test_retrain_history_days_refuse_an_empty_list_or_a_day_below_one(
+    days: tuple[int, ...],
+) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        RetrainSettings(history_days=days)
