@@ -87,6 +87,13 @@ class ModelCard:
     training_distribution: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def wider_fit_window(self) -> Window | None:
+        """The rows fitted when they are more than the training window (None otherwise)."""
+        if self.fit_window is None or self.fit_window == self.training_window:
+            return None
+        return self.fit_window
+
     def __post_init__(self) -> None:
         if known := sorted(set(self.extra) & set(_KINDS)):
             raise ValueError(f"extra keys {known} are card fields")

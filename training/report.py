@@ -434,8 +434,8 @@ def render_report(
         f"({len(card.features or ())} features)",
         f"- training window: {_known(card.training_window)}"
         + (
-            f"; fitted on {card.fit_window}, the history the folds chose"
-            if card.fit_window is not None and card.fit_window != card.training_window
+            f"; fitted on {fitted}, the history the folds chose"
+            if (fitted := card.wider_fit_window) is not None
             else ""
         )
         + f" ({_known(card.n_train)} transactions, {_known(card.n_train_frauds)} frauds)",

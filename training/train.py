@@ -159,10 +159,10 @@ class TrainResult:
     uncertainty: Uncertainty | None = None
 
     def _headline(self) -> str:
-        fitted = self.card.fit_window if self.card else None
+        fitted = self.card.wider_fit_window if self.card else None
         history = (
             f" (fitted on {fitted.start}..{fitted.end_inclusive}, the history the folds chose)"
-            if fitted is not None and fitted != self.card.training_window  # type: ignore[union-attr]
+            if fitted is not None
             else ""
         )
         return (
@@ -405,16 +405,9 @@ def train(
         delay_days,
         test_days,
     )
-    first = min(
-        min(
-            tune.history_start(
-                tune.validation_folds(train_end, n_folds, days, delay_days, test_days)
-            )
-            for days in lengths
-        ),
-        train_end - pd.Timedelta(days=max(lengths)),
-        start,
-    )
+    # The longest length's folds start first (and before its own fitting rows).
+    longest = tune.validation_folds(train_end, n_folds, max(lengths), delay_days, test_days)
+    first = min(tune.history_start(longest), start)
     windows: list[tuple[pd.Timestamp, int]] = [(start, train_days), (test_start, test_days)]
     if first < start:  # the folds' days before the training window, joined like the rest
         windows.append((first, (start - first).days))
@@ -440,7 +433,14 @@ def train(
             MAX_ROUNDS,
             tune.SEARCH_PATIENCE,
         )
-        search = tune.search(chosen.folds, base, n_trials, MAX_ROUNDS, tune.SEARCH_PATIENCE)
+        search = tune.search(
+            chosen.folds,
+            base,
+            n_trials,
+            MAX_ROUNDS,
+            tune.SEARCH_PATIENCE,
+            base_scored=chosen.scored,
+        )
     final_params = {**base, **search.best.params}
     best = search.best.best_iteration
     # The rows the model and the baselines are fitted on: the chosen history, ending with the

@@ -362,15 +362,31 @@ def search(
     patience: int = SEARCH_PATIENCE,
     space: Mapping[str, Sequence[Any]] = SEARCH_SPACE,
     seed: int = 0,
+    base_scored: HistoryTrial | None = None,
 ) -> SearchResult:
     """Score every :func:`candidates` configuration by :func:`cross_validate`; best mean AP wins.
 
     Ties on the mean validation AP keep the earlier candidate (the defaults first).
+    ``base_scored``: ``base_params`` already cross-validated on these ``folds`` (the chosen
+    length of :func:`search_history`); a candidate that is exactly ``base_params`` takes its
+    score instead of boosting the same folds again.
     """
     trials: list[Trial] = []
     for cand in candidates(n_trials, base_params, space, seed):
+        params = {**base_params, **cand}
+        if base_scored is not None and params == dict(base_params):
+            trial = Trial(
+                cand,
+                base_scored.validation_ap,
+                base_scored.best_iteration,
+                base_scored.seconds,
+                base_scored.fold_aps,
+            )
+            trials.append(trial)
+            logger.info("trial %s: the history search's score on these folds", cand)
+            continue
         t0 = time.perf_counter()
-        rounds, ap, per_fold = cross_validate({**base_params, **cand}, folds, max_rounds, patience)
+        rounds, ap, per_fold = cross_validate(params, folds, max_rounds, patience)
         trial = Trial(cand, ap, rounds, time.perf_counter() - t0, per_fold)
         logger.info(
             "trial %s: mean validation AP %.4f (folds %s) at round %d (%.1f s)",
@@ -393,6 +409,7 @@ class HistoryTrial:
     validation_ap: float
     best_iteration: int
     fold_aps: tuple[float, ...]
+    seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -400,6 +417,7 @@ class HistoryTrial:
             "validation_ap": self.validation_ap,
             "best_iteration": self.best_iteration,
             "fold_aps": list(self.fold_aps),
+            "seconds": round(self.seconds, 3),
         }
 
 
@@ -410,6 +428,11 @@ class HistoryChoice:
     days: int
     trials: tuple[HistoryTrial, ...]
     folds: list[FoldData]
+
+    @property
+    def scored(self) -> HistoryTrial | None:
+        """The chosen length's trial (None when a single length was not cross-validated)."""
+        return next((t for t in self.trials if t.days == self.days), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"days": self.days, "trials": [t.to_dict() for t in self.trials]}
@@ -473,14 +496,14 @@ def search_history(
             return HistoryChoice(days, (), data)
         t0 = time.perf_counter()
         rounds, ap, per_fold = cross_validate(base_params, data, max_rounds, patience)
-        trial = HistoryTrial(days, ap, rounds, per_fold)
+        trial = HistoryTrial(days, ap, rounds, per_fold, time.perf_counter() - t0)
         logger.info(
             "history %d days: mean validation AP %.4f (folds %s) at round %d (%.1f s)",
             days,
             ap,
             ", ".join(f"{a:.4f}" for a in per_fold),
             rounds,
-            time.perf_counter() - t0,
+            trial.seconds,
         )
         trials.append(trial)
         if best is None or ap > best[0].validation_ap:

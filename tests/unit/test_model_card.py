@@ -95,6 +95,11 @@ def test_the_training_layout_reads_into_typed_fields_and_round_trips() -> None:
     assert window is not None and window.end == date(2018, 4, 29)
     assert str(card.test_window) == "2018-05-06 .. 2018-05-12"
     assert card.fit_window == Window(date(2018, 4, 15), date(2018, 4, 28))
+    assert card.wider_fit_window == card.fit_window
+    same = ModelCard.from_dict({**layout, "fit_window": layout["training_window"]})
+    assert same.wider_fit_window is None
+    older = {k: v for k, v in layout.items() if k != "fit_window"}
+    assert ModelCard.from_dict(older).wider_fit_window is None
     assert card.features == tuple(FEATURES) and card.monotone_increasing == ()
     assert (card.best_iteration, card.n_train, card.n_train_frauds) == (6, 1040, 351)
     assert card.metrics is not None and card.metrics["average_precision"] == 0.63

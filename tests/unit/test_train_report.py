@@ -236,9 +236,26 @@ def test_search_history_chooses_on_the_folds_and_fits_that_length() -> None:
     ] * 2
     assert choice.to_dict()["days"] == choice.days and len(choice.to_dict()["trials"]) == 3
     again = search_history(d, d.end, (2, 3, 4), 2, history, FAST, **kw)
-    assert [t.to_dict() for t in again.trials] == [t.to_dict() for t in choice.trials]
+    assert [t.to_dict() | {"seconds": 0} for t in again.trials] == [
+        t.to_dict() | {"seconds": 0} for t in choice.trials
+    ]
+    # The search on the chosen folds takes the defaults' score from the history search
+    # instead of boosting them again: the same numbers as boosting them.
+    reused = search(choice.folds, FAST, 3, 30, 5, TINY_SPACE, base_scored=choice.scored)
+    fresh = search(choice.folds, FAST, 3, 30, 5, TINY_SPACE)
+    assert choice.scored is not None and choice.scored.days == choice.days
+    first = reused.trials[0]
+    assert (first.validation_ap, first.best_iteration, first.fold_aps) == (
+        choice.scored.validation_ap,
+        choice.scored.best_iteration,
+        choice.scored.fold_aps,
+    )
+    assert [t.to_dict() | {"seconds": 0} for t in reused.trials] == [
+        t.to_dict() | {"seconds": 0} for t in fresh.trials
+    ]
     single = search_history(d, d.end, (2,), 2, history, FAST, **kw)
     assert single.days == 2 and single.trials == () and len(single.folds) == 2
+    assert single.scored is None
     with pytest.raises(ValueError):
         search_history(d, d.end, (), 2, history, FAST, **kw)
 
